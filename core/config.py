@@ -1,0 +1,62 @@
+"""Settings from environment variables, resolved once per process.
+
+Everything Vigil writes lives under one data root (``VIGIL_DATA_ROOT``, default ``datasets/``
+beside this repository): FiftyOne's database directory, materialised media, model versions and
+exports. Tests point ``VIGIL_DATA_ROOT`` at a temporary folder and ``VIGIL_DB_NAME`` at their own
+database name so they never touch an operator's data.
+
+:func:`apply_fiftyone_env` must run before ``fiftyone`` is imported; :mod:`core.store` does it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_root: Path
+    db_name: str
+
+    @property
+    def db_dir(self) -> Path:
+        return self.data_root / "db"
+
+    @property
+    def media_dir(self) -> Path:
+        return self.data_root / "media"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_root / "models"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_root / "exports"
+
+
+def settings() -> Settings:
+    root = Path(os.environ.get("VIGIL_DATA_ROOT", REPO / "datasets")).expanduser().resolve()
+    return Settings(data_root=root, db_name=os.environ.get("VIGIL_DB_NAME", "vigil"))
+
+
+def apply_fiftyone_env() -> Settings:
+    """Point FiftyOne at the data root's embedded MongoDB (unless the user gave their own URI)."""
+    s = settings()
+    s.data_root.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("FIFTYONE_DATABASE_URI"):
+        os.environ["FIFTYONE_DATABASE_DIR"] = str(s.db_dir)
+    os.environ["FIFTYONE_DATABASE_NAME"] = s.db_name
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    os.environ.setdefault("FIFTYONE_PLUGINS_DIR", str(REPO / "plugins"))
+    os.environ.setdefault("FIFTYONE_DEFAULT_APP_ADDRESS", "127.0.0.1")
+    return s
+
+
+def shared_data() -> Path:
+    """Real footage for tests and benchmarks (``../shared/data``; never shipped or committed)."""
+    return Path(os.environ.get("VIGIL_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -1,0 +1,197 @@
+"""Every FiftyOne / MongoDB access of Vigil: datasets, fields, views, label writes.
+
+A Vigil dataset ``NAME`` is a persistent FiftyOne image dataset holding the unit that is
+embedded and labelled (person crops, images). Whole sequences live beside it as video samples in
+``NAME__videos`` (FiftyOne datasets hold one media type). Both share the data root's MongoDB.
+
+Sample fields every importer fills (``None`` where unknown):
+
+=============  =====================================================================
+kind           "crop" (cut from a frame/video) or "image" (a whole picture)
+source_kind    "mot" | "reid" | "images" | "videos" | "synthetic"
+source         sequence name or source folder
+camera         camera / view id (str)
+identity       person id (str), ``None`` when unlabelled
+label          class ("person", "vehicle", ..., "shadow"); crops of tracks start as "person"
+split          "train" | "query" | "gallery" | None (also added as a tag)
+sequence       MOT sequence / video name;  track (int), frame (int), tracklet ("seq/track")
+frame_first    first and last frame of the tracklet this crop belongs to (a tracklet is a clip)
+frame_last
+bbox           [x, y, w, h] in pixels of the frame the crop was cut from
+video_path     the clip the crop was cut from (for frame strips)
+brightness     mean luma 0..255; low_light (bool); blur (variance of Laplacian)
+ingest_key     unique per source item: ingesting the same source twice adds nothing
+=============  =====================================================================
+
+Later steps add ``emb_<version>`` vectors, ``embed_error``, map coordinates, scores, flags and
+who-labelled-what fields.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Iterable
+
+from core.config import apply_fiftyone_env
+
+apply_fiftyone_env()
+
+import fiftyone as fo  # noqa: E402  (must follow apply_fiftyone_env)
+
+log = logging.getLogger(__name__)
+
+VIDEOS_SUFFIX = "__videos"
+
+SAMPLE_SCHEMA: dict[str, Any] = {
+    "kind": fo.StringField,
+    "source_kind": fo.StringField,
+    "source": fo.StringField,
+    "camera": fo.StringField,
+    "identity": fo.StringField,
+    "label": fo.StringField,
+    "split": fo.StringField,
+    "sequence": fo.StringField,
+    "track": fo.IntField,
+    "frame": fo.IntField,
+    "tracklet": fo.StringField,
+    "frame_first": fo.IntField,
+    "frame_last": fo.IntField,
+    "bbox": fo.ListField,
+    "video_path": fo.StringField,
+    "brightness": fo.FloatField,
+    "low_light": fo.BooleanField,
+    "blur": fo.FloatField,
+    "ingest_key": fo.StringField,
+}
+
+
+class StoreError(RuntimeError):
+    """A database operation that cannot be done, with what the operator can do about it."""
+
+
+def _ensure_schema(ds: fo.Dataset) -> fo.Dataset:
+    schema = ds.get_field_schema()
+    for name, ftype in SAMPLE_SCHEMA.items():
+        if name not in schema:
+            ds.add_sample_field(name, ftype)
+    if "ingest_key" not in ds.list_indexes():
+        ds.create_index("ingest_key")
+    return ds
+
+
+def dataset_names() -> list[str]:
+    """Vigil datasets (companion video datasets are hidden)."""
+    return [n for n in fo.list_datasets() if not n.endswith(VIDEOS_SUFFIX)]
+
+
+def get_dataset(name: str, create: bool = False) -> fo.Dataset:
+    """The persistent image dataset ``name``; with ``create`` it is made when missing."""
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.\- ]+", name):
+        raise StoreError(f"invalid dataset name {name!r}: use letters, digits, '-', '_' or '.'")
+    if fo.dataset_exists(name):
+        return _ensure_schema(fo.load_dataset(name))
+    if not create:
+        raise StoreError(f"dataset {name!r} does not exist; ingest something into it first")
+    ds = fo.Dataset(name)
+    ds.persistent = True
+    ds.info = {"active_model": None}
+    ds.save()
+    return _ensure_schema(ds)
+
+
+def get_videos(name: str, create: bool = False) -> fo.Dataset | None:
+    """The companion video dataset of ``name`` (sequences with frame-level detections)."""
+    vname = name + VIDEOS_SUFFIX
+    if fo.dataset_exists(vname):
+        return fo.load_dataset(vname)
+    if not create:
+        return None
+    ds = fo.Dataset(vname)
+    ds.persistent = True
+    return ds
+
+
+def delete_dataset(name: str) -> None:
+    for n in (name, name + VIDEOS_SUFFIX):
+        if fo.dataset_exists(n):
+            fo.delete_dataset(n)
+
+
+def existing_keys(ds: fo.Dataset) -> set[str]:
+    if len(ds) == 0:
+        return set()
+    return {k for k in ds.distinct("ingest_key") if k}
+
+
+def add_samples(ds: fo.Dataset, samples: Iterable[fo.Sample]) -> list[str]:
+    samples = list(samples)
+    if not samples:
+        return []
+    return ds.add_samples(samples, progress=False)
+
+
+def dataset_summary(name: str) -> dict[str, Any]:
+    ds = get_dataset(name)
+    vids = get_videos(name)
+    return {
+        "name": name,
+        "samples": len(ds),
+        "identities": len([i for i in ds.distinct("identity") if i]),
+        "cameras": len([c for c in ds.distinct("camera") if c]),
+        "videos": len(vids) if vids is not None else 0,
+        "active_model": (ds.info or {}).get("active_model"),
+    }
+
+
+def counts(name: str, field: str, view: fo.DatasetView | None = None) -> dict[str, int]:
+    """Counts of each value of ``field`` (``None`` counted as "(none)")."""
+    coll = view if view is not None else get_dataset(name)
+    return {("(none)" if k is None else str(k)): v for k, v in coll.count_values(field).items()}
+
+
+def tag_counts(name: str) -> dict[str, int]:
+    return get_dataset(name).count_sample_tags()
+
+
+def filtered_view(name: str, filters: dict[str, Any] | None = None, tags: list[str] | None = None):
+    """A view of ``name`` with equality filters per field and required tags."""
+    from fiftyone import ViewField as F
+
+    view = get_dataset(name).view()
+    for field, value in (filters or {}).items():
+        if value is None or value == "":
+            continue
+        view = view.match(F(field) == value)
+    if tags:
+        view = view.match_tags(tags, all=True)
+    return view
+
+
+def active_model(name: str) -> str | None:
+    return (get_dataset(name).info or {}).get("active_model")
+
+
+def set_active_model(name: str, version: str | None) -> None:
+    ds = get_dataset(name)
+    info = dict(ds.info or {})
+    info["active_model"] = version
+    ds.info = info
+    ds.save()
+
+
+def embedding_field(version: str) -> str:
+    """Sample field that holds the vectors of model ``version``."""
+    return "emb_" + re.sub(r"[^A-Za-z0-9_]", "_", version)
+
+
+def set_values(name: str, field: str, values_by_id: dict[str, Any]) -> None:
+    """Write ``field`` for the samples whose ids are the keys (one bulk write)."""
+    if values_by_id:
+        get_dataset(name).set_values(field, values_by_id, key_field="id")
+
+
+def db():
+    """The pymongo database (Vigil's own collections: jobs, model versions, leases, decisions)."""
+    import fiftyone.core.odm as foo
+
+    return foo.get_db_conn()
