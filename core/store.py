@@ -195,3 +195,59 @@ def db():
     import fiftyone.core.odm as foo
 
     return foo.get_db_conn()
+
+
+def add_records(name: str, records: list[dict[str, Any]]) -> int:
+    """Add image samples (dicts with ``filepath`` plus schema fields; ``tags`` optional).
+
+    Records whose ``ingest_key`` is already in the dataset are skipped, so ingesting the same
+    source twice adds nothing. Returns how many were added."""
+    ds = get_dataset(name, create=True)
+    have = existing_keys(ds)
+    samples = []
+    for rec in records:
+        if rec.get("ingest_key") in have:
+            continue
+        have.add(rec.get("ingest_key"))
+        rec = dict(rec)
+        samples.append(fo.Sample(filepath=rec.pop("filepath"), tags=rec.pop("tags", []), **rec))
+    add_samples(ds, samples)
+    return len(samples)
+
+
+def add_tags_by_key(name: str, tags_by_key: dict[str, list[str]]) -> None:
+    """Add tags to existing samples found by ``ingest_key`` (an image seen in two split folders)."""
+    ds = get_dataset(name)
+    from fiftyone import ViewField as F
+
+    for key, tags in tags_by_key.items():
+        ds.match(F("ingest_key") == key).tag_samples(tags)
+
+
+def add_video(name: str, key: str, path: str, width: int, height: int, fps: float,
+              frame_count: int, detections: dict[int, list[dict]], fields: dict[str, Any]) -> bool:
+    """Add a video sample with frame-level person detections (once per ``key``).
+
+    ``detections``: frame number (1-based) -> list of {"box": [x, y, w, h] in pixels,
+    "track": int, "label": str, "confidence": float | None}."""
+    ds = get_videos(name, create=True)
+    if len(ds) and key in set(ds.distinct("ingest_key")):
+        return False
+    s = fo.Sample(filepath=path, ingest_key=key, **fields)
+    s.metadata = fo.VideoMetadata(
+        frame_width=width, frame_height=height, frame_rate=fps,
+        total_frame_count=frame_count, duration=frame_count / fps if fps else None,
+    )
+    for fn, dets in detections.items():
+        s.frames[fn]["detections"] = fo.Detections(detections=[
+            fo.Detection(
+                label=d.get("label", "person"),
+                bounding_box=[d["box"][0] / width, d["box"][1] / height,
+                              d["box"][2] / width, d["box"][3] / height],
+                index=d.get("track"),
+                confidence=d.get("confidence"),
+            )
+            for d in dets
+        ])
+    ds.add_sample(s)
+    return True

@@ -1,0 +1,503 @@
+"""Importers: MOT Challenge sequences, re-ID folders, plain image folders and raw video folders.
+
+Every importer walks its source, turns each usable item into sample records (see the field list
+in :mod:`core.store`), materialises person crops under ``<data root>/media/<dataset>/`` and
+records a per-file reason for everything it skips in an :class:`IngestReport`. Nothing already
+stored is changed: records are only added, and a record whose ``ingest_key`` is already in the
+dataset is skipped, so ingesting the same source twice adds no duplicates.
+"""
+from __future__ import annotations
+
+import configparser
+import hashlib
+import logging
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from core import conditions
+from core.config import settings
+from core.media import IMAGE_EXTS, VIDEO_EXTS, MediaError, VideoReader, check_name, read_image, write_jpeg
+
+log = logging.getLogger(__name__)
+
+KINDS = ("mot", "reid", "images", "videos")
+Progress = Callable[[int, int, str], None]
+
+# File-name patterns for re-ID folders: named groups identity / camera / view (all optional).
+REID_PATTERNS = {
+    "campus62": r"^(?P<camera>\d+)_(?P<view>\d+)$",  # CC_V.png, identity from the folder
+    "market1501": r"^(?P<identity>-?\d+)_c(?P<camera>\d+)s\d+_(?P<view>\d+)",  # 0001_c1s1_001051_00
+    "folder": r"^(?P<view>.+)$",  # identity from the folder, no camera
+}
+SPLIT_FOLDERS = {
+    "train": "train", "bounding_box_train": "train", "query": "query", "gallery": "gallery",
+    "bounding_box_test": "gallery", "test": "gallery", "val": "val", "all_imgs": "all",
+}
+MIN_CROP = 8  # pixels: smaller boxes (after clipping to the frame) are skipped
+
+
+@dataclass
+class IngestReport:
+    source: str
+    kind: str
+    dataset: str
+    added: int = 0
+    duplicates: int = 0
+    videos: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def problem(self, where: str | Path, reason: str) -> None:
+        log.warning("skipped %s: %s", where, reason)
+        self.problems.append((str(where), reason))
+
+    def summary(self) -> str:
+        return (f"{self.kind} {self.source} -> {self.dataset}: {self.added} added, "
+                f"{self.duplicates} already present, {self.videos} videos, "
+                f"{len(self.problems)} skipped")
+
+
+class IngestError(ValueError):
+    """The source as a whole cannot be ingested (wrong path or folder layout)."""
+
+
+def _noop(done: int, total: int, msg: str) -> None:
+    pass
+
+
+def ingest(path: str | Path, kind: str, dataset: str, every_n: int = 5,
+           pattern: str = "campus62", progress: Progress | None = None) -> IngestReport:
+    """Ingest ``path`` as ``kind`` into ``dataset``; see the module docstring."""
+    path = Path(path).expanduser()
+    if kind not in KINDS:
+        raise IngestError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if not path.exists():
+        raise IngestError(f"{path} does not exist")
+    if not path.is_dir():
+        raise IngestError(f"{path} is not a folder: point at the folder that holds the {kind}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise IngestError(f"{path} is not readable: check its permissions")
+    if every_n < 1:
+        raise IngestError("every_n must be at least 1")
+    progress = progress or _noop
+    report = IngestReport(source=str(path), kind=kind, dataset=dataset)
+    if kind == "mot":
+        _ingest_mot_root(path, dataset, every_n, report, progress)
+    elif kind == "reid":
+        _ingest_reid(path, dataset, pattern, report, progress)
+    elif kind == "images":
+        _ingest_images(path, dataset, report, progress)
+    else:
+        _ingest_videos(path, dataset, every_n, report, progress)
+    log.info(report.summary())
+    return report
+
+
+# --------------------------------------------------------------------------- walking
+
+def _walk_files(root: Path, report: IngestReport) -> list[Path]:
+    """Every regular file under ``root`` (symlinks not followed: no loops), sorted."""
+    out = []
+
+    def onerror(err: OSError) -> None:
+        report.problem(err.filename or root, f"unreadable folder: {err.strerror}")
+
+    for d, dirs, files in os.walk(root, onerror=onerror, followlinks=False):
+        dirs.sort()
+        for f in sorted(files):
+            p = Path(d) / f
+            if p.is_symlink() and not p.exists():
+                report.problem(p, "broken symbolic link")
+                continue
+            out.append(p)
+    return out
+
+
+def _hash_file(p: Path) -> str:
+    h = hashlib.sha1()
+    with open(p, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _media_dir(dataset: str, *parts: str) -> Path:
+    return settings().media_dir.joinpath(dataset, *parts)
+
+
+def _flush(store, dataset: str, records: list[dict], report: IngestReport) -> None:
+    if records:
+        added = store.add_records(dataset, records)
+        report.added += added
+        report.duplicates += len(records) - added
+        records.clear()
+
+
+# --------------------------------------------------------------------------- MOT
+
+@dataclass
+class MotBox:
+    frame: int
+    track: int
+    box: tuple[float, float, float, float]  # x, y, w, h in the original (seqinfo) frame
+
+
+def parse_seqinfo(seq: Path) -> dict:
+    ini = seq / "seqinfo.ini"
+    if not ini.is_file():
+        raise MediaError("missing seqinfo.ini (MOT sequences need it for the frame size)")
+    cp = configparser.ConfigParser()
+    try:
+        cp.read(ini)
+        s = cp["Sequence"]
+        info = {
+            "name": s.get("name", seq.name), "width": int(s["imWidth"]), "height": int(s["imHeight"]),
+            "fps": float(s.get("frameRate", 25)), "length": int(s.get("seqLength", 0)),
+            "imdir": s.get("imDir", "img1"), "imext": s.get("imExt", ".jpg"),
+            # Optional: identities are shared across the sequences of one site (multi-camera GT).
+            "global_ids": s.get("identityScope", "sequence").strip().lower() == "global",
+            "camera": s.get("camera", seq.name),
+        }
+    except (KeyError, ValueError, configparser.Error) as exc:
+        raise MediaError(f"seqinfo.ini is malformed ({exc}): it needs [Sequence] imWidth and imHeight") from None
+    return info
+
+
+def parse_gt(gt: Path, report: IngestReport) -> list[MotBox]:
+    """Rows ``frame,id,left,top,width,height,conf,...``; bad rows are reported and skipped."""
+    if not gt.is_file():
+        raise MediaError("missing gt/gt.txt")
+    boxes = []
+    try:
+        text = gt.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise MediaError(f"gt/gt.txt unreadable: {exc.strerror}") from None
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.replace(" ", "").split(",")
+        try:
+            fr, tid = int(float(parts[0])), int(float(parts[1]))
+            x, y, w, h = (float(v) for v in parts[2:6])
+            conf = float(parts[6]) if len(parts) > 6 and parts[6] else 1.0
+        except (ValueError, IndexError):
+            report.problem(f"{gt}:{i}", "malformed gt row: expected frame,id,left,top,width,height,...")
+            continue
+        if fr < 1 or w <= 0 or h <= 0 or not all(np.isfinite([x, y, w, h])):
+            report.problem(f"{gt}:{i}", "invalid gt row: frame < 1 or non-positive box size")
+            continue
+        if conf == 0:  # MOT16+: conf 0 marks boxes to ignore
+            continue
+        boxes.append(MotBox(fr, tid, (x, y, w, h)))
+    return boxes
+
+
+def _find_sequences(root: Path) -> list[Path]:
+    if (root / "gt").is_dir() or (root / "seqinfo.ini").exists():
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and ((p / "gt").is_dir() or (p / "seqinfo.ini").exists()))
+
+
+def _ingest_mot_root(root: Path, dataset: str, every_n: int, report: IngestReport, progress: Progress) -> None:
+    seqs = _find_sequences(root)
+    if not seqs:
+        raise IngestError(
+            f"no MOT sequence in {root}: expected <seq>/seqinfo.ini, <seq>/gt/gt.txt and "
+            "<seq>/img1/ frames or one video file in <seq>/")
+    for seq in seqs:
+        try:
+            ingest_mot_sequence(seq, dataset, every_n, report, progress)
+        except MediaError as exc:
+            report.problem(seq, str(exc))
+
+
+def _frame_source(seq: Path, info: dict):
+    """(kind, path): 'img1' folder of frames, or the single video file in the folder."""
+    imdir = seq / info["imdir"]
+    if imdir.is_dir() and any(imdir.iterdir()):
+        return "frames", imdir
+    videos = sorted(p for p in seq.iterdir() if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+    if len(videos) == 1:
+        return "video", videos[0]
+    if not videos:
+        raise MediaError(f"no frames: neither {info['imdir']}/ nor a video file in the folder")
+    raise MediaError(f"{len(videos)} video files in the folder: keep exactly one per sequence")
+
+
+def _iter_source_frames(kind: str, src: Path, info: dict):
+    if kind == "video":
+        reader = VideoReader(src)
+        return reader.width, reader.height, reader.fps, reader.frame_count, reader.frames()
+    files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+    def gen():
+        for p in files:
+            m = re.search(r"(\d+)", p.stem)
+            if not m:
+                continue
+            yield int(m.group(1)), read_image(p)
+
+    first = read_image(files[0])
+    return first.shape[1], first.shape[0], info["fps"], len(files), gen()
+
+
+def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestReport,
+                        progress: Progress = _noop) -> None:
+    """One sequence: a video sample with tracked detections + every Nth-frame person crops."""
+    from core import store
+
+    info = parse_seqinfo(seq)
+    boxes = parse_gt(seq / "gt" / "gt.txt", report)
+    if not boxes:
+        raise MediaError("gt/gt.txt has no usable rows")
+    src_kind, src = _frame_source(seq, info)
+    width, height, fps, nframes, frames = _iter_source_frames(src_kind, src, info)
+    sx, sy = width / info["width"], height / info["height"]  # PETS09 re-encode: 480/768 = 0.625
+    name = info["name"]
+
+    by_track: dict[int, list[MotBox]] = defaultdict(list)
+    for b in boxes:
+        by_track[b.track].append(b)
+    spans = {t: (min(b.frame for b in bs), max(b.frame for b in bs)) for t, bs in by_track.items()}
+    by_frame: dict[int, list[MotBox]] = defaultdict(list)
+    for b in boxes:
+        by_frame[b.frame].append(b)
+
+    ds = store.get_dataset(dataset, create=True)
+    have = store.existing_keys(ds)
+    def crop_key(t: int, f: int) -> str:
+        return f"mot:{name}:{t}:{f}"
+
+    video_path = str(src) if src_kind == "video" else None
+    detections: dict[int, list[dict]] = defaultdict(list)
+    records: list[dict] = []
+    total = nframes or info["length"] or max(by_frame)
+    out_dir = _media_dir(dataset, "mot", name)
+    written_frames = None
+    if src_kind == "frames":  # a browser-playable clip is needed for the video sample
+        import cv2
+
+        video_path = str(out_dir / f"{name}.mp4")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written_frames = cv2.VideoWriter(video_path + ".tmp.mp4", cv2.VideoWriter_fourcc(*"mp4v"),
+                                         fps, (width, height))
+    seen_frames = 0
+    for fn, img in frames:
+        seen_frames += 1
+        if written_frames is not None:
+            written_frames.write(img)
+        if seen_frames % 25 == 0:
+            progress(seen_frames, total, f"{name}: frame {fn}")
+        for b in by_frame.get(fn, ()):
+            x, y, w, h = b.box[0] * sx, b.box[1] * sy, b.box[2] * sx, b.box[3] * sy
+            x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
+            x1, y1 = min(width, int(round(x + w))), min(height, int(round(y + h)))
+            if x1 - x0 < MIN_CROP or y1 - y0 < MIN_CROP:
+                report.problem(f"{seq.name} frame {fn} track {b.track}",
+                               "box outside the frame (or under 8 px after clipping)")
+                continue
+            box = [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+            detections[fn].append({"box": box, "track": b.track, "label": "person"})
+            first, last = spans[b.track]
+            if (fn - first) % every_n:
+                continue
+            key = crop_key(b.track, fn)
+            if key in have:
+                report.duplicates += 1
+                continue
+            crop = img[y0:y1, x0:x1]
+            path = out_dir / f"{b.track:05d}" / f"{fn:06d}.jpg"
+            write_jpeg(path, crop)
+            ident = str(b.track) if info["global_ids"] else f"{name}:{b.track}"
+            records.append({
+                "filepath": str(path), "kind": "crop", "source_kind": "mot", "source": str(seq),
+                "camera": info["camera"], "identity": ident, "label": "person", "split": None,
+                "sequence": name, "track": b.track, "frame": fn, "tracklet": f"{name}/{b.track}",
+                "frame_first": first, "frame_last": last, "bbox": box, "video_path": video_path,
+                "ingest_key": key, **conditions.measure(crop).as_fields(),
+            })
+        if len(records) >= 500:
+            _flush(store, dataset, records, report)
+    if written_frames is not None:
+        written_frames.release()
+        os.replace(video_path + ".tmp.mp4", video_path)
+    _flush(store, dataset, records, report)
+    if store.add_video(dataset, f"mot-video:{name}", video_path, width, height, fps, seen_frames,
+                       detections, {"sequence": name, "camera": info["camera"], "source_kind": "mot",
+                                    "source": str(seq)}):
+        report.videos += 1
+    progress(total, total, f"{name}: done")
+
+
+# --------------------------------------------------------------------------- re-ID folders
+
+def _ingest_reid(root: Path, dataset: str, pattern: str, report: IngestReport, progress: Progress) -> None:
+    from core import store
+
+    regex = re.compile(REID_PATTERNS.get(pattern, pattern))
+    files = [p for p in _walk_files(root, report)]
+    images = []
+    for p in files:
+        if p.suffix.lower() in IMAGE_EXTS:
+            images.append(p)
+        else:
+            report.problem(p, f"unsupported file type {p.suffix or '(none)'} for a re-ID folder")
+    if not images:
+        raise IngestError(f"no images under {root}: a re-ID folder holds <identity>/<image> files")
+    if all(p.parent == root for p in images) and "identity" not in regex.groupindex:
+        raise IngestError(
+            f"wrong folder layout in {root}: images must sit in one folder per identity "
+            "(<root>/<identity>/<image>, optionally under train/ query/ gallery/), or choose a "
+            "file-name pattern with an identity (e.g. market1501)")
+    ds = store.get_dataset(dataset, create=True)
+    have = store.existing_keys(ds)
+    records: list[dict] = []
+    seen: dict[str, dict] = {}
+    extra_tags: dict[str, set[str]] = defaultdict(set)
+    for i, p in enumerate(images, 1):
+        if i % 100 == 0:
+            progress(i, len(images), p.name)
+        rel = p.relative_to(root)
+        splits = [SPLIT_FOLDERS[part] for part in rel.parts[:-1] if part in SPLIT_FOLDERS]
+        m = regex.search(p.stem)
+        ident = (m.group("identity") if m and "identity" in regex.groupindex else None)
+        if ident is None:
+            if p.parent == root:
+                report.problem(p, "image outside an identity folder (and the pattern gives no identity)")
+                continue
+            ident = p.parent.name
+        if ident in {"-1"}:  # Market-1501 junk boxes
+            ident = None
+        try:
+            img = read_image(p)
+        except MediaError as exc:
+            report.problem(p, str(exc))
+            continue
+        key = "sha1:" + _hash_file(p)
+        tags = sorted(set(splits))
+        if key in seen:  # the same picture in two split folders (campus62: query and gallery)
+            extra_tags[key].update(tags)
+            continue
+        if key in have:
+            extra_tags[key].update(tags)
+            report.duplicates += 1
+            continue
+        camera = m.group("camera") if m and "camera" in regex.groupindex else None
+        rec = {
+            "filepath": str(p.resolve()), "kind": "crop", "source_kind": "reid", "source": str(root),
+            "camera": camera, "identity": ident, "label": "person",
+            "split": next((s for s in splits if s in ("train", "query", "gallery")), splits[0] if splits else None),
+            "ingest_key": key, "tags": tags, "bbox": [0.0, 0.0, float(img.shape[1]), float(img.shape[0])],
+            **conditions.measure(img).as_fields(),
+        }
+        seen[key] = rec
+        records.append(rec)
+    for key, tags in list(extra_tags.items()):
+        if key in seen:
+            seen[key]["tags"] = sorted(set(seen[key]["tags"]) | tags)
+            del extra_tags[key]
+    _flush(store, dataset, records, report)
+    if extra_tags:
+        store.add_tags_by_key(dataset, {k: sorted(v) for k, v in extra_tags.items() if v})
+    progress(len(images), len(images), "done")
+
+
+# --------------------------------------------------------------------------- plain images
+
+def _ingest_images(root: Path, dataset: str, report: IngestReport, progress: Progress) -> None:
+    from core import store
+
+    files = _walk_files(root, report)
+    ds = store.get_dataset(dataset, create=True)
+    have = store.existing_keys(ds)
+    records: list[dict] = []
+    for i, p in enumerate(files, 1):
+        if i % 50 == 0:
+            progress(i, len(files), p.name)
+        if p.suffix.lower() not in IMAGE_EXTS:
+            report.problem(p, f"unsupported file type {p.suffix or '(none)'}: images are "
+                              + ", ".join(sorted(IMAGE_EXTS)))
+            continue
+        try:
+            img = read_image(p)
+        except MediaError as exc:
+            report.problem(p, str(exc))
+            continue
+        key = "sha1:" + _hash_file(p)
+        if key in have:
+            report.duplicates += 1
+            continue
+        have.add(key)
+        records.append({
+            "filepath": str(p.resolve()), "kind": "image", "source_kind": "images", "source": str(root),
+            "camera": p.parent.name if p.parent != root else None, "identity": None, "label": None,
+            "split": None, "ingest_key": key, **conditions.measure(img).as_fields(),
+        })
+        if len(records) >= 500:
+            _flush(store, dataset, records, report)
+    _flush(store, dataset, records, report)
+    if not files:
+        report.problem(root, "folder holds no files")
+    progress(len(files), len(files), "done")
+
+
+# --------------------------------------------------------------------------- raw videos
+
+def _ingest_videos(root: Path, dataset: str, every_n: int, report: IngestReport, progress: Progress) -> None:
+    from core import store
+    from core.tracking import detect_and_track
+
+    files = _walk_files(root, report)
+    videos = []
+    for p in files:
+        if p.suffix.lower() in VIDEO_EXTS:
+            videos.append(p)
+        else:
+            report.problem(p, f"unsupported file type {p.suffix or '(none)'}: videos are "
+                              + ", ".join(sorted(VIDEO_EXTS)))
+    for vi, p in enumerate(videos):
+        try:
+            check_name(p)
+            key_video = "video:" + _hash_file(p)
+            name = p.stem
+            reader = VideoReader(p)
+            tracks = detect_and_track(reader, every_n=every_n,
+                                      progress=lambda d, t: progress(d, t, f"{p.name}: detecting people"))
+        except MediaError as exc:
+            report.problem(p, str(exc))
+            continue
+        records = []
+        detections: dict[int, list[dict]] = defaultdict(list)
+        out_dir = _media_dir(dataset, "videos", name + "-" + key_video[6:14])
+        ds = store.get_dataset(dataset, create=True)
+        have = store.existing_keys(ds)
+        for t in tracks:
+            first, last = t.frames[0], t.frames[-1]
+            for fn, box, score, crop in zip(t.frames, t.boxes, t.scores, t.crops):
+                detections[fn].append({"box": list(box), "track": t.track, "label": "person",
+                                       "confidence": float(score)})
+                key = f"{key_video}:{t.track}:{fn}"
+                if key in have:
+                    report.duplicates += 1
+                    continue
+                path = out_dir / f"{t.track:05d}" / f"{fn:06d}.jpg"
+                write_jpeg(path, crop)
+                records.append({
+                    "filepath": str(path), "kind": "crop", "source_kind": "videos", "source": str(p),
+                    "camera": name, "identity": None, "label": None, "split": None, "sequence": name,
+                    "track": t.track, "frame": fn, "tracklet": f"{name}/{t.track}",
+                    "frame_first": first, "frame_last": last, "bbox": [float(v) for v in box],
+                    "video_path": str(p.resolve()), "ingest_key": key,
+                    **conditions.measure(crop).as_fields(),
+                })
+        _flush(store, dataset, records, report)
+        if store.add_video(dataset, key_video, str(p.resolve()), reader.width, reader.height, reader.fps,
+                           reader.frame_count, detections,
+                           {"sequence": name, "camera": name, "source_kind": "videos", "source": str(p)}):
+            report.videos += 1
+        progress(vi + 1, len(videos), p.name)
