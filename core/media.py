@@ -46,9 +46,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             rgb = np.asarray(im.convert("RGB"))
     except MediaError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"image too large ({exc.args[0].split('(')[1].split(')')[0]}), over the "
+                         f"{MAX_PIXELS / 1e6:.0f} Mpx limit: downscale it first") from None
     except UnidentifiedImageError:
         raise MediaError("not an image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         msg = str(exc)
         if "truncated" in msg.lower():
             raise MediaError("truncated image (file is incomplete)") from None

@@ -251,3 +251,28 @@ def add_video(name: str, key: str, path: str, width: int, height: int, fps: floa
         ])
     ds.add_sample(s)
     return True
+
+
+def sample_rows(view, fields: list[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Plain dicts (id, filepath and ``fields``) of the first ``limit`` samples of a view."""
+    v = view.limit(limit) if limit else view
+    cols = ["id", "filepath", *fields]
+    vals = v.values(cols)
+    return [dict(zip(cols, row)) for row in zip(*vals)]
+
+
+def open_in_app(name: str, ids: list[str] | None = None, port: int = 5151) -> str:
+    """Show ``name`` (or just ``ids``) in the FiftyOne App served on 127.0.0.1; returns its URL.
+
+    One App server per process (the Streamlit process keeps it); later calls change its view."""
+    global _SESSION
+    ds = get_dataset(name)
+    view = ds.select(ids) if ids else ds.view()
+    if _SESSION is None:
+        _SESSION = fo.launch_app(view, remote=True, address="127.0.0.1", port=port, auto=False)
+    else:
+        _SESSION.view = view
+    return f"http://127.0.0.1:{port}/datasets/{name}"
+
+
+_SESSION = None

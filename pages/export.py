@@ -1,0 +1,5 @@
+"""Export page (being built)."""
+import streamlit as st
+
+st.title("Export")
+st.info("This page arrives with its issue.")
