@@ -66,6 +66,23 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_worker(a) -> int:
+    from core import jobs
+
+    jobs.launch_worker()  # replaces this process with `fiftyone delegated launch`
+    return 0
+
+
+def cmd_jobs(a) -> int:
+    from core import jobs
+
+    for j in jobs.list_jobs(a.dataset, limit=a.limit):
+        pct = f"{100 * j['progress']:.0f}%" if j["progress"] is not None else "-"
+        print(f"{j['id']} {j['kind']:<7} {j['state']:<10} {pct:>5} {j['dataset']} {j['label'] or ''}"
+              + (f"  error: {j['error']}" if j["error"] else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m core", description="Vigil command line")
@@ -87,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("demo", help="generate and import the synthetic default dataset")
     s.add_argument("--dataset", default="demo")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("worker", help="run background jobs (FiftyOne delegated operations)")
+    s.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser("jobs", help="list background jobs")
+    s.add_argument("--dataset")
+    s.add_argument("--limit", type=int, default=20)
+    s.set_defaults(fn=cmd_jobs)
 
     a = p.parse_args(argv)
     return a.fn(a)
