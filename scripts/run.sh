@@ -17,5 +17,5 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 echo "Vigil: http://127.0.0.1:${PORT}  (job worker log: $LOG)"
-exec .venv/bin/streamlit run app.py --server.address "${VIGIL_ADDRESS:-127.0.0.1}" --server.port "$PORT" \
+.venv/bin/streamlit run app.py --server.address "${VIGIL_ADDRESS:-127.0.0.1}" --server.port "$PORT" \
   --server.headless true --browser.gatherUsageStats false
