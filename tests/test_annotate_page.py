@@ -1,0 +1,101 @@
+"""Annotate page through streamlit.testing AppTest on real TUD-Campus crops: one click writes the
+label to FiftyOne, undo removes it, a conflicting write is shown and resolved, never dropped."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import need_shared
+from tests.test_labeling import fake_embeddings
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+@pytest.fixture(scope="module")
+def page_dataset():
+    from core import labeling, store
+    from core.ingest import ingest
+
+    name = "ann_" + uuid.uuid4().hex[:6]
+    ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
+    try:  # the real chain: packaged model, ONNX Runtime
+        from core import embed
+
+        embed.embed_dataset(name, version="base")
+    except Exception as exc:  # noqa: BLE001 - the page is under test here, not the model
+        print(f"real embedding unavailable ({exc}); using synthetic vectors")
+        fake_embeddings(name)
+    yield name
+    labeling.wait_for_refills()
+    labeling.clear_queue(name)
+    store.delete_dataset(name)
+
+
+def _open(name: str) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state["dataset"] = name
+    at.run()
+    at.switch_page("pages/annotate.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _sample(name: str, sid: str):
+    from core import store
+
+    return store.get_dataset(name).select([sid]).first()
+
+
+def test_label_one_item_then_undo(page_dataset):
+    name = page_dataset
+    at = _open(name)
+    sid = at.session_state["annotate_item"]
+    before = _sample(name, sid)
+    assert before.label == "person" and before.labelled_by is None
+    at.button(key="cls_vehicle").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    s = _sample(name, sid)
+    assert s.label == "vehicle" and s.labelled_by == "operator" and s.labelled_at
+    assert at.session_state["annotate_item"] != sid  # the next item is served
+    at.button(key="undo").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    s = _sample(name, sid)
+    assert s.label == "person" and s.labelled_by is None and s.labelled_at is None
+    assert at.session_state["annotate_item"] == sid  # the undone item comes back
+
+
+def test_conflict_is_shown_not_dropped(page_dataset):
+    from core import labeling
+
+    name = page_dataset
+    at = _open(name)
+    sid = at.session_state["annotate_item"]
+    # another operator labels the same sample behind this tab's back
+    labeling.decide(name, "other-tab", sid, "bob", label="animal")
+    at.button(key="cls_vehicle").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert _sample(name, sid).label == "animal"  # nothing overwritten
+    warn = " ".join(w.value for w in at.warning)
+    assert "Conflict" in warn and "animal" in warn and "vehicle" in warn
+    at.button(key="conflict_mine").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    s = _sample(name, sid)
+    assert s.label == "vehicle" and s.labelled_by == "operator"
+    kinds = [d.kind for d in labeling.decisions(name, limit=10)]
+    assert "conflict" in kinds
+
+
+def test_without_embeddings_the_page_offers_to_embed(page_dataset):
+    from core import store
+
+    name = page_dataset
+    store.set_active_model(name, None)
+    try:
+        at = _open(name)
+        assert any("no embeddings yet" in i.value for i in at.info)
+        assert at.button(key="embed_now")
+    finally:
+        store.set_active_model(name, "base")
