@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dataset", default="demo")
     s.set_defaults(fn=cmd_demo)
 
+    from core import export, labeling
+
+    labeling.add_commands(sub)  # query
+    export.add_commands(sub)  # export-dataset, export-model
+
     s = sub.add_parser("worker", help="run background jobs (FiftyOne delegated operations)")
     s.set_defaults(fn=cmd_worker)
 

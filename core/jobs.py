@@ -292,7 +292,7 @@ def run(ctx) -> dict[str, Any]:
         result = _resolve(kind)(dataset, args, reporter)
         reporter.progress(1.0, "done", force=True)
         log.info("job %s finished: %s", job_id, result)
-        return {"result": result}
+        return result
     except JobCancelled:
         log.warning("job %s cancelled by operator", job_id)
         raise

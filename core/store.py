@@ -89,7 +89,9 @@ def get_dataset(name: str, create: bool = False) -> fo.Dataset:
     if not name or not re.fullmatch(r"[A-Za-z0-9_.\- ]+", name):
         raise StoreError(f"invalid dataset name {name!r}: use letters, digits, '-', '_' or '.'")
     if fo.dataset_exists(name):
-        return _ensure_schema(fo.load_dataset(name))
+        ds = fo.load_dataset(name)
+        ds.reload()  # FiftyOne caches datasets per process; jobs write from another process
+        return _ensure_schema(ds)
     if not create:
         raise StoreError(f"dataset {name!r} does not exist; ingest something into it first")
     ds = fo.Dataset(name)
@@ -186,8 +188,12 @@ def embedding_field(version: str) -> str:
 
 def set_values(name: str, field: str, values_by_id: dict[str, Any]) -> None:
     """Write ``field`` for the samples whose ids are the keys (one bulk write)."""
-    if values_by_id:
-        get_dataset(name).set_values(field, values_by_id, key_field="id")
+    if not values_by_id:
+        return
+    ds = get_dataset(name)
+    if field not in ds.get_field_schema() and all(v is None for v in values_by_id.values()):
+        return  # nothing to record, and FiftyOne cannot type a new field from None alone
+    ds.set_values(field, values_by_id, key_field="id")
 
 
 def db():
@@ -276,3 +282,46 @@ def open_in_app(name: str, ids: list[str] | None = None, port: int = 5151) -> st
 
 
 _SESSION = None
+
+
+def tag_samples(name: str, ids: list[str], tags: list[str]) -> int:
+    """Add sample tags (condition tags such as night, shadow, occluded, blur) to ``ids``."""
+    if not ids or not tags:
+        return 0
+    get_dataset(name).select(ids).tag_samples(tags)
+    return len(ids)
+
+
+def set_field(name: str, ids: list[str], field: str, value: Any, user: str | None = None) -> int:
+    """Set one field to one value on ``ids`` (bulk label / identity edits), recording who and when."""
+    from datetime import datetime, timezone
+
+    if not ids:
+        return 0
+    view = get_dataset(name).select(ids)
+    view.set_field(field, value).save(field)
+    if user:
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        view.set_field("labelled_by", user).save("labelled_by")
+        view.set_field("labelled_at", now).save("labelled_at")
+    return len(ids)
+
+
+def view_columns(name: str, fields: list[str], ids: list[str] | None = None) -> dict[str, list]:
+    """Columns (``id`` plus ``fields`` that exist, others as None) of the dataset or ``ids``."""
+    ds = get_dataset(name)
+    view = ds.select(ids, ordered=True) if ids is not None else ds
+    schema = ds.get_field_schema()
+    have = [f for f in fields if f in schema or f == "tags"]
+    vals = view.values(["id", *have])
+    out = dict(zip(["id", *have], vals))
+    n = len(out["id"])
+    for f in fields:
+        out.setdefault(f, [None] * n)
+    return out
+
+
+def last_modified(name: str):
+    """When samples of ``name`` last changed (cache key for pages)."""
+    ds = get_dataset(name)
+    return ds.last_modified_at, len(ds)

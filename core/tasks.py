@@ -11,30 +11,51 @@ from typing import Any
 from core.jobs import Reporter
 
 
-def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    """Embed every sample with model ``args['version']`` (default: the active one)."""
-    from core import embed
-
+def _embed_cb(reporter: Reporter, lo: float, hi: float):
     def cb(done: int, total: int, msg: str = "") -> None:
         reporter.check()
-        reporter.progress(done / total if total else 0.0, f"embedding {done}/{total}")
+        f = done / total if total else 0.0
+        reporter.progress(lo + (hi - lo) * f, f"embedding {done}/{total}")
+    return cb
 
-    return embed.embed_dataset(dataset, version=args.get("version"), progress=cb)
+
+def _layout_cb(reporter: Reporter, lo: float, hi: float):
+    def cb(stage: str, fraction: float) -> None:
+        reporter.check()
+        reporter.progress(lo + (hi - lo) * fraction, f"map layout: {stage}")
+    return cb
+
+
+def refresh_map(dataset: str, version: str, reporter: Reporter, lo: float = 0.0, hi: float = 1.0) -> dict[str, Any]:
+    """Lay out the map of ``version`` (aligned to the previous one) and rescore the samples."""
+    from core import analysis, projection
+
+    m = projection.compute_layout(dataset, version, progress=_layout_cb(reporter, lo, lo + 0.9 * (hi - lo)))
+    reporter.progress(lo + 0.9 * (hi - lo), "scoring misclustered samples")
+    scores = analysis.compute_scores(dataset, version)
+    return {"map_points": len(m.ids), "map_recomputed": m.computed, **scores}
+
+
+def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """Embed every sample with model ``args['version']`` (default: the active one), then lay out
+    its map and score the samples, so the Map page is ready when the job ends."""
+    from core import embed, store
+
+    report = embed.embed_dataset(dataset, version=args.get("version"), progress=_embed_cb(reporter, 0.0, 0.6))
+    version = args.get("version") or store.active_model(dataset)
+    report.update(refresh_map(dataset, version, reporter, 0.6, 1.0))
+    return report
 
 
 def layout_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    """Compute (or reuse) the map layout of a model version."""
-    from core import projection
+    """Compute (or reuse) the map layout of a model version and rescore the samples."""
+    from core import store
 
-    def cb(stage: str, fraction: float) -> None:
-        reporter.check()
-        reporter.progress(fraction, f"layout: {stage}")
-
-    return projection.compute_layout(dataset, args.get("version"), progress=cb)
+    return refresh_map(dataset, args.get("version") or store.active_model(dataset), reporter)
 
 
 def train_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
-    """One fine-tuning round, then ONNX export, re-embedding, layout and evaluation."""
+    """One fine-tuning round, then ONNX export, re-embedding, map, scores and evaluation."""
     from core import rounds
 
     return rounds.run_round(dataset, args, reporter)

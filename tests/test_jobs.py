@@ -1,0 +1,70 @@
+"""Background jobs through a real worker: FiftyOne delegated operations on the test database."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from core import jobs, store
+from core.ingest import ingest
+from tests.conftest import need_shared
+
+
+def _wait_running(job_id: str, min_progress: float = 0.05, timeout: float = 120) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        j = jobs.get(job_id)
+        rec = store.db()[jobs.COLLECTION].find_one({"_id": job_id})
+        if j["state"] == "running" and rec.get("pid") and (j["progress"] or 0) >= min_progress:
+            return rec
+        assert j["state"] in ("queued", "running"), j
+        time.sleep(0.2)
+    raise TimeoutError(jobs.get(job_id))
+
+
+def test_embed_job_runs_in_the_worker(worker, dsname):
+    ingest(need_shared("mot", "TUD-Campus"), "mot", dsname, every_n=10)
+    job = jobs.submit(dsname, "embed", {})
+    done = jobs.wait(job, timeout=240)
+    assert done["state"] == "completed", (done, jobs.log_tail(job))
+    ds = store.get_dataset(dsname)
+    assert store.active_model(dsname) == "base"
+    assert ds.exists("emb_base").count() == len(ds)
+    assert ds.exists("map_base").count() == len(ds)  # the map is ready when the job ends
+    assert done["result"]["embedded"] == len(ds)
+    assert "embed" in jobs.log_tail(job)
+    print(f"embed job: {len(ds)} samples embedded and laid out")
+
+
+def test_cancel_and_sigkill_leave_the_active_model_unchanged(worker, dsname):
+    ingest(need_shared("reid", "campus62", "train"), "reid", dsname)
+    n = len(store.get_dataset(dsname))
+    labels_before = store.counts(dsname, "identity")
+
+    # cancelled while running
+    job = jobs.submit(dsname, "embed", {"version": "base"})
+    _wait_running(job)
+    jobs.cancel(job)
+    end = jobs.wait(job, timeout=120)
+    assert end["state"] == "cancelled", end
+
+    # the job's process killed with SIGKILL mid-run: reported failed, never left running
+    job = jobs.submit(dsname, "embed", {"version": "base"})
+    rec = _wait_running(job)
+    os.kill(rec["pid"], signal.SIGKILL)
+    end = jobs.wait(job, timeout=60)
+    assert end["state"] == "failed" and "died" in end["error"] + jobs.get(job)["error"], end
+
+    assert store.active_model(dsname) is None  # neither job got to set a model
+    assert store.counts(dsname, "identity") == labels_before and len(store.get_dataset(dsname)) == n
+    print(f"cancel + SIGKILL: {n} samples and {len(labels_before)} identities before and after, active model unchanged")
+
+
+def test_unknown_kind_and_missing_dataset_are_refused(dsname):
+    with pytest.raises(jobs.JobError, match="unknown job kind"):
+        jobs.submit(dsname, "dance", {})
+    with pytest.raises(store.StoreError, match="does not exist"):
+        jobs.submit(dsname, "embed", {})
