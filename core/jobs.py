@@ -210,9 +210,8 @@ def reconcile() -> int:
             continue
         if _alive(rec.get("pid"), rec.get("host")):
             continue
-        tail = log_tail(str(op.id), 5)
-        msg = (f"worker process {rec.get('pid')} died while the job was running "
-               f"(killed or out of memory); last log lines:\n{tail}")
+        msg = (f"worker process {rec.get('pid')} died while the job was running (killed or out of "
+               f"memory); its log: {log_path(str(op.id))}")
         if svc.set_failed(op.id, result=ExecutionResult(error=msg), required_state=ExecutionRunState.RUNNING):
             log.warning("job %s: %s", op.id, msg.splitlines()[0])
             n += 1

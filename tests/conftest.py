@@ -74,3 +74,23 @@ def worker():
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop this session's MongoDB: FiftyOne's service would wait for every client process,
+    including ones a test killed, and keep the test run's output pipe open."""
+    import shutil
+
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if str(_ROOT) not in " ".join(p.info["cmdline"] or []):
+            continue
+        try:
+            parent = p.parent()
+            if parent is not None and "fiftyone/service/main.py" in " ".join(parent.cmdline()):
+                parent.kill()
+            p.kill()
+        except psutil.Error:
+            pass
+    shutil.rmtree(_ROOT, ignore_errors=True)

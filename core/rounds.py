@@ -1,0 +1,232 @@
+"""One retraining round end to end, as the ``train`` background job runs it:
+
+register a version → gather labelled crops (flagged and uncertain ones weighted up) → train
+(:func:`core.train.train_round`) → export ONNX → re-embed the dataset → lay out its map aligned
+to the active one → evaluate the previous and the new version on the same held-out split →
+write the round report → mark the version ready. A failed or cancelled round is recorded as such
+and never changes the active version: activating is the operator's decision.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core import registry, store
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_SHARE = 0.2  # identities held out for evaluation when the dataset has no query/gallery tags
+MIN_HELD_OUT = 3
+NEAR_FRAMES = 10  # gallery crops this close to the query in the same tracklet are left out
+
+
+@dataclass
+class EvalSplit:
+    """Query and gallery sample ids (disjoint identities from training)."""
+
+    query: list[str]
+    gallery: list[str]
+    identities: set[str]
+    protocol: str
+
+
+def _held_out(identity: str, share: float) -> bool:
+    h = int(hashlib.sha1(identity.encode()).hexdigest()[:8], 16)
+    return (h % 1000) / 1000 < share
+
+
+def eval_split(name: str) -> EvalSplit:
+    """query/gallery tags when the dataset has them (re-ID folders); otherwise identities held out
+    by a stable hash, each tracklet's middle crop a query and the identity's other crops (not
+    within ±10 frames of it) the gallery."""
+    cols = store.view_columns(name, ["identity", "tags", "tracklet", "frame", "camera", "embed_error"])
+    ids = cols["id"]
+    tags = [set(t or ()) for t in cols["tags"]]
+    q = [i for i, t, ident in zip(ids, tags, cols["identity"]) if "query" in t and ident]
+    g = [i for i, t, ident in zip(ids, tags, cols["identity"]) if "gallery" in t and ident]
+    if q and g:
+        idents = {ident for ident, t in zip(cols["identity"], tags) if ident and t & {"query", "gallery"}}
+        return EvalSplit(q, g, idents, "query/gallery tags")
+    known = sorted({i for i in cols["identity"] if i})
+    held = [i for i in known if _held_out(i, HELD_OUT_SHARE)]
+    if len(held) < MIN_HELD_OUT:
+        held = known[: MIN_HELD_OUT] if len(known) > MIN_HELD_OUT + 2 else []
+    held_set = set(held)
+    by_track: dict[tuple, list[int]] = {}
+    for k, (ident, tr) in enumerate(zip(cols["identity"], cols["tracklet"])):
+        if ident in held_set:
+            by_track.setdefault((ident, tr or ids[k]), []).append(k)
+    query, gallery = [], []
+    for (_ident, _tr), ks in by_track.items():
+        ks.sort(key=lambda k: cols["frame"][k] or 0)
+        qk = ks[len(ks) // 2]
+        query.append(ids[qk])
+        qf = cols["frame"][qk]
+        for k in ks:
+            if k != qk and not (qf is not None and cols["frame"][k] is not None and abs(cols["frame"][k] - qf) <= NEAR_FRAMES):
+                gallery.append(ids[k])
+    # an identity needs a gallery match to be a fair query
+    g_idents = {cols["identity"][ids.index(i)] for i in gallery} if gallery else set()
+    pos = {i: k for k, i in enumerate(ids)}
+    query = [i for i in query if cols["identity"][pos[i]] in g_idents]
+    return EvalSplit(query, gallery, held_set, f"{len(held_set)} identities held out by hash")
+
+
+def training_samples(name: str, exclude_identities: set[str]) -> list[tuple[str, str, str | None, float]]:
+    """(path, identity, camera, weight) of labelled person crops outside the evaluation
+    identities; flagged samples weigh 3x, misclustered/uncertain ones up to 2x more."""
+    cols = store.view_columns(name, ["filepath", "identity", "camera", "label", "flagged", "mis_score",
+                                     "uncertainty", "embed_error", "kind"])
+    out = []
+    for k in range(len(cols["id"])):
+        ident = cols["identity"][k]
+        if not ident or ident in exclude_identities or cols["embed_error"][k] or cols["kind"][k] == "image":
+            continue
+        if cols["label"][k] not in (None, "person"):
+            continue
+        w = 1.0 + min(1.0, float(cols["mis_score"][k] or 0.0)) + 0.5 * float(cols["uncertainty"][k] or 0.0)
+        if cols["flagged"][k]:
+            w *= 3.0
+        out.append((cols["filepath"][k], ident, cols["camera"][k], w))
+    return out
+
+
+def _vectors(name: str, version: str, ids: list[str]) -> np.ndarray:
+    """Vectors of ``version`` for ``ids`` (embedding them when the field is missing)."""
+    from core import embed
+
+    cols = store.view_columns(name, [store.embedding_field(version), "filepath"], ids)
+    vecs = cols[store.embedding_field(version)]
+    if any(v is None for v in vecs):
+        fresh, errs = embed.embed_paths(cols["filepath"], version=version, kind="crop")
+        return np.asarray(fresh, np.float32)
+    return np.stack([np.asarray(v, np.float32) for v in vecs])
+
+
+def evaluate_version(name: str, version: str, split: EvalSplit) -> dict[str, Any]:
+    """Retrieval (rank-1/5, mAP), per query camera, day vs low light vs shadow, and match rates
+    at the operating threshold, for ``version`` on ``split``."""
+    from core import evaluate
+
+    qc = store.view_columns(name, ["identity", "camera", "low_light", "tags"], split.query)
+    gc = store.view_columns(name, ["identity", "camera"], split.gallery)
+    q, g = _vectors(name, version, split.query), _vectors(name, version, split.gallery)
+    cams_known = all(qc["camera"]) and all(gc["camera"])
+    # across cameras only where identities are seen by several cameras (re-ID protocol)
+    cross = cams_known and len(set(gc["camera"])) > 1 and any(
+        len({c for c, i in zip(gc["camera"], gc["identity"]) if i == ident}) > 1 for ident in set(qc["identity"]))
+    low = np.array([bool(v) or "night" in (t or ()) for v, t in zip(qc["low_light"], qc["tags"])])
+    shadow = np.array(["shadow" in (t or ()) for t in qc["tags"]])
+    conditions = {"day": ~low}
+    if low.any():
+        conditions["low light"] = low
+    if shadow.any():
+        conditions["shadow"] = shadow
+    res = evaluate.evaluate(q, qc["identity"], g, gc["identity"],
+                            q_cams=qc["camera"] if cross else None, g_cams=gc["camera"] if cross else None,
+                            conditions=conditions)
+    res["protocol"] = {"split": split.protocol, "queries": len(split.query), "gallery": len(split.gallery),
+                       "cross_camera": bool(cross)}
+    return res
+
+
+def _plain(x: Any) -> Any:
+    """JSON/BSON-safe copy (numpy scalars and arrays to Python)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def write_report(version_dir, report: dict[str, Any]) -> None:
+    from core import evaluate
+
+    (version_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    rows = evaluate.compare(report["before"], report["after"])
+    lines = [f"# Round report: {report['version']}", "",
+             f"Trained from **{report['parent']}** on {report['train']['n_train']} crops in "
+             f"{report['train']['seconds']:.0f} s ({report['train']['steps_run']} steps, best step "
+             f"{report['train']['best_step']}). Evaluation: {report['after']['protocol']}.", "",
+             "| metric | before | after | change |", "|---|---|---|---|"]
+    for r in rows:
+        b, a = r.get("before"), r.get("after")
+        if isinstance(b, float) or isinstance(a, float):
+            d = r.get("delta")
+            lines.append(f"| {r['metric']} | {b if b is None else f'{b:.3f}'} | {a if a is None else f'{a:.3f}'} | "
+                         f"{'' if d is None else f'{d:+.3f}'} |")
+    (version_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
+    """The ``train`` job: see the module docstring. ``args``: ``config`` (TrainConfig fields) and
+    optionally ``init_version``."""
+    from core import embed, train
+    from core.jobs import JobCancelled
+    from core.tasks import refresh_map
+
+    t0 = time.time()
+    cfg = train.TrainConfig.from_dict(args.get("config") or {})
+    parent = args.get("init_version") or store.active_model(name) or registry.BASE
+    version = registry.new_version(name, parent, cfg.to_dict(), job_id=reporter.job_id)
+    reporter.progress(0.0, f"round {version}: preparing", force=True, version=version)
+    try:
+        split = eval_split(name)
+        samples = training_samples(name, split.identities)
+        if len({s[1] for s in samples}) < cfg.min_val_ids + 2:
+            raise train.TrainingError(f"only {len({s[1] for s in samples})} labelled identities to train on: "
+                                      "label more identities first")
+
+        def on_step(step: int, total: int, loss: float, metrics: dict | None) -> None:
+            details = {"step": step, "total": total, "loss": round(float(loss), 5), "phase": "train"}
+            if metrics:
+                details["val_mAP"] = round(float(metrics.get("mAP", 0.0)), 4)
+                details["val_rank1"] = round(float(metrics.get("rank1", 0.0)), 4)
+            reporter.progress(0.7 * step / total, f"training step {step}/{total}, loss {loss:.3f}", **details)
+
+        out_dir = embed.version_dir(version)
+        result = train.train_round(samples, cfg, init_version=parent, out_dir=out_dir, progress=on_step,
+                                   should_stop=reporter.should_stop)
+        reporter.check()
+        reporter.progress(0.7, "exporting ONNX", force=True)
+        embed.onnx_path(version)
+
+        def on_embed(done: int, total: int, msg: str = "") -> None:
+            reporter.check()
+            reporter.progress(0.7 + 0.15 * (done / total if total else 1), f"re-embedding {done}/{total}")
+
+        embed.embed_dataset(name, version=version, progress=on_embed)
+        refresh = refresh_map(name, version, reporter, 0.85, 0.95)
+        reporter.progress(0.95, "evaluating before and after", force=True)
+        before = evaluate_version(name, parent, split)
+        after = evaluate_version(name, version, split)
+        train_summary = {k: result.get(k) for k in ("best_step", "steps_run", "stopped_early", "n_train", "n_val",
+                                                   "seconds", "init_metrics", "best_metrics")}
+        report = _plain({"version": version, "parent": parent, "dataset": name, "before": before, "after": after,
+                         "train": train_summary, "config": cfg.to_dict(), "map": refresh,
+                         "seconds": time.time() - t0})
+        write_report(out_dir, report)
+        registry.finish(name, version, report["after"], before=report["before"], train=report["train"],
+                        report=str(out_dir / "report.md"), checkpoint=str(embed.checkpoint_path(version)),
+                        onnx=str(embed.onnx_path(version)))
+        a, b = report["after"]["all"], report["before"]["all"]
+        return {"version": version, "rank1_before": b.get("rank1"), "rank1_after": a.get("rank1"),
+                "mAP_before": b.get("mAP"), "mAP_after": a.get("mAP"), "seconds": round(time.time() - t0, 1)}
+    except (JobCancelled, train.TrainingCancelled) as exc:
+        registry.fail(name, version, "cancelled by operator", cancelled=True)
+        raise JobCancelled(str(exc)) from exc
+    except BaseException as exc:
+        registry.fail(name, version, f"{type(exc).__name__}: {exc}")
+        raise
