@@ -83,6 +83,56 @@ def cmd_jobs(a) -> int:
     return 0
 
 
+def cmd_train(a) -> int:
+    from core import jobs, rounds
+
+    args = {"config": {k: v for k, v in (("steps", a.steps), ("frozen_blocks", a.frozen)) if v is not None}}
+    if a.background:
+        job = jobs.submit(a.dataset, "train", args)
+        print(f"queued round as job {job}; follow it with `python -m core jobs`")
+        return 0
+    rep = jobs.LocalReporter("round")
+    try:
+        res = rounds.run_round(a.dataset, args, rep)
+    finally:
+        rep.close()
+    print(f"{res['version']}: rank-1 {res['rank1_before']:.3f} -> {res['rank1_after']:.3f}, "
+          f"mAP {res['mAP_before']:.3f} -> {res['mAP_after']:.3f} in {res['seconds']:.0f} s (not activated: "
+          "python -m core models --dataset NAME --activate VERSION)")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from core import rounds, store
+
+    version = a.version or store.active_model(a.dataset)
+    split = rounds.eval_split(a.dataset)
+    res = rounds.evaluate_version(a.dataset, version, split)
+    print(f"{a.dataset} / {version}: {res['protocol']}")
+    for group, m in [("all", res["all"]), *res["by_condition"].items(), *res["by_camera"].items()]:
+        print(f"  {group:<12} rank-1 {m['rank1']:.3f}  rank-5 {m['rank5']:.3f}  mAP {m['mAP']:.3f}  "
+              f"({m['n_queries']} queries)")
+    t = res["at_threshold"]
+    print(f"  at threshold {t['threshold']:.3f}: false match rate {t['fmr']:.4f}, true match rate {t['tmr']:.3f}")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from core import registry, store
+
+    if a.activate:
+        registry.activate(a.dataset, a.activate)
+    if a.rollback:
+        print(f"rolled back to {registry.rollback(a.dataset)}")
+    active = store.active_model(a.dataset)
+    for v in registry.list_versions(a.dataset):
+        m = (v.get("metrics") or {}).get("all", {})
+        perf = f"rank-1 {m['rank1']:.3f} mAP {m['mAP']:.3f}" if m.get("mAP") is not None else ""
+        print(f"{'*' if v['version'] == active else ' '} {v['version']:<20} round {v.get('round', 0):<3} "
+              f"{v['status']:<10} from {v.get('parent') or '-':<16} {perf}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m core", description="Vigil command line")
@@ -105,10 +155,28 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dataset", default="demo")
     s.set_defaults(fn=cmd_demo)
 
-    from core import export, labeling
+    from core import export, labeling, store
 
     labeling.add_commands(sub)  # query
     export.add_commands(sub)  # export-dataset, export-model
+
+    s = sub.add_parser("train", help="run a fine-tuning round (foreground with progress, or --background)")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--frozen", type=int, help="early MobileNetV2 blocks kept frozen")
+    s.add_argument("--background", action="store_true", help="queue it for the worker instead")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("evaluate", help="retrieval metrics of a model version on the held-out split")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--version")
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("models", help="list model versions; activate or roll back")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--activate", metavar="VERSION")
+    s.add_argument("--rollback", action="store_true")
+    s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("worker", help="run background jobs (FiftyOne delegated operations)")
     s.set_defaults(fn=cmd_worker)
@@ -119,7 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_jobs)
 
     a = p.parse_args(argv)
-    return a.fn(a)
+    from core.ingest import IngestError
+    from core.jobs import JobError
+    from core.registry import RegistryError
+
+    try:
+        return a.fn(a)
+    except (store.StoreError, IngestError, JobError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

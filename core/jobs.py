@@ -319,3 +319,24 @@ def launch_worker(poll: float = 0.5, reconcile_every: float = 10.0) -> None:
             time.sleep(poll)
     except KeyboardInterrupt:
         pass
+
+
+class LocalReporter(Reporter):
+    """A reporter for running a task in the foreground (CLI): progress goes to a tqdm bar,
+    Ctrl-C cancels."""
+
+    def __init__(self, desc: str):
+        from tqdm import tqdm
+
+        super().__init__(job_id="local")
+        self.bar = tqdm(total=1000, desc=desc, dynamic_ncols=True, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+    def progress(self, fraction: float, label: str = "", force: bool = False, **details: Any) -> None:
+        self.bar.n = int(1000 * max(0.0, min(1.0, fraction)))
+        self.bar.set_postfix_str(label[:60], refresh=True)
+
+    def should_stop(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.bar.close()
