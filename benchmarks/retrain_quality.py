@@ -1,0 +1,220 @@
+"""Retrieval quality before and after one default fine-tuning round (core.train.train_round).
+
+    .venv/bin/python benchmarks/retrain_quality.py [--only campus62|mot] [--steps N]
+
+campus62: train on ``reid/campus62/train`` (62 identities; the round holds out 20 % of them for
+its own validation / early stopping), evaluate ``val/query`` against ``val/gallery`` (12 other
+identities), base model vs the round's checkpoint. Three protocols are printed:
+
+- ``all``: every gallery crop is a candidate (the issue's probe: 82.1 % / 34.5 % for base). 17 of
+  the 28 query files also sit, byte-identical, in the gallery, so rank-1 is partly trivial.
+- ``no-self``: gallery copies of the query image itself are removed.
+- ``cross-cam``: Market-1501 protocol, same-identity same-camera gallery crops removed.
+
+MOT: person crops cut with OpenCV from PETS09-S2L1 (gt boxes x 0.625 for the 480x360 re-encode),
+TUD-Campus and TUD-Stadtmitte (every 5th / 3rd frame, boxes >= 32 px high); identities split
+60/40 by identity (seeded); test identities: first half of each track queries the second half.
+
+Prints wall time of each round and the process's peak resident memory. Writes only to a
+temporary data root.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("VIGIL_DATA_ROOT", tempfile.mkdtemp(prefix="vigil-bench-retrain-"))
+
+from core import evaluate as ev  # noqa: E402
+from core.config import settings, shared_data  # noqa: E402
+from core.train import TrainConfig, load_crops, train_round  # noqa: E402
+
+log = logging.getLogger("retrain_quality")
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def embed_arrays(version: str, x_by_size) -> tuple[np.ndarray, tuple[int, int]]:
+    import torch
+
+    from core.embed import load_model
+
+    model, cfg = load_model(version)
+    x = x_by_size(cfg.crop_size)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), 128):
+            out.append(model(torch.from_numpy(x[i: i + 128])).numpy())
+    return np.concatenate(out), cfg.crop_size
+
+
+def fmt(m: dict) -> str:
+    return f"rank-1 {100 * m['rank1']:5.1f} %  rank-5 {100 * m['rank5']:5.1f} %  mAP {100 * m['mAP']:5.1f} %"
+
+
+def run_round(name: str, samples, config: TrainConfig) -> tuple[str, dict, float]:
+    version = f"bench-{name}"
+    out_dir = settings().models_dir / version
+    t0 = time.perf_counter()
+
+    def prog(step, total, loss, metrics):
+        if step % 50 == 0:
+            m = f" val mAP {metrics['mAP']:.3f}" if metrics else ""
+            print(f"  [{name}] step {step}/{total} loss {loss:.4f}{m} {time.perf_counter() - t0:.0f}s", flush=True)
+
+    r = train_round(samples, config, init_version="base", out_dir=out_dir, progress=prog)
+    secs = time.perf_counter() - t0
+    iv, bv = r["init_metrics"], r["best_metrics"]
+    print(f"  [{name}] round: {r['steps_run']} steps, best step {r['best_step']}, early stop "
+          f"{r['stopped_early']}; round's own validation ({len(r['val_ids'])} ids, "
+          f"{'cross-camera' if bv.get('cross_camera') else 'any other crop'}): mAP "
+          f"{100 * iv['mAP']:.1f} % -> {100 * bv['mAP']:.1f} %, rank-1 {100 * iv['rank1']:.1f} % -> "
+          f"{100 * bv['rank1']:.1f} %", flush=True)
+    return version, r, secs
+
+
+def campus62(config: TrainConfig) -> None:
+    root = shared_data() / "reid" / "campus62"
+    if not root.exists():
+        print(f"campus62: skipped, {root} is absent")
+        return
+
+    def listing(d: Path):
+        ps = sorted(d.glob("*/*.png"))
+        return [str(p) for p in ps], [p.parent.name for p in ps], [p.stem[:2] for p in ps], [p.stem for p in ps]
+
+    tr_p, tr_i, tr_c, _ = listing(root / "train")
+    q_p, q_i, q_c, q_s = listing(root / "val" / "query")
+    g_p, g_i, g_c, g_s = listing(root / "val" / "gallery")
+    samples = [(p, i, c, 1.0) for p, i, c in zip(tr_p, tr_i, tr_c)]
+
+    def evaluate(version: str) -> dict[str, dict]:
+        e, size = embed_arrays(version, lambda s: load_crops(q_p + g_p, s))
+        eq, eg = e[: len(q_p)], e[len(q_p):]
+        return {
+            "all": ev.retrieval_metrics(eq, q_i, eg, g_i),
+            "no-self": ev.retrieval_metrics(eq, q_i, eg, g_i, q_s, g_s),  # same file stem = same image
+            "cross-cam": ev.retrieval_metrics(eq, q_i, eg, g_i, q_c, g_c),
+            "size": size,
+        }
+
+    print(f"campus62: train {len(tr_p)} crops / {len(set(tr_i))} ids; val query {len(q_p)}, gallery {len(g_p)}")
+    before = evaluate("base")
+    version, r, secs = run_round("campus62", samples, config)
+    after = evaluate(version)
+    for proto in ("all", "no-self", "cross-cam"):
+        print(f"campus62 {proto:9s} before (base, {before['size'][0]}x{before['size'][1]}): {fmt(before[proto])}")
+        print(f"campus62 {proto:9s} after  ({version}, {after['size'][0]}x{after['size'][1]}): {fmt(after[proto])}")
+    print(f"campus62 round wall time {secs:.0f} s, peak memory so far {peak_mb():.0f} MB")
+
+
+def mot_crops(seq: Path, scale: float, every: int, min_h: int = 32):
+    """Person crops of one MOT sequence: list of (crop BGR, identity, frame)."""
+    import cv2
+
+    from core.ingest import IngestReport, parse_gt
+
+    rep = IngestReport(str(seq), "mot", "bench")
+    boxes = parse_gt(seq / "gt" / "gt.txt", rep)
+    by_frame: dict[int, list] = {}
+    for b in boxes:
+        if b.frame % every == 0:
+            by_frame.setdefault(b.frame, []).append(b)
+    video = next(seq.glob("*.mp4"))
+    cap = cv2.VideoCapture(str(video))
+    out, n = [], 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        n += 1
+        for b in by_frame.get(n, []):
+            x, y, w, h = (v * scale for v in b.box)
+            x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
+            x1, y1 = min(frame.shape[1], int(round(x + w))), min(frame.shape[0], int(round(y + h)))
+            if y1 - y0 >= min_h and x1 - x0 >= min_h // 4:
+                out.append((frame[y0:y1, x0:x1].copy(), f"{seq.name}:{b.track}", n))
+    cap.release()
+    return out
+
+
+def mot(config: TrainConfig, tmp: Path) -> None:
+    import cv2
+
+    base = shared_data() / "mot"
+    seqs = [("PETS09-S2L1", 0.625, 5), ("TUD-Campus", 1.0, 3), ("TUD-Stadtmitte", 1.0, 3)]
+    crops = []
+    for name, scale, every in seqs:
+        if (base / name).exists():
+            crops += mot_crops(base / name, scale, every)
+    if not crops:
+        print(f"mot: skipped, {base} is absent")
+        return
+    paths = []
+    for k, (img, ident, fr) in enumerate(crops):
+        p = tmp / f"{k:05d}.png"
+        cv2.imwrite(str(p), img)
+        paths.append(str(p))
+    idents = np.array([c[1] for c in crops])
+    frames = np.array([c[2] for c in crops])
+    ids = sorted(set(idents))
+    counts = {i: int((idents == i).sum()) for i in ids}
+    ids = [i for i in ids if counts[i] >= 4]
+    rng = np.random.default_rng(0)
+    perm = [ids[j] for j in rng.permutation(len(ids))]
+    n_test = int(round(0.4 * len(perm)))
+    test_ids, train_ids = set(perm[:n_test]), set(perm[n_test:])
+    samples = [(paths[k], idents[k], idents[k].split(":")[0], 1.0) for k in range(len(paths)) if idents[k] in train_ids]
+    q, g = [], []
+    for i in sorted(test_ids):
+        ks = np.nonzero(idents == i)[0]
+        ks = ks[np.argsort(frames[ks])]
+        q += ks[: len(ks) // 2].tolist()
+        g += ks[len(ks) // 2:].tolist()
+    print(f"mot: {len(crops)} crops, {len(ids)} identities; train {len(train_ids)} ids ({len(samples)} crops), "
+          f"test {len(test_ids)} ids: query {len(q)} (first half of each track) vs gallery {len(g)} (second half)")
+
+    def evaluate(version: str) -> dict:
+        e, size = embed_arrays(version, lambda s: load_crops([paths[k] for k in q + g], s))
+        eq, eg = e[: len(q)], e[len(q):]
+        return ev.retrieval_metrics(eq, idents[q], eg, idents[g])
+
+    before = evaluate("base")
+    version, r, secs = run_round("mot", samples, config)
+    after = evaluate(version)
+    print(f"mot before (base):      {fmt(before)}")
+    print(f"mot after  ({version}): {fmt(after)}")
+    print(f"mot round wall time {secs:.0f} s, peak memory so far {peak_mb():.0f} MB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=["campus62", "mot"])
+    ap.add_argument("--steps", type=int, help="override TrainConfig.steps")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    config = TrainConfig() if a.steps is None else TrainConfig(steps=a.steps)
+    print(f"default round: {config.to_dict()}")
+    t0 = time.perf_counter()
+    if a.only in (None, "campus62"):
+        campus62(config)
+    if a.only in (None, "mot"):
+        with tempfile.TemporaryDirectory() as tmp:
+            mot(config, Path(tmp))
+    print(f"total wall time {time.perf_counter() - t0:.0f} s, peak memory {peak_mb():.0f} MB "
+          f"(2 shared cores: times are noisy)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""One fine-tuning round of the embedding model: a plain training loop (nanoGPT style).
+
+    samples (path, identity, camera, weight)
+      -> identities split into train / validation (by identity, never by crop)
+      -> crops decoded once into memory at the round's input size
+      -> loop: identity-balanced weighted batch (P identities x K crops), augment (core.augment),
+               triplet loss on hard triplets (pytorch-metric-learning), AdamW, warmup + cosine lr
+      -> every ``eval_every`` steps: validation mAP (leave-one-out over the validation identities,
+         cross-camera when cameras are known, core.evaluate); keep the best weights; stop early
+         after ``patience`` evaluations without improvement
+      -> ``out_dir/checkpoint.pt`` (atomic): model, config (core.embed.ModelConfig as a dict),
+         optimizer, step, metrics, train_config; readable by :func:`core.embed.load_model`.
+
+The model is core.embed's :class:`EmbeddingModel` (BGR uint8 in, unit vectors out), started from
+``init_version``; its first ``frozen_blocks`` backbone blocks are frozen (parameters fixed, batch
+norm in eval mode), the later blocks and the projection head train.
+
+Per-sample weights act in the sampler: an identity is drawn with probability proportional to the
+sum of its crops' weights, and a crop within its identity proportionally to its weight, so
+flagged or uncertain samples (weight > 1) are seen more often.
+
+Cancellation: ``should_stop()`` is polled every step; when it returns True the round raises
+:class:`TrainingCancelled` and nothing is written to ``out_dir``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core import augment as aug
+from core import evaluate as ev
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[str, Any, Any, float]  # (path, identity, camera or None, weight)
+ProgressFn = Callable[[int, int, float, dict | None], None]
+CHECKPOINT = "checkpoint.pt"
+MINERS = ("batch_hard", "semihard", "hard", "all")
+
+
+class TrainingCancelled(RuntimeError):
+    """The round was stopped by ``should_stop()``; no checkpoint was written."""
+
+
+class TrainingError(ValueError):
+    """The samples cannot make a round (too few identities or crops), with what to add."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one round. Defaults come from short probes on campus62's train split (its own
+    held-out identities, never the val split): lr 3e-4 (1e-3 collapsed batch-hard triplets to
+    loss ~ margin), 7 frozen blocks, 128x64 input. Not a full sweep: see
+    benchmarks/retrain_quality.py for what they reach."""
+
+    crop_size: tuple[int, int] = (128, 64)  # (H, W) input during training and after
+    frozen_blocks: int = 7  # MobileNetV2 feature blocks (of 19) that stay fixed
+    emb_dim: int | None = None  # None: keep the init model's (a different value re-inits the head)
+    brightness_invariant: bool | None = None  # None: keep the init model's setting
+    steps: int = 400
+    ids_per_batch: int = 16  # P
+    samples_per_id: int = 4  # K
+    lr: float = 3e-4  # head; backbone blocks get lr * backbone_lr_mult
+    backbone_lr_mult: float = 1.0
+    weight_decay: float = 5e-4
+    warmup_steps: int = 20
+    margin: float = 0.2
+    miner: str = "batch_hard"  # one of MINERS
+    val_fraction: float = 0.2  # share of identities held out for validation
+    min_val_ids: int = 3
+    eval_every: int = 50
+    patience: int = 4  # evaluations without improvement before stopping (0: never stop early)
+    min_delta: float = 0.002  # validation mAP gain that counts as an improvement
+    seed: int = 0
+    threads: int = 2  # torch intra-op threads (and decode workers)
+    augment: aug.AugmentConfig = field(default_factory=aug.AugmentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists for tuples) for checkpoints and JSON."""
+        def plain(v: Any) -> Any:
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, (tuple, list)):
+                return [plain(x) for x in v]
+            return v
+        return plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        a = d.pop("augment", None)
+        if a is not None:
+            a = aug.AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()})
+            d["augment"] = a
+        if "crop_size" in d:
+            d["crop_size"] = tuple(d["crop_size"])
+        return cls(**d)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def split_identities(
+    identities: Sequence[Any], val_fraction: float, min_val_ids: int, rng: np.random.Generator
+) -> tuple[list[Any], list[Any]]:
+    """Shuffle the distinct identities and hold out ``max(min_val_ids, round(val_fraction * n))``
+    of them for validation. Returns (train identities, validation identities), disjoint."""
+    ids = sorted(set(identities), key=str)
+    n_val = max(min_val_ids, int(round(val_fraction * len(ids)))) if val_fraction > 0 else 0
+    if len(ids) - n_val < 2:
+        raise TrainingError(f"{len(ids)} identities with 2+ crops: need at least {n_val + 2} "
+                            f"(2 to train, {n_val} to validate); label more identities")
+    perm = [ids[i] for i in rng.permutation(len(ids))]
+    return sorted(perm[n_val:], key=str), sorted(perm[:n_val], key=str)
+
+
+def load_crops(paths: Sequence[str], size: tuple[int, int], threads: int = 2) -> np.ndarray:
+    """Decode and resize every crop once: ``[N, H, W, 3]`` BGR uint8 (1000 crops of 128x64 take
+    25 MB). Raises ValueError naming the first unreadable file."""
+    from core.embed import load_image
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
+        imgs = list(ex.map(lambda p: load_image(p, size), paths))
+    if not imgs:
+        return np.zeros((0, size[0], size[1], 3), np.uint8)
+    return np.stack(imgs)
+
+
+class WeightedIdentitySampler:
+    """Identity-balanced batches: P identities x K crops, drawn by weight.
+
+    An identity's chance is proportional to the sum of its crops' weights; within an identity,
+    crops are drawn proportionally to their weights, without replacement while it has K or more
+    (with replacement otherwise). Weighted variant of pytorch-metric-learning's MPerClassSampler.
+    """
+
+    def __init__(self, labels: Sequence[int], weights: Sequence[float], p: int, k: int):
+        labels = np.asarray(labels)
+        w = np.clip(np.asarray(weights, np.float64), 1e-6, None)
+        self.k = k
+        self.classes = np.unique(labels)
+        self.p = min(p, len(self.classes))
+        self.members = [np.nonzero(labels == c)[0] for c in self.classes]
+        self.member_p = [w[m] / w[m].sum() for m in self.members]
+        cw = np.array([w[m].sum() for m in self.members])
+        self.class_p = cw / cw.sum()
+
+    def batch(self, rng: np.random.Generator) -> np.ndarray:
+        """Indices [P * K] into the labels, grouped by identity."""
+        chosen = rng.choice(len(self.classes), size=self.p, replace=False, p=self.class_p)
+        out = []
+        for c in chosen:
+            m = self.members[c]
+            out.append(rng.choice(m, size=self.k, replace=len(m) < self.k, p=self.member_p[c]))
+        return np.concatenate(out)
+
+
+# --- model helpers -------------------------------------------------------------------------------
+
+def _embed_array(model, x: np.ndarray, batch: int = 128) -> np.ndarray:
+    """Eval-mode embeddings of ``x`` [N, H, W, 3] uint8 -> [N, D] float32."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            out.append(model(torch.from_numpy(x[i: i + batch])).numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.config.emb_dim), np.float32)
+
+
+def validation_metrics(emb: np.ndarray, ids: np.ndarray, cams: np.ndarray | None) -> dict[str, float]:
+    """Leave-one-out retrieval over the validation crops: cross-camera when cameras are known and
+    leave queries to score, else any other crop of the same identity counts."""
+    m = None
+    if cams is not None and len(set(cams.tolist())) > 1:
+        m = ev.leave_one_out_metrics(emb, ids, cams)
+        m["cross_camera"] = 1.0
+    if m is None or m["n_queries"] == 0:
+        m = ev.leave_one_out_metrics(emb, ids)
+        m["cross_camera"] = 0.0
+    return m
+
+
+def _set_train_mode(model, frozen: list) -> None:
+    """Train mode for the trainable parts, eval mode (fixed batch-norm statistics) for frozen blocks."""
+    model.train()
+    for b in frozen:
+        b.eval()
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _loss_and_miner(config: TrainConfig):
+    from pytorch_metric_learning import losses, miners
+
+    if config.miner not in MINERS:
+        raise ValueError(f"unknown miner {config.miner!r}; use one of {MINERS}")
+    loss = losses.TripletMarginLoss(margin=config.margin)
+    if config.miner == "batch_hard":
+        miner = miners.BatchHardMiner()
+    else:
+        miner = miners.TripletMarginMiner(margin=config.margin, type_of_triplets=config.miner)
+    return loss, miner
+
+
+# --- the round ----------------------------------------------------------------------------------
+
+def train_round(
+    samples: Sequence[Sample],
+    config: TrainConfig = TrainConfig(),
+    init_version: str = "base",
+    out_dir: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``init_version`` on ``samples`` and write ``out_dir/checkpoint.pt``.
+
+    ``samples``: (path, identity, camera or None, weight) per crop; identities with a single crop
+    are dropped. ``progress(step, total_steps, loss, metrics)`` after every step (``metrics`` the
+    latest validation metrics, or None before the first evaluation). ``should_stop()`` polled
+    every step: True raises :class:`TrainingCancelled` and writes nothing.
+
+    Returns ``{"checkpoint", "best_step", "steps_run", "stopped_early", "init_metrics",
+    "best_metrics", "history", "train_ids", "val_ids", "n_train", "n_val", "seconds",
+    "model_config", "train_config"}``; metrics as in :func:`validation_metrics`.
+    """
+    import torch
+
+    from core import backbones, embed
+
+    t0 = time.perf_counter()
+    if out_dir is None:
+        raise ValueError("out_dir is required (the version folder the checkpoint goes to)")
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(config.seed)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, config.threads))
+    torch.manual_seed(config.seed)
+    try:
+        # -- samples and split
+        paths = [str(s[0]) for s in samples]
+        idents = np.array([str(s[1]) for s in samples], dtype=object)
+        cams_raw = [s[2] for s in samples]
+        cams = None if any(c is None for c in cams_raw) else np.array([str(c) for c in cams_raw], dtype=object)
+        weights = np.array([1.0 if s[3] is None else float(s[3]) for s in samples])
+        uniq, counts = np.unique(idents, return_counts=True)
+        usable = set(uniq[counts >= 2].tolist())
+        if len(usable) < len(uniq):
+            log.info("dropping %d identities with a single crop", len(uniq) - len(usable))
+        train_ids, val_ids = split_identities(sorted(usable), config.val_fraction, config.min_val_ids, rng)
+        tr_set, va_set = set(train_ids), set(val_ids)
+        tr_idx = np.array([i for i, x in enumerate(idents) if x in tr_set], dtype=int)
+        va_idx = np.array([i for i, x in enumerate(idents) if x in va_set], dtype=int)
+
+        # -- model
+        init_model, init_cfg = embed.load_model(init_version)
+        mcfg = replace(
+            init_cfg, crop_size=tuple(config.crop_size), frozen_blocks=config.frozen_blocks,
+            emb_dim=config.emb_dim or init_cfg.emb_dim,
+            brightness_invariant=init_cfg.brightness_invariant if config.brightness_invariant is None
+            else config.brightness_invariant)
+        model = embed.build_model(mcfg, pretrained=False)
+        state = init_model.state_dict()
+        if mcfg.emb_dim != init_cfg.emb_dim:
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        missing, _ = model.load_state_dict(state, strict=False)
+        if missing:
+            log.info("fresh parameters (not in %s): %s", init_version, missing)
+        del init_model
+        blocks = backbones.get_backbone(mcfg.backbone).blocks(model.backbone)
+        frozen = blocks[: mcfg.frozen_blocks]
+        head_params = list(model.head.parameters())
+        bb_params = [p for p in model.backbone.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            [{"params": head_params, "lr_mult": 1.0},
+             {"params": bb_params, "lr_mult": config.backbone_lr_mult}],
+            lr=config.lr, weight_decay=config.weight_decay)
+        loss_fn, miner = _loss_and_miner(config)
+
+        # -- data into memory
+        x_all = load_crops(paths, mcfg.crop_size, config.threads)
+        x_tr, x_va = x_all[tr_idx], x_all[va_idx]
+        del x_all
+        lab_map = {x: i for i, x in enumerate(train_ids)}
+        y_tr = np.array([lab_map[x] for x in idents[tr_idx]])
+        y_va = idents[va_idx].astype(str)
+        c_va = None if cams is None else cams[va_idx].astype(str)
+        sampler = WeightedIdentitySampler(y_tr, weights[tr_idx], config.ids_per_batch, config.samples_per_id)
+
+        def validate() -> dict[str, float] | None:
+            if len(va_idx) == 0:
+                return None
+            return validation_metrics(_embed_array(model, x_va), y_va, c_va)
+
+        init_metrics = validate()
+        best_metrics, best_step = init_metrics, 0
+        best_map = init_metrics["mAP"] if init_metrics else -1.0
+        best_state = copy.deepcopy(model.state_dict())
+        history: list[dict[str, Any]] = [{"step": 0, "loss": None, **(init_metrics or {})}]
+        log.info("round from %s: %d train ids (%d crops), %d val ids (%d crops), init val mAP %.3f",
+                 init_version, len(train_ids), len(tr_idx), len(val_ids), len(va_idx), best_map)
+        bad_evals, stopped_early, step, metrics = 0, False, 0, init_metrics
+        _set_train_mode(model, frozen)
+        for step in range(1, config.steps + 1):
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled(f"round cancelled at step {step - 1} of {config.steps}; "
+                                        "no checkpoint written")
+            f = _lr_factor(step - 1, config.steps, config.warmup_steps)
+            for g in opt.param_groups:
+                g["lr"] = config.lr * g["lr_mult"] * f
+            idx = sampler.batch(rng)
+            imgs = np.stack([aug.augment(x_tr[i], rng, config.augment) for i in idx])
+            labels = torch.from_numpy(y_tr[idx])
+            emb = model(torch.from_numpy(imgs))
+            loss = loss_fn(emb, labels, miner(emb, labels))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_v = float(loss.item())
+            if step % config.eval_every == 0 or step == config.steps:
+                metrics = validate()
+                _set_train_mode(model, frozen)
+                history.append({"step": step, "loss": loss_v, **(metrics or {})})
+                if metrics is not None:
+                    log.info("step %d loss %.4f val mAP %.3f rank1 %.3f", step, loss_v,
+                             metrics["mAP"], metrics["rank1"])
+                    if metrics["mAP"] > best_map + config.min_delta:
+                        best_map, best_metrics, best_step = metrics["mAP"], metrics, step
+                        best_state = copy.deepcopy(model.state_dict())
+                        bad_evals = 0
+                    else:
+                        bad_evals += 1
+                else:  # no validation identities: the last weights are the result
+                    best_step, best_state = step, copy.deepcopy(model.state_dict())
+            if progress is not None:
+                progress(step, config.steps, loss_v, metrics)
+            if config.patience and bad_evals >= config.patience:
+                stopped_early = True
+                log.info("early stop at step %d (best %d, val mAP %.3f)", step, best_step, best_map)
+                break
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled("round cancelled before saving; no checkpoint written")
+
+        # -- the best weights, atomically
+        model.load_state_dict(best_state)
+        ck_metrics = {"val": best_metrics or {}, "init_val": init_metrics or {}, "best_step": best_step,
+                      "train_ids": len(train_ids), "val_ids": len(val_ids)}
+        ck = {"model": best_state, "config": mcfg.to_dict(), "optimizer": opt.state_dict(),
+              "step": int(best_step), "metrics": ck_metrics, "train_config": config.to_dict(),
+              "init_version": init_version}
+        ck_path = out_dir / CHECKPOINT
+        _atomic_save(ck, ck_path)
+        (out_dir / "model.onnx").unlink(missing_ok=True)  # stale export of an older checkpoint
+        seconds = time.perf_counter() - t0
+        log.info("round done in %.0fs: best step %d, val mAP %.3f (init %.3f) -> %s", seconds,
+                 best_step, best_map, (init_metrics or {}).get("mAP", float("nan")), ck_path)
+        return {
+            "checkpoint": str(ck_path), "best_step": best_step, "steps_run": step,
+            "stopped_early": stopped_early, "init_metrics": init_metrics, "best_metrics": best_metrics,
+            "history": history, "train_ids": train_ids, "val_ids": val_ids,
+            "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "seconds": seconds,
+            "model_config": mcfg.to_dict(), "train_config": config.to_dict(),
+        }
+    finally:
+        torch.set_num_threads(prev_threads)
