@@ -1,0 +1,298 @@
+"""Map layout at scale: Vigil's ``core.projection.layout`` against FiftyOne's
+``fiftyone.brain.compute_visualization(method="umap")`` on the same vectors, in the same run.
+
+Vectors are real-derived: the 992 campus62 training crops embedded with the base model
+(``core.embed.embed_paths``, 256-D, unit rows), expanded to N by adding small Gaussian noise
+around them (a tenth of the typical nearest-neighbour distance) and re-normalised.
+
+Quality: "same-id 10-NN" is the share of a point's 10 nearest 2-D neighbours that show the same
+person (campus62 identity); the same figure in the 256-D space is printed as the ceiling.
+
+Every measurement runs in a fresh subprocess, so peak memory (RSS, sampled every 20 ms while the
+timed call runs, plus the process's ``ru_maxrss``) and numba JIT compile time are per method.
+"JIT" is a warm-up call on 2,000 points in the same process, timed separately from "run".
+FiftyOne's run is bounded by ``--fo-timeout`` seconds and reported as such when it runs over.
+
+    python benchmarks/map_scale.py                 # 10k and 100k
+    python benchmarks/map_scale.py --sizes 10000 --fo-timeout 300
+    python benchmarks/map_scale.py --end-to-end    # also compute_layout through FiftyOne (DB)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# A scratch data root and database (made once by the driver, inherited by its workers): the
+# benchmark never touches an operator's data.
+if "VIGIL_MAPBENCH_SCRATCH" not in os.environ:
+    os.environ["VIGIL_MAPBENCH_SCRATCH"] = tempfile.mkdtemp(prefix="vigil-mapbench-")
+SCRATCH = Path(os.environ["VIGIL_MAPBENCH_SCRATCH"])
+os.environ.setdefault("VIGIL_DATA_ROOT", str(SCRATCH / "data"))
+os.environ.setdefault("VIGIL_DB_NAME", f"vigil_mapbench_{uuid.uuid4().hex[:6]}")
+
+import numpy as np  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------
+# worker side (runs in a subprocess): one timed method, JSON result on the last stdout line
+# ----------------------------------------------------------------------------------------------
+
+
+def _peak_sampler():
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    state = {"peak": proc.memory_info().rss, "run": True}
+
+    def loop():
+        while state["run"]:
+            state["peak"] = max(state["peak"], proc.memory_info().rss)
+            time.sleep(0.02)
+
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+
+    def stop() -> float:
+        state["run"] = False
+        th.join()
+        return max(state["peak"], proc.memory_info().rss) / 2**20
+
+    return stop
+
+
+def _maxrss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(method: str, vec_path: str, marker: str) -> dict:
+    import psutil
+
+    X = np.load(vec_path)
+    small = X[:2000].copy()
+    out: dict = {"method": method, "n": len(X), "dim": X.shape[1]}
+    if method == "vigil":
+        from core import projection
+
+        t = time.time()
+        projection.layout(small, seed=0)
+        out["jit_s"] = time.time() - t
+        base = psutil.Process().memory_info().rss / 2**20
+        stop = _peak_sampler()
+        Path(marker).touch()
+        t = time.time()
+        Y = projection.layout(X, seed=0)
+        out["run_s"] = time.time() - t
+    elif method == "fiftyone":
+        from core import store  # sets FiftyOne's environment
+
+        import fiftyone as fo
+        import fiftyone.brain as fob
+        import umap
+
+        ds = fo.Dataset(f"mapbench_fo_{uuid.uuid4().hex[:6]}")
+        t = time.time()
+        ds.add_samples([fo.Sample(filepath=f"/bench/{i}.png") for i in range(len(X))], progress=False)
+        out["dataset_s"] = time.time() - t
+        t = time.time()
+        umap.UMAP(random_state=None).fit_transform(small)  # the same JIT warm-up FiftyOne would pay
+        out["jit_s"] = time.time() - t
+        base = psutil.Process().memory_info().rss / 2**20
+        stop = _peak_sampler()
+        Path(marker).touch()
+        t = time.time()
+        res = fob.compute_visualization(ds, embeddings=X, method="umap", verbose=False, progress=False)
+        out["run_s"] = time.time() - t
+        Y = np.asarray(res.points)
+        ds.delete()
+    elif method == "vigil_e2e":
+        from core import projection, store
+
+        import fiftyone as fo
+
+        name = f"mapbench_{uuid.uuid4().hex[:6]}"
+        ds = store.get_dataset(name, create=True)
+        t = time.time()
+        for s in range(0, len(X), 10_000):
+            store.add_samples(ds, [fo.Sample(filepath=f"/bench/{i}.png", emb_base=X[i]) for i in range(s, min(len(X), s + 10_000))])
+        out["dataset_s"] = time.time() - t
+        t = time.time()
+        projection.layout(small, seed=0)
+        out["jit_s"] = time.time() - t
+        base = psutil.Process().memory_info().rss / 2**20
+        stop = _peak_sampler()
+        Path(marker).touch()
+        t = time.time()
+        m = projection.compute_layout(name, "base")
+        out["run_s"] = time.time() - t
+        t = time.time()
+        again = projection.compute_layout(name, "base")
+        out["cached_s"] = time.time() - t
+        out["cache_hit"] = not again.computed
+        Y = m.coords  # ids follow dataset order = X order
+        store.delete_dataset(name)
+    else:
+        raise ValueError(method)
+    out["peak_rss_mb"] = stop()
+    out["rss_before_mb"] = base
+    out["maxrss_mb"] = _maxrss_mb()
+    out["id10"] = identity_agreement(np.asarray(Y, dtype=np.float32), np.load(_labels_path(vec_path)))
+    return out
+
+
+def _labels_path(vec_path: str | Path) -> Path:
+    return Path(str(vec_path).replace(".npy", "_identity.npy"))
+
+
+def identity_agreement(V: np.ndarray, ident: np.ndarray, k: int = 10, sample: int = 2000) -> float:
+    """Share of the k nearest neighbours (in V, any dimension) of sampled rows that show the same
+    person (campus62 identity of the real crop a row derives from)."""
+    from core.projection import knn
+
+    q = np.random.default_rng(0).choice(len(V), min(sample, len(V)), replace=False)
+    idx, _ = knn(V[q], V, k + 1)
+    return float((ident[idx[:, 1:]] == ident[q][:, None]).mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+
+
+def real_vectors() -> tuple[np.ndarray, np.ndarray]:
+    """float32 [R, 256] campus62 train crops embedded with the base model, and identities [R]."""
+    from core import embed
+    from core.config import shared_data
+
+    root = shared_data() / "reid" / "campus62" / "train"
+    paths = sorted(str(p) for p in root.glob("*/*.png"))
+    if not paths:
+        sys.exit(f"real data not available: {root} is absent (see ../shared/data/README.md)")
+    t = time.time()
+    vecs, errors = embed.embed_paths(paths, version="base", kind="crop")
+    ok = np.isfinite(vecs).all(1)
+    print(f"embedded {ok.sum()} real campus62 crops ({len(errors)} failed) in {time.time() - t:.1f} s "
+          f"-> {vecs.shape[1]}-D", flush=True)
+    ident = np.array([Path(p).parent.name for p in paths])
+    return vecs[ok], ident[ok]
+
+
+def expand(real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [n, D]: real rows plus Gaussian noise (norm ~ 0.1 x median NN distance), unit
+    rows; and the index [n] of the real row each one derives from."""
+    from core.projection import knn
+
+    _, d = knn(real, real, 1, exclude_self=True)
+    sigma = 0.1 * float(np.median(d)) / np.sqrt(real.shape[1])
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, len(real), n)
+    X = real[src] + rng.normal(size=(n, real.shape[1])).astype(np.float32) * sigma
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X.astype(np.float32), src
+
+
+def run_worker(method: str, vec_path: Path, run_timeout: float) -> dict:
+    """Run one method in a fresh process; ``run_timeout`` bounds the timed call only (the worker
+    touches a marker file just before it), dataset creation and JIT warm-up are not counted.
+    Output goes through files: FiftyOne's database service outlives the worker and would keep
+    pipes open."""
+    tag = f"{method}_{vec_path.stem}"
+    marker, result, log_path = (SCRATCH / f"{tag}.{ext}" for ext in ("started", "json", "log"))
+    for f in (marker, result):
+        f.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--worker", method, str(vec_path), str(marker), str(result)]
+    with open(log_path, "w") as log_file:
+        p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        while p.poll() is None and not marker.exists():
+            time.sleep(0.5)
+        try:
+            p.wait(timeout=run_timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            return {"method": method, "timeout": run_timeout}
+    if p.returncode != 0 or not result.exists():
+        return {"method": method, "error": log_path.read_text().strip().splitlines()[-3:]}
+    return json.loads(result.read_text())
+
+
+def fmt(r: dict) -> str:
+    name = {"vigil": "vigil layout()", "fiftyone": "fiftyone umap", "vigil_e2e": "vigil compute_layout (DB)"}[r["method"]]
+    if "timeout" in r:
+        return f"  {name:27s} DID NOT FINISH within {r['timeout']:.0f} s (killed; no result)"
+    if "error" in r:
+        return f"  {name:27s} ERROR {r['error']}"
+    extra = ""
+    if "cached_s" in r:
+        extra = f"  cached call {r['cached_s']:.2f} s (hit={r['cache_hit']})"
+    return (f"  {name:27s} run {r['run_s']:7.1f} s   JIT/warm-up {r.get('jit_s', 0):5.1f} s   "
+            f"peak RSS {r['peak_rss_mb']:6.0f} MB (before {r['rss_before_mb']:5.0f} MB)   "
+            f"same-id 10-NN {r['id10']:.3f}{extra}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--fo-timeout", type=float, default=300.0, help="seconds FiftyOne may run per size")
+    ap.add_argument("--end-to-end", action="store_true", help="also time compute_layout via the DB")
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        method, vec_path, marker, result = args.worker
+        Path(result).write_text(json.dumps(worker(method, vec_path, marker)))
+        return
+
+    import psutil
+
+    print(f"map_scale: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GB RAM; python {sys.version.split()[0]}", flush=True)
+    try:
+        _run_sizes(args)
+    finally:
+        import shutil
+
+        shutil.rmtree(SCRATCH, ignore_errors=True)
+
+
+def _run_sizes(args: argparse.Namespace) -> None:
+    from core import store
+
+    # The driver stays a database client for the whole run: FiftyOne stops its MongoDB service
+    # when the last client exits, and a worker starting meanwhile then finds no server.
+    store.dataset_names()
+    real, ident = real_vectors()
+    for n in args.sizes:
+        X, src = expand(real, n)
+        path = SCRATCH / f"vectors_{n}.npy"
+        np.save(path, X)
+        np.save(_labels_path(path), ident[src])
+        print(f"\nN = {n:,} x {X.shape[1]}-D (real-derived), load average {os.getloadavg()[0]:.1f}; "
+              f"same-id 10-NN in {X.shape[1]}-D (ceiling): {identity_agreement(X, ident[src]):.3f}", flush=True)
+        results = [run_worker("vigil", path, 900)]
+        print(fmt(results[-1]), flush=True)
+        results.append(run_worker("fiftyone", path, args.fo_timeout))
+        print(fmt(results[-1]), flush=True)
+        if args.end_to_end:
+            results.append(run_worker("vigil_e2e", path, 900))
+            print(fmt(results[-1]), flush=True)
+        v, f = results[0], results[1]
+        if "run_s" in v and "run_s" in f:
+            print(f"  -> vigil {f['run_s'] / v['run_s']:.1f}x faster than FiftyOne's UMAP", flush=True)
+        elif "run_s" in v and "timeout" in f:
+            print(f"  -> FiftyOne did not finish in {args.fo_timeout:.0f} s; vigil took {v['run_s']:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
