@@ -5,14 +5,14 @@ import streamlit as st
 
 from pages import common
 
-st.set_page_config(page_title="Vigil", page_icon="🛡️", layout="wide")
+st.set_page_config(page_title="Vigil", page_icon=":material/shield:", layout="wide")
 
 PAGES = [
-    st.Page("pages/data.py", title="Data", icon="🗂️", default=True),
-    st.Page("pages/map.py", title="Map", icon="🗺️"),
-    st.Page("pages/annotate.py", title="Annotate", icon="🏷️"),
-    st.Page("pages/train.py", title="Train", icon="🏋️"),
-    st.Page("pages/export.py", title="Export", icon="📦"),
+    st.Page("pages/data.py", title="Data", icon=":material/video_library:", default=True),
+    st.Page("pages/map.py", title="Map", icon=":material/scatter_plot:"),
+    st.Page("pages/annotate.py", title="Annotate", icon=":material/label:"),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/export.py", title="Export", icon=":material/ios_share:"),
 ]
 nav = st.navigation(PAGES)
 common.sidebar()

@@ -66,6 +66,21 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_embed(a) -> int:
+    from core import jobs, tasks
+
+    rep = jobs.LocalReporter(f"embed {a.dataset}")
+    try:
+        res = tasks.embed_task(a.dataset, {"version": a.model}, rep)
+    finally:
+        rep.close()
+    print(f"{a.dataset}: {res['embedded']} embedded with {res['version']}, {res['failed']} failed in "
+          f"{res['seconds']:.1f} s; map of {res['map_points']} points; {res['candidates']} misclustered candidates")
+    for sid, why in list(res["errors"].items())[:10]:
+        print(f"  failed {sid}: {why}")
+    return 0
+
+
 def cmd_worker(a) -> int:
     from core import jobs
 
@@ -159,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
 
     labeling.add_commands(sub)  # query
     export.add_commands(sub)  # export-dataset, export-model
+
+    s = sub.add_parser("embed", help="embed every sample, lay out the map and score the samples")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--model", help="model version (default: the active one, else base)")
+    s.set_defaults(fn=cmd_embed)
 
     s = sub.add_parser("train", help="run a fine-tuning round (foreground with progress, or --background)")
     s.add_argument("--dataset", required=True)

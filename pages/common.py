@@ -21,7 +21,7 @@ def db_error(exc: Exception) -> None:
 
 def sidebar() -> None:
     with st.sidebar:
-        st.markdown("### 🛡️ Vigil")
+        st.markdown("### :material/shield: Vigil")
         try:
             names = store.dataset_names()
         except Exception as exc:  # MongoDB down: say so, keep the page alive

@@ -163,7 +163,7 @@ if selected:
 st.subheader("Misclustered candidates")
 clusters = analysis.condition_clusters(name)
 for c in clusters[:5]:
-    with st.expander(f"⚠️ {c['condition']} cluster: {c['size']} samples"):
+    with st.expander(f":material/warning: {c['condition']} cluster: {c['size']} samples"):
         st.write(c["reason"])
         thumbnails(store.sample_rows(store.get_dataset(name).select(c["members"][:16]), ["identity"]), ("identity",))
         if st.button("Select these on the map", key=f"selc_{c['condition']}_{c['size']}"):
