@@ -77,7 +77,7 @@ def figure(df: pd.DataFrame, color: str, highlight: set[str], height: int = 560)
                                        hovertemplate=hover, marker=dict(size=5, color=codes, colorscale="Turbo"),
                                        name=color))
         else:
-            for cat in sorted(cats.unique()):
+            for cat in sorted(cats.unique(), key=lambda c: (len(c), c)):  # 2 before 10
                 m = (cats == cat).to_numpy()
                 fig.add_trace(go.Scattergl(x=df["x"][m], y=df["y"][m], mode="markers", name=cat,
                                            customdata=custom[m], hovertemplate=hover, marker=dict(size=5)))

@@ -1,0 +1,185 @@
+"""The whole loop in a real browser: `make run`'s app driven by Playwright in Debian's Chromium.
+
+Data page → Map (embed job, box selection, bulk tag) → Annotate (label items) → Train (a round in
+the background, activate) → Export (dataset and ONNX model). Screenshots of every page go to
+``artifacts/screenshots/``. The app shares this test session's data root and database, so the
+test checks each step in FiftyOne itself.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = REPO / "artifacts" / "screenshots"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(data_root):
+    from core import store
+
+    store.dataset_names()  # this process brings up the shared MongoDB first
+    port = _free_port()
+    log = open(data_root / "make-run.log", "w")
+    proc = subprocess.Popen(["make", "run", f"PORT={port}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError("make run did not serve the app:\n" + (data_root / "make-run.log").read_text()[-3000:])
+        time.sleep(1)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(60_000)
+        yield pg
+        browser.close()
+
+
+def _goto(page, app, path: str) -> None:
+    page.goto(f"{app}/{path}")
+    page.wait_for_selector("[data-testid='stAppViewContainer']")
+    _settle(page)
+
+
+def _settle(page, timeout: float = 120) -> None:
+    """Wait until Streamlit finished the current run (no running indicator)."""
+    end = time.time() + timeout
+    time.sleep(1.0)
+    while time.time() < end:
+        if page.locator("[data-testid='stStatusWidget']").count() == 0:
+            return
+        time.sleep(0.5)
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_operator_loop(app, page):
+    from core import registry, store
+
+    # Data page: the default dataset
+    _goto(page, app, "")
+    page.get_by_text("Samples per camera").wait_for()
+    assert "demo" in store.dataset_names()
+    _shot(page, "01-data")
+
+    # Map page: embed in the background, then the map
+    _goto(page, app, "map")
+    page.get_by_role("button", name="Embed with the packaged model").click()
+    page.locator(".js-plotly-plot").first.wait_for(timeout=400_000)
+    _settle(page)
+    assert store.active_model("demo") == "base"
+    _shot(page, "02-map")
+
+    # a box selection over the middle of the map tags the selected samples
+    plot = page.locator(".js-plotly-plot .nsewdrag").first
+    box = plot.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.8, steps=12)
+    page.mouse.up()
+    page.get_by_text(re.compile(r"Selection: \d+ samples")).wait_for()
+    n_sel = int(re.search(r"Selection: (\d+)", page.get_by_text(re.compile(r"Selection: \d+ samples")).inner_text()).group(1))
+    assert n_sel > 0
+    tags = page.locator("[data-testid='stMultiSelect']").filter(has_text="Add condition tags")
+    tags.locator("input").click()
+    page.keyboard.type("shadow")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    page.get_by_role("button", name="Tag selection").click()
+    page.get_by_text(re.compile(r"Tagged \d+ samples")).wait_for()
+    assert store.tag_counts("demo").get("shadow") == n_sel
+    _shot(page, "03-map-selection")
+
+    # Annotate page: label a few queue items
+    _goto(page, app, "annotate")
+    decided = 0
+    for _ in range(3):
+        page.get_by_role("button", name=re.compile(r"^person")).first.click()
+        _settle(page)
+        decided += 1
+    labelled = len(store.get_dataset("demo").exists("labelled_by"))
+    assert labelled >= decided
+    _shot(page, "04-annotate")
+
+    # Train page: a short round in the background, its progress, then activate it
+    _goto(page, app, "train")
+    steps = page.get_by_label("Steps")
+    steps.fill("30")
+    steps.press("Enter")
+    page.get_by_role("button", name="Retrain").click()
+    page.get_by_text(re.compile(r"Latest round: (queued|running)")).wait_for(timeout=60_000)
+    _shot(page, "05-train-running")
+    page.get_by_text("Latest round: completed").wait_for(timeout=600_000)
+    _settle(page)
+    versions = [v for v in registry.list_versions("demo") if v["version"] != "base"]
+    assert versions and versions[-1]["status"] == "ready"
+    new = versions[-1]["version"]
+    assert versions[-1]["metrics"]["all"]["mAP"] is not None
+    page.get_by_role("button", name="Activate").click()
+    _settle(page)
+    assert store.active_model("demo") == new
+    _shot(page, "06-train-done")
+
+    # Export page: the dataset and the ONNX model
+    _goto(page, app, "export")
+    page.get_by_role("button", name="Export dataset").click()
+    page.get_by_text(re.compile(r"[Ee]xported|[Ww]rote")).first.wait_for(timeout=300_000)
+    page.get_by_role("button", name="Export and verify model").click()
+    page.get_by_text(re.compile(r"max abs", re.I)).first.wait_for(timeout=300_000)
+    _settle(page)
+    exports = store_exports()
+    assert any(p.suffix == ".onnx" for p in exports), exports
+    assert any(p.name in ("metadata.json", "samples.json", "manifest.csv") for p in exports), exports
+    _shot(page, "07-export")
+
+
+def store_exports() -> list[Path]:
+    from core.config import settings
+
+    return [p for p in settings().exports_dir.rglob("*") if p.is_file()]
