@@ -85,8 +85,27 @@ def get(dataset: str, version: str) -> dict[str, Any]:
     return rec
 
 
+def _settle_dead_rounds(dataset: str) -> None:
+    """A round whose job died (SIGKILL, out of memory) is recorded failed, never left training."""
+    from bson import ObjectId
+
+    from core import jobs
+
+    for rec in _coll().find({"dataset": dataset, "status": "training"}):
+        job_id = rec.get("job_id")
+        if not job_id or not ObjectId.is_valid(job_id):
+            continue
+        try:
+            j = jobs.get(job_id)
+        except jobs.JobError:
+            continue
+        if j["state"] in ("failed", "cancelled"):
+            fail(dataset, rec["version"], j["error"] or j["state"], cancelled=j["state"] == "cancelled")
+
+
 def list_versions(dataset: str) -> list[dict[str, Any]]:
     ensure_base(dataset)
+    _settle_dead_rounds(dataset)
     return list(_coll().find({"dataset": dataset}).sort("round", 1))
 
 

@@ -49,31 +49,60 @@ def dsname(request) -> str:
     store.delete_dataset(name)
 
 
+class Worker:
+    """A real job worker process (``python -m core worker``) on the test database."""
+
+    def __init__(self):
+        self.proc = None
+
+    def start(self) -> "Worker":
+        import subprocess
+        import sys
+        import time
+
+        from core import store
+
+        store.dataset_names()  # bring up the embedded MongoDB first: two processes starting it race
+        logf = _ROOT / "worker.log"
+        start = logf.stat().st_size if logf.exists() else 0
+        self.log = open(logf, "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "core", "worker"], stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        deadline = time.time() + 90
+        while "worker ready" not in logf.read_text()[start:]:
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("job worker did not start:\n" + logf.read_text()[-3000:])
+            time.sleep(0.3)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker and the job process it runs (a machine losing the worker)."""
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
 @pytest.fixture(scope="session")
 def worker():
-    """A real job worker (``python -m core worker``) on the test database, for the session."""
-    import subprocess
-    import sys
-    import time
-
-    from core import store
-
-    store.dataset_names()  # bring up the embedded MongoDB first: two processes starting it race
-    log = open(_ROOT / "worker.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "core", "worker"], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parent.parent)
-    deadline = time.time() + 90
-    while "worker ready" not in (_ROOT / "worker.log").read_text():
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError("job worker did not start:\n" + (_ROOT / "worker.log").read_text()[-3000:])
-        time.sleep(0.3)
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    """A real job worker on the test database, for the session (restartable by tests)."""
+    w = Worker().start()
+    yield w
+    w.stop()
 
 
 def pytest_sessionfinish(session, exitstatus):
