@@ -202,7 +202,7 @@ def checkpoint_path(version: str) -> Path:
     return version_dir(version) / "checkpoint.pt"
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +223,7 @@ def save_checkpoint(version: str, model: "nn.Module", config: ModelConfig,
     if version == BASE:
         raise EmbedError('"base" is the packaged model; save under another version name')
     p = checkpoint_path(version)
-    _atomic_torch_save({"model": model.state_dict(), "config": config.to_dict(),
+    atomic_torch_save({"model": model.state_dict(), "config": config.to_dict(),
                         "optimizer": optimizer, "step": int(step), "metrics": metrics or {}}, p)
     (p.parent / "model.onnx").unlink(missing_ok=True)
     return p

@@ -325,3 +325,4 @@ def last_modified(name: str):
     """When samples of ``name`` last changed (cache key for pages)."""
     ds = get_dataset(name)
     return ds.last_modified_at, len(ds)
+

@@ -28,7 +28,6 @@ import copy
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +67,7 @@ class TrainConfig:
     frozen_blocks: int = 7  # MobileNetV2 feature blocks (of 19) that stay fixed
     emb_dim: int | None = None  # None: keep the init model's (a different value re-inits the head)
     brightness_invariant: bool | None = None  # None: keep the init model's setting
-    steps: int = 400
+    steps: int = 700
     ids_per_batch: int = 16  # P
     samples_per_id: int = 4  # K
     lr: float = 3e-4  # head; backbone blocks get lr * backbone_lr_mult
@@ -206,20 +205,6 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _loss_and_miner(config: TrainConfig):
@@ -381,7 +366,7 @@ def train_round(
               "step": int(best_step), "metrics": ck_metrics, "train_config": config.to_dict(),
               "init_version": init_version}
         ck_path = out_dir / CHECKPOINT
-        _atomic_save(ck, ck_path)
+        embed.atomic_torch_save(ck, ck_path)
         (out_dir / "model.onnx").unlink(missing_ok=True)  # stale export of an older checkpoint
         seconds = time.perf_counter() - t0
         log.info("round done in %.0fs: best step %d, val mAP %.3f (init %.3f) -> %s", seconds,

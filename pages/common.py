@@ -13,7 +13,7 @@ def current_dataset() -> str | None:
 
 def db_error(exc: Exception) -> None:
     st.error(
-        f"The database is not reachable ({type(exc).__name__}: {exc}). Vigil's MongoDB runs "
+        f"The database is not reachable ({type(exc).__name__}: {str(exc)[:160]}). Vigil's MongoDB runs "
         "embedded under the data root; restart the app with `make run`, or check "
         "`FIFTYONE_DATABASE_URI` if you use your own MongoDB. Nothing you saved is lost."
     )
