@@ -53,8 +53,10 @@ class IngestReport:
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     def problem(self, where: str | Path, reason: str) -> None:
+        # non-UTF-8 names are shown with U+FFFD so the report itself can be displayed and stored
+        where = str(where).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         log.warning("skipped %s: %s", where, reason)
-        self.problems.append((str(where), reason))
+        self.problems.append((where, reason))
 
     def summary(self) -> str:
         return (f"{self.kind} {self.source} -> {self.dataset}: {self.added} added, "

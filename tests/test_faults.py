@@ -115,7 +115,7 @@ print(json.dumps(done), flush=True)
 
 
 def test_three_sessions_label_concurrently(demo):
-    seconds = float(os.environ.get("VIGIL_FAULT_SECONDS", "60"))
+    seconds = float(os.environ.get("VIGIL_FAULT_SECONDS", "30"))
     procs = [subprocess.Popen([sys.executable, "-c", SESSION, demo, f"s{i}", str(seconds)], cwd=REPO,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(3)]
     try:
