@@ -276,14 +276,19 @@ def _fallback_reason(m: np.ndarray, y: np.ndarray) -> str | None:
     return None
 
 
+def _diversity_fallback(why: str, x, m, y, k, rng, boost, boost_mode) -> Selection:
+    """kcenter, for strategies that are undefined with no or one class labelled."""
+    sel = kcenter(x, m, y, k, rng, boost=boost, boost_mode=boost_mode)
+    return Selection(sel.indices, sel.scores, tuple(f"{why}: {r}" for r in sel.reasons), "kcenter")
+
+
 def _uncertainty_strategy(kind: str) -> Callable[..., Selection]:
     def strategy(embeddings, labelled, labels, k, rng, boost=None, boost_mode="multiply",
                  n_neighbors: int = 10, classifier: str = "knn", **_) -> Selection:
         x, m, y = _as_inputs(embeddings, labelled, labels)
         why = _fallback_reason(m, y)
         if why:  # uncertainty is undefined: fall back to diversity
-            sel = kcenter(x, m, y, k, rng, boost=boost, boost_mode=boost_mode)
-            return Selection(sel.indices, sel.scores, tuple(f"{why}: {r}" for r in sel.reasons), "kcenter")
+            return _diversity_fallback(why, x, m, y, k, rng, boost, boost_mode)
         probs, classes = class_probabilities(x, m, y, n_neighbors=n_neighbors, classifier=classifier)
         u = _uncertainty(probs, kind)
         scores = _apply_boost(u, boost, boost_mode)
@@ -317,8 +322,7 @@ def knn_disagreement(embeddings, labelled, labels, k, rng, boost=None, boost_mod
     x, m, y = _as_inputs(embeddings, labelled, labels)
     why = _fallback_reason(m, y)
     if why:
-        sel = kcenter(x, m, y, k, rng, boost=boost, boost_mode=boost_mode)
-        return Selection(sel.indices, sel.scores, tuple(f"{why}: {r}" for r in sel.reasons), "kcenter")
+        return _diversity_fallback(why, x, m, y, k, rng, boost, boost_mode)
     xn = normalise(x)
     ylab = np.asarray([str(v) for v in y[m]], dtype=object)
     nn = int(min(n_neighbors, m.sum()))
@@ -354,8 +358,7 @@ def uncertainty_diversity(embeddings, labelled, labels, k, rng, boost=None, boos
     x, m, y = _as_inputs(embeddings, labelled, labels)
     why = _fallback_reason(m, y)
     if why:
-        sel = kcenter(x, m, y, k, rng, boost=boost, boost_mode=boost_mode)
-        return Selection(sel.indices, sel.scores, tuple(f"{why}: {r}" for r in sel.reasons), "kcenter")
+        return _diversity_fallback(why, x, m, y, k, rng, boost, boost_mode)
     xn = normalise(x)
     probs, classes = class_probabilities(x, m, y, n_neighbors=n_neighbors, classifier=classifier)
     u = _uncertainty(probs, uncertainty)
