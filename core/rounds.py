@@ -72,8 +72,8 @@ def eval_split(name: str) -> EvalSplit:
             if k != qk and not (qf is not None and cols["frame"][k] is not None and abs(cols["frame"][k] - qf) <= NEAR_FRAMES):
                 gallery.append(ids[k])
     # an identity needs a gallery match to be a fair query
-    g_idents = {cols["identity"][ids.index(i)] for i in gallery} if gallery else set()
     pos = {i: k for k, i in enumerate(ids)}
+    g_idents = {cols["identity"][pos[i]] for i in gallery}
     query = [i for i in query if cols["identity"][pos[i]] in g_idents]
     return EvalSplit(query, gallery, held_set, f"{len(held_set)} identities held out by hash")
 
@@ -104,7 +104,7 @@ def _vectors(name: str, version: str, ids: list[str]) -> np.ndarray:
     cols = store.view_columns(name, [store.embedding_field(version), "filepath"], ids)
     vecs = cols[store.embedding_field(version)]
     if any(v is None for v in vecs):
-        fresh, errs = embed.embed_paths(cols["filepath"], version=version, kind="crop")
+        fresh, _errors = embed.embed_paths(cols["filepath"], version=version, kind="crop")
         return np.asarray(fresh, np.float32)
     return np.stack([np.asarray(v, np.float32) for v in vecs])
 
