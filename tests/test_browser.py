@@ -129,7 +129,10 @@ def test_operator_loop(app, page):
     tags = page.locator("[data-testid='stMultiSelect']").filter(has_text="Add condition tags")
     tags.locator("input").click()
     page.keyboard.type("shadow")
-    page.locator("[role='option']").filter(has_text="shadow").first.click()
+    # the highlighted option is taken with Enter, as an operator would; clicking it fails
+    # when the dropdown opens below the fold of a long page
+    page.locator("[role='option']").filter(has_text="shadow").first.wait_for()
+    page.keyboard.press("Enter")
     page.keyboard.press("Escape")
     tags.get_by_text("shadow").first.wait_for()  # the chosen tag shows in the widget
     page.get_by_role("button", name="Tag selection").click()
