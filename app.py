@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages import common
-
 st.set_page_config(page_title="Vigil", page_icon=":material/shield:", layout="wide")
 
 PAGES = [
@@ -14,6 +12,4 @@ PAGES = [
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/export.py", title="Export", icon=":material/ios_share:"),
 ]
-nav = st.navigation(PAGES)
-common.sidebar()
-nav.run()
+st.navigation(PAGES).run()  # each page draws the sidebar first (pages.common.sidebar)

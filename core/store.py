@@ -203,6 +203,31 @@ def db():
     return foo.get_db_conn()
 
 
+_probe = None
+
+
+def check_db(timeout_ms: int = 2000) -> None:
+    """Raise ``ConnectionError`` within ``timeout_ms`` when MongoDB does not answer.
+
+    FiftyOne's client waits 30 s for a server before it fails; a page calls this first, so an
+    outage shows at once. The probe shares FiftyOne's connection settings and, like any pymongo
+    client, reconnects by itself when the server is back."""
+    import fiftyone.core.odm.database as fod
+    import pymongo
+
+    global _probe
+    if fod._client is None:  # not connected yet: connecting reports its own errors
+        fod.get_db_conn()
+    if _probe is None:
+        _probe = pymongo.MongoClient(**fod._connection_kwargs, serverSelectionTimeoutMS=timeout_ms,
+                                     connectTimeoutMS=timeout_ms, appname="vigil-probe")
+    try:
+        _probe.admin.command("ping")
+    except pymongo.errors.PyMongoError as exc:
+        where = fod._connection_kwargs.get("host") or f"127.0.0.1:{fod._connection_kwargs.get('port')}"
+        raise ConnectionError(f"MongoDB at {where} does not answer ({type(exc).__name__})") from exc
+
+
 def add_records(name: str, records: list[dict[str, Any]]) -> int:
     """Add image samples (dicts with ``filepath`` plus schema fields; ``tags`` optional).
 

@@ -10,13 +10,14 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import jobs, labeling, strategies
-from pages.common import db_error, job_status, require_dataset, user_name
+from pages.common import db_error, db_ok, job_status, require_dataset, sidebar, user_name
 
 LEASE_S = 120
 HEARTBEAT_S = 30
 CLASS_KEYS = "123456789"
 IDENTITY_KEYS = "QWETY"
 
+sidebar()
 st.title("Annotate")
 name = require_dataset()
 sid = st.session_state.setdefault("annotate_session", uuid.uuid4().hex)
@@ -179,6 +180,8 @@ else:
 
     @st.fragment(run_every=HEARTBEAT_S)
     def heartbeat(sample_id: str) -> None:
+        if not db_ok():
+            return
         if not labeling.renew(name, sid, sample_id, LEASE_S):
             st.warning("Your lease on this item expired and another operator took it; if you decide anyway, "
                        "a conflicting write is shown to you, never applied silently.")

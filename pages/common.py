@@ -11,17 +11,37 @@ def current_dataset() -> str | None:
     return st.session_state.get("dataset")
 
 
-def db_error(exc: Exception) -> None:
+def db_error(exc: Exception, retry: bool = False) -> None:
     st.error(
         f"The database is not reachable ({type(exc).__name__}: {str(exc)[:160]}). Vigil's MongoDB runs "
         "embedded under the data root; restart the app with `make run`, or check "
-        "`FIFTYONE_DATABASE_URI` if you use your own MongoDB. Nothing you saved is lost."
+        "`FIFTYONE_DATABASE_URI` if you use your own MongoDB. Nothing you saved is lost: "
+        "once the database answers again, retry.",
+        icon=":material/cloud_off:",
     )
+    if retry:
+        st.button("Retry", icon=":material/refresh:", key="db_retry")
+
+
+def db_ok() -> bool:
+    """For polling fragments: False (with a short notice) while MongoDB does not answer."""
+    try:
+        store.check_db()
+        return True
+    except ConnectionError:
+        st.caption(":material/cloud_off: Database unreachable: paused until it answers again.")
+        return False
 
 
 def sidebar() -> None:
     with st.sidebar:
         st.markdown("### :material/shield: Vigil")
+    try:
+        store.check_db()
+    except ConnectionError as exc:  # MongoDB down: say so in the page, stop before any query hangs
+        db_error(exc, retry=True)
+        st.stop()
+    with st.sidebar:
         try:
             names = store.dataset_names()
         except Exception as exc:  # MongoDB down: say so, keep the page alive
@@ -102,6 +122,8 @@ def job_status(name: str, kinds: tuple[str, ...]) -> None:
 
     @st.fragment(run_every=2.0)
     def _poll() -> None:
+        if not db_ok():
+            return
         recent = [j for j in jobs.list_jobs(name, limit=5) if j["kind"] in kinds]
         if not recent:
             return

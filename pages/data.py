@@ -7,8 +7,9 @@ import streamlit as st
 
 from core import store
 from core.ingest import KINDS, REID_PATTERNS, IngestError, ingest
-from pages.common import Progress, current_dataset, db_error, thumbnails
+from pages.common import Progress, current_dataset, db_error, sidebar, thumbnails
 
+sidebar()
 st.title("Data")
 
 # ---------------------------------------------------------------- ingest

@@ -10,8 +10,9 @@ import plotly.express as px
 import streamlit as st
 
 from core import export, store
-from pages.common import Progress, db_error, require_dataset
+from pages.common import Progress, db_error, require_dataset, sidebar
 
+sidebar()
 st.title("Export")
 name = require_dataset()
 try:

@@ -8,8 +8,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import analysis, jobs, labeling, projection, registry, store
-from pages.common import db_error, job_status, require_dataset, thumbnails, user_name
+from pages.common import db_error, job_status, require_dataset, sidebar, thumbnails, user_name
 
+sidebar()
 st.title("Embedding map")
 name = require_dataset()
 

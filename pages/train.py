@@ -9,8 +9,9 @@ import streamlit as st
 
 from core import jobs, registry, store
 from core.train import TrainConfig
-from pages.common import db_error, require_dataset
+from pages.common import db_error, db_ok, require_dataset, sidebar
 
+sidebar()
 st.title("Retrain")
 name = require_dataset()
 try:
@@ -53,6 +54,8 @@ if go_train:
 # ---------------------------------------------------------------- live progress
 @st.fragment(run_every=2.0)
 def live() -> None:
+    if not db_ok():
+        return
     recent = jobs.list_jobs(name, kind="train", limit=1)
     if not recent:
         st.caption("No round yet.")

@@ -177,3 +177,71 @@ def test_hostile_folder_through_the_data_page(tmp_path, dsname):
     assert len(store.get_dataset(dsname)) == before + 1
     print(f"hostile folder via the Data page: {len(reasons)} files skipped with reasons, 1 added, "
           f"{before} -> {before + 1} samples, app up")
+
+
+def _mongod() -> "psutil.Process":
+    """This test session's mongod (FiftyOne's service under the test data root)."""
+    import psutil
+
+    from core.config import settings
+
+    db_dir = str(settings().db_dir)
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and Path(cmd[0]).name == "mongod" and db_dir in cmd:
+            return p
+    raise LookupError(f"no mongod serving {db_dir}")
+
+
+def test_mongodb_restarted_under_the_app(worker, demo):
+    """MongoDB stops under a running app: the page says so at once (no 30 s hang, no traceback),
+    then recovers on Retry once MongoDB is back on its port; nothing stored is lost."""
+    import fiftyone.core.odm.database as fod
+    from streamlit.testing.v1 import AppTest
+
+    from core import labeling
+
+    for i in store.get_dataset(demo).take(3, seed=7).values("id"):
+        labeling.decide(demo, "mongo-op", i, "dora", label="person")
+    before = _labelled(demo)
+    n_decisions = store.db()["vigil_decisions"].count_documents({"dataset": demo})
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.session_state["dataset"] = demo
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    shown = {m.label: m.value for m in at.metric}
+
+    mongod = _mongod()
+    cmd, port = mongod.cmdline(), fod._connection_kwargs["port"]
+    mongod.terminate()  # a clean stop, as a service manager would
+    mongod.wait(60)
+    t0 = time.time()
+    at.run()
+    took = time.time() - t0
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("database is not reachable" in e.value for e in at.error), [e.value for e in at.error]
+    assert not at.metric  # the page stopped before any query could hang
+    assert took < 20, took
+
+    cmd[cmd.index("--port") + 1] = str(port)  # FiftyOne started it on port 0 (any free port)
+    restarted = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    end = time.time() + 60
+    while True:
+        try:
+            store.check_db()
+            break
+        except ConnectionError:
+            assert restarted.poll() is None and time.time() < end, "mongod did not come back"
+            time.sleep(0.5)
+    at.button(key="db_retry").click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert {m.label: m.value for m in at.metric} == shown
+    assert _labelled(demo) == before
+    assert store.db()["vigil_decisions"].count_documents({"dataset": demo}) == n_decisions
+    worker_alive = worker.proc.poll() is None
+    if not worker_alive:
+        worker.start()
+    print(f"MongoDB stopped under the app: error shown after {took:.1f} s; restarted on port {port}: page "
+          f"recovered on Retry with the same figures {shown}; {len(before)} samples, "
+          f"{sum(v[2] is not None for v in before.values())} labelled and {n_decisions} decisions before and after; "
+          f"worker {'survived' if worker_alive else 'had exited and was restarted'}")
