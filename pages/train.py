@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import jobs, registry, store
-from core.train import TrainConfig
+from core.train import ID_LOSSES, TrainConfig
 from pages.common import db_error, db_ok, require_dataset, sidebar
 
 sidebar()
@@ -41,11 +41,15 @@ with st.form("round"):
                           help="Normalises luma per image in the model itself, so training, extraction and "
                                "the exported ONNX all see the same input")
     patience = c8.number_input("Early-stopping patience (evaluations)", 0, 20, d.patience)
+    id_loss = st.selectbox("Identity loss beside the triplet loss", [None, *ID_LOSSES], index=0,
+                           format_func=lambda v: "none (triplet only)" if v is None else v,
+                           help="A classification loss over the labelled identities learns about twice as "
+                                "fast in short rounds, but plateaued lower than triplet alone on campus62")
     go_train = st.form_submit_button("Retrain", type="primary", disabled=not active)
 if go_train:
     cfg = {"steps": int(steps), "frozen_blocks": int(frozen), "lr": float(lr), "margin": float(margin),
            "ids_per_batch": int(ids_per_batch), "samples_per_id": int(per_id),
-           "brightness_invariant": bool(invariant), "patience": int(patience)}
+           "brightness_invariant": bool(invariant), "patience": int(patience), "id_loss": id_loss}
     job = jobs.submit(name, "train", {"config": cfg})
     st.session_state["train_job"] = job
     st.success("Round queued: it runs in the background; keep labelling, the progress shows here.")

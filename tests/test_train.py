@@ -101,3 +101,18 @@ def test_cancelled_round_writes_nothing(data_root):
     assert len(polls) == 4  # stopped promptly
     assert not (out / T.CHECKPOINT).exists()
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_identity_loss_trains_with_the_round_and_leaves_the_model_plain(data_root):
+    """The optional classification loss (pytorch-metric-learning) learns the training identities
+    beside the triplet loss; its class centres are not part of the saved model."""
+    import torch
+
+    with pytest.raises(ValueError, match="id_loss"):
+        T.train_round(_campus_samples(8), T.TrainConfig(**SMALL, id_loss="softmaxx"), out_dir=data_root / "x")
+    r = T.train_round(_campus_samples(8), T.TrainConfig(**{**SMALL, "steps": 10}, id_loss="normalized_softmax"),
+                      out_dir=data_root / "models" / "t-idloss")
+    assert r["steps_run"] == 10 and all(np.isfinite(h["loss"]) for h in r["history"][1:])
+    ck = torch.load(Path(r["checkpoint"]), map_location="cpu", weights_only=True)
+    assert ck["train_config"]["id_loss"] == "normalized_softmax"
+    assert not any("W" == k.split(".")[-1] for k in ck["model"])  # no class centres in the model
