@@ -83,18 +83,26 @@ def worker(method: str, vec_path: str, marker: str) -> dict:
     X = np.load(vec_path)
     small = X[:2000].copy()
     out: dict = {"method": method, "n": len(X), "dim": X.shape[1]}
-    if method == "vigil":
-        from core import projection
+    base, stop = 0.0, None  # RSS before the measured run, its peak-memory sampler
 
+    def timed(warm_up, run):
+        """JIT warm-up, then the measured run (the parent samples memory from the marker on)."""
+        nonlocal base, stop
         t = time.time()
-        projection.layout(small, seed=0)
+        warm_up()
         out["jit_s"] = time.time() - t
         base = psutil.Process().memory_info().rss / 2**20
         stop = _peak_sampler()
         Path(marker).touch()
         t = time.time()
-        Y = projection.layout(X, seed=0)
+        r = run()
         out["run_s"] = time.time() - t
+        return r
+
+    if method == "vigil":
+        from core import projection
+
+        Y = timed(lambda: projection.layout(small, seed=0), lambda: projection.layout(X, seed=0))
     elif method == "fiftyone":
         from core import store  # sets FiftyOne's environment
 
@@ -106,15 +114,9 @@ def worker(method: str, vec_path: str, marker: str) -> dict:
         t = time.time()
         ds.add_samples([fo.Sample(filepath=f"/bench/{i}.png") for i in range(len(X))], progress=False)
         out["dataset_s"] = time.time() - t
-        t = time.time()
-        umap.UMAP(random_state=None).fit_transform(small)  # the same JIT warm-up FiftyOne would pay
-        out["jit_s"] = time.time() - t
-        base = psutil.Process().memory_info().rss / 2**20
-        stop = _peak_sampler()
-        Path(marker).touch()
-        t = time.time()
-        res = fob.compute_visualization(ds, embeddings=X, method="umap", verbose=False, progress=False)
-        out["run_s"] = time.time() - t
+        res = timed(lambda: umap.UMAP(random_state=None).fit_transform(small),  # FiftyOne's JIT warm-up
+                    lambda: fob.compute_visualization(ds, embeddings=X, method="umap", verbose=False,
+                                                      progress=False))
         Y = np.asarray(res.points)
         ds.delete()
     elif method == "vigil_e2e":
@@ -128,15 +130,7 @@ def worker(method: str, vec_path: str, marker: str) -> dict:
         for s in range(0, len(X), 10_000):
             store.add_samples(ds, [fo.Sample(filepath=f"/bench/{i}.png", emb_base=X[i]) for i in range(s, min(len(X), s + 10_000))])
         out["dataset_s"] = time.time() - t
-        t = time.time()
-        projection.layout(small, seed=0)
-        out["jit_s"] = time.time() - t
-        base = psutil.Process().memory_info().rss / 2**20
-        stop = _peak_sampler()
-        Path(marker).touch()
-        t = time.time()
-        m = projection.compute_layout(name, "base")
-        out["run_s"] = time.time() - t
+        m = timed(lambda: projection.layout(small, seed=0), lambda: projection.compute_layout(name, "base"))
         t = time.time()
         again = projection.compute_layout(name, "base")
         out["cached_s"] = time.time() - t
