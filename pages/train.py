@@ -45,11 +45,24 @@ with st.form("round"):
                            format_func=lambda v: "none (triplet only)" if v is None else v,
                            help="A classification loss over the labelled identities learns about twice as "
                                 "fast in short rounds, but plateaued lower than triplet alone on campus62")
+    with st.expander("Advanced: model head and loss"):
+        a1, a2, a3, a4 = st.columns(4)
+        soft = a1.toggle("Soft-margin triplet", value=d.soft_margin,
+                         help="log(1 + exp(d_pos - d_neg)) instead of a hinge at the margin")
+        flip = a2.toggle("Average with the mirror image", value=d.flip_average,
+                         help="The model embeds each crop and its mirror and averages them (twice the "
+                              "compute per crop at extraction, in the ONNX export too)")
+        neck = a3.toggle("Batch-norm neck", value=d.neck,
+                         help="Normalises the pooled features before the head: learns faster early")
+        last_stride = a4.selectbox("Last stride", [2, 1], index=[2, 1].index(d.last_stride),
+                                   help="1: a twice finer final feature map, about 1.8x the compute")
     go_train = st.form_submit_button("Retrain", type="primary", disabled=not active)
 if go_train:
     cfg = {"steps": int(steps), "frozen_blocks": int(frozen), "lr": float(lr), "margin": float(margin),
            "ids_per_batch": int(ids_per_batch), "samples_per_id": int(per_id),
-           "brightness_invariant": bool(invariant), "patience": int(patience), "id_loss": id_loss}
+           "brightness_invariant": bool(invariant), "patience": int(patience), "id_loss": id_loss,
+           "soft_margin": bool(soft), "flip_average": bool(flip), "neck": bool(neck),
+           "last_stride": int(last_stride)}
     job = jobs.submit(name, "train", {"config": cfg})
     st.session_state["train_job"] = job
     st.success("Round queued: it runs in the background; keep labelling, the progress shows here.")

@@ -62,6 +62,33 @@ def test_brightness_invariant_input_is_in_the_exported_graph(val):
     assert d_bi.mean() < 0.5 * d_plain.mean(), (d_bi.mean(), d_plain.mean())
 
 
+def test_reid_head_options_are_in_the_exported_graph(val):
+    """Last stride 1, flip averaging and a batch-norm neck: ONNX matches PyTorch, a crop and its
+    mirror embed identically, the final feature map is twice as fine."""
+    cfg = embed.ModelConfig(crop_size=(128, 64), last_stride=1, flip_average=True, neck=True)
+    model = embed.build_model(cfg)
+    with torch.no_grad():  # trained neck statistics travel with the checkpoint
+        model.neck.running_mean.uniform_(0.0, 0.5)
+        model.neck.running_var.uniform_(0.5, 2.0)
+    embed.save_checkpoint("reid-head", model, cfg)
+    loaded, cfg2 = embed.load_model("reid-head")
+    assert cfg2 == cfg and torch.equal(loaded.neck.running_var, model.neck.running_var)
+    paths = val[1][::40][:4]
+    v_onnx, _ = embed.embed_paths(paths, version="reid-head")
+    v_torch, _ = embed.embed_paths(paths, version="reid-head", backend="torch")
+    assert np.abs(v_onnx - v_torch).max() <= 1e-4
+    x = np.stack([embed.load_image(p, (128, 64)) for p in paths])
+    mirrored = np.ascontiguousarray(x[:, :, ::-1])
+    plain = embed.build_model(embed.ModelConfig(crop_size=(128, 64)))
+    with torch.inference_mode():
+        assert torch.allclose(loaded(torch.from_numpy(x)), loaded(torch.from_numpy(mirrored)), atol=1e-5)
+        assert not torch.allclose(plain(torch.from_numpy(x)), plain(torch.from_numpy(mirrored)), atol=1e-3)
+        f = loaded.backbone(loaded.prepare(torch.from_numpy(x)))
+        assert tuple(f.shape[2:]) == (8, 4)  # 128x64 / 16 instead of / 32
+    with pytest.raises(ValueError, match="last_stride must be 1 or 2"):
+        embed.build_model(embed.ModelConfig(last_stride=4), pretrained=False)
+
+
 def test_normalize_luma_removes_gain_and_offset():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 16, 8, generator=g) * 0.5 + 0.25
