@@ -162,10 +162,9 @@ def _resnet_load(arch: str) -> Callable[["nn.Module"], None]:
 
 
 def _resnet_last_stride(module: "nn.Module") -> None:
-    first = module[4][0]  # layer4's first block
-    first.conv2.stride = (1, 1) if first.conv2.stride == (2, 2) else first.conv2.stride
-    first.conv1.stride = (1, 1)
-    first.downsample[0].stride = (1, 1)
+    first = module[4][0]  # layer4's first block: its stride is in conv1 (18) or conv2 (50)
+    for conv in (first.conv1, first.conv2, first.downsample[0]):
+        conv.stride = (1, 1)
 
 
 BACKBONES: dict[str, Backbone] = {
