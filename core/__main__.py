@@ -127,6 +127,10 @@ def cmd_evaluate(a) -> int:
     for group, m in [("all", res["all"]), *res["by_condition"].items(), *res["by_camera"].items()]:
         print(f"  {group:<12} rank-1 {m['rank1']:.3f}  rank-5 {m['rank5']:.3f}  mAP {m['mAP']:.3f}  "
               f"({m['n_queries']} queries)")
+    if res.get("reranked"):
+        m = res["reranked"]
+        print(f"  {'re-ranked':<12} rank-1 {m['rank1']:.3f}  rank-5 {m['rank5']:.3f}  mAP {m['mAP']:.3f}  "
+              "(k-reciprocal re-ranking over queries and gallery)")
     t = res["at_threshold"]
     print(f"  at threshold {t['threshold']:.3f}: false match rate {t['fmr']:.4f}, true match rate {t['tmr']:.3f}")
     return 0

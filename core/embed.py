@@ -585,10 +585,18 @@ def clear_similarity_cache(name: str | None = None) -> None:
             del _NN_CACHE[key]
 
 
-def similar(name: str, sample_id: str, k: int = 12, version: str | None = None,
+RERANK_CANDIDATES = 100  # nearest samples that similar(rerank=True) re-ranks among themselves
+
+
+def similar(name: str, sample_id: str, k: int = 12, version: str | None = None, rerank: bool = False,
             ) -> list[tuple[str, float]]:
     """"More like this": the ``k`` nearest samples to ``sample_id`` by cosine distance over the
     embeddings of ``version`` (None: the active model), nearest first, itself excluded.
+
+    ``rerank``: the :data:`RERANK_CANDIDATES` nearest are re-ordered by k-reciprocal re-ranking
+    (core.evaluate.k_reciprocal_distances) among themselves and the query, and the distances
+    returned are the re-ranked ones (in [0, 1]): crops of the same person from another camera
+    that resemble the query only through that person's other crops move up.
 
     The scikit-learn index is cached in-process per (dataset, version, embedded count) and dropped
     by :func:`embed_dataset` in this process."""
@@ -615,10 +623,16 @@ def similar(name: str, sample_id: str, k: int = 12, version: str | None = None,
     nn_, ids, pos, X = hit
     if sample_id not in pos:
         raise EmbedError(f"sample {sample_id} has no embedding of model {version!r}")
-    kk = min(k + 1, len(ids))
+    kk = min(max(k + 1, RERANK_CANDIDATES if rerank else 0), len(ids))
     dist, ind = nn_.kneighbors(X[pos[sample_id]][None], n_neighbors=kk)
-    out = [(ids[j], float(d)) for d, j in zip(dist[0], ind[0]) if ids[j] != sample_id]
-    return out[:k]
+    out = [(j, float(d)) for d, j in zip(dist[0], ind[0]) if ids[j] != sample_id]
+    if rerank and out:
+        from core.evaluate import k_reciprocal_distances
+
+        cand = [j for j, _ in out]
+        d = k_reciprocal_distances(X[[pos[sample_id], *cand]], n_rows=1)[0, 1:]
+        out = [(cand[o], float(d[o])) for o in np.argsort(d, kind="stable")]
+    return [(ids[j], d) for j, d in out[:k]]
 
 
 # --- CLI ---------------------------------------------------------------------------------------

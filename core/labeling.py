@@ -784,6 +784,21 @@ def suggest_identities(name: str, sample_id: str, k: int = 5, n_neighbors: int =
     return out
 
 
+def similar_crops(name: str, sample_id: str, k: int = 8) -> list[dict[str, Any]]:
+    """"Find this person elsewhere": the ``k`` crops most like ``sample_id`` under the active model,
+    re-ranked by shared neighbours (core.embed.similar with ``rerank``), closest first:
+    [{id, filepath, identity, camera, distance}]. Empty when the sample has no embedding yet."""
+    from core import embed
+
+    try:
+        hits = embed.similar(name, sample_id, k=k, rerank=True)
+    except embed.EmbedError:
+        return []
+    cols = store.view_columns(name, ["filepath", "identity", "camera"], [h[0] for h in hits])
+    return [{"id": s, "filepath": f, "identity": i, "camera": c, "distance": d}
+            for (s, d), f, i, c in zip(hits, cols["filepath"], cols["identity"], cols["camera"])]
+
+
 def predict(name: str, sample_id: str, target: str = "identity", mode: str | None = None,
             n_neighbors: int = 5) -> Any:
     """The kNN prediction of ``target`` from previously labelled samples (similarity-weighted

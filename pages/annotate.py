@@ -282,6 +282,16 @@ else:
                                   xaxis=dict(visible=False), yaxis=dict(visible=False))
                 st.plotly_chart(fig, key="ann_path")
 
+    if st.toggle("Find this person elsewhere", key="ann_similar",
+                 help="The crops most like this one under the active model, across cameras, re-ranked by "
+                      "shared neighbours (k-reciprocal re-ranking)"):
+        hits, ok = _do(labeling.similar_crops, name, item.sample_id, 8)
+        if ok and hits:
+            st.image([h["filepath"] for h in hits], width=110,
+                     caption=[f"{h['identity'] or '?'} · cam {h['camera'] or '?'} · {h['distance']:.2f}" for h in hits])
+        elif ok:
+            st.caption("No embeddings of the active model yet: embed the dataset on the Data page.")
+
 # ---------------------------------------------------------------- merge identities
 with st.expander("Merge two identities"):
     ids = labeling.identities(name)

@@ -118,10 +118,13 @@ rows = []
 for v in versions:
     m = (v.get("metrics") or {}).get("all", {})
     b = (v.get("before") or {}).get("all", {})
+    mr = (v.get("metrics") or {}).get("reranked") or {}
+    br = (v.get("before") or {}).get("reranked") or {}
     rows.append({"version": v["version"], "round": v.get("round", 0), "status": v["status"],
                  "from": v.get("parent") or "", "active": "✅" if v["version"] == active else "",
                  "rank-1": m.get("rank1"), "mAP": m.get("mAP"), "rank-1 before": b.get("rank1"),
-                 "mAP before": b.get("mAP"), "error": v.get("error") or ""})
+                 "mAP before": b.get("mAP"), "mAP re-ranked": mr.get("mAP"),
+                 "mAP re-ranked before": br.get("mAP"), "error": v.get("error") or ""})
 table = pd.DataFrame(rows)
 st.dataframe(table, hide_index=True, width="stretch")
 
@@ -129,7 +132,7 @@ ready = [r for r in rows if r["status"] == "ready" and r["version"] != registry.
 if ready:
     long = []
     for r in ready:
-        for metric in ("rank-1", "mAP"):
+        for metric in ("rank-1", "mAP", "mAP re-ranked"):
             long.append({"version": r["version"], "metric": metric, "when": "before (parent)", "value": r[f"{metric} before"]})
             long.append({"version": r["version"], "metric": metric, "when": "after", "value": r[metric]})
     fig = px.bar(pd.DataFrame(long), x="version", y="value", color="when", facet_col="metric", barmode="group",

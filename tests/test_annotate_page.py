@@ -99,3 +99,21 @@ def test_without_embeddings_the_page_offers_to_embed(page_dataset):
         assert at.button(key="embed_now")
     finally:
         store.set_active_model(name, "base")
+
+
+def test_find_this_person_elsewhere(page_dataset):
+    from core import labeling, store
+
+    name = page_dataset
+    at = _open(name)
+    sid = at.session_state["annotate_item"]
+    at.toggle(key="ann_similar").set_value(True).run()
+    assert not at.exception, [e.value for e in at.exception]
+    hits = labeling.similar_crops(name, sid, 8)
+    assert len(hits) == 8 and sid not in [h["id"] for h in hits]
+    assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
+    me = store.get_dataset(name).select([sid]).first()
+    assert hits[0]["identity"] == me.identity  # TUD-Campus: the same track, a few frames away
+    captions = [img.caption for el in at.get("image") for img in el.proto.imgs]
+    assert [f"{h['identity'] or '?'} · cam {h['camera'] or '?'} · {h['distance']:.2f}" for h in hits] \
+        == captions[-8:]  # the page shows the same 8 crops, in order

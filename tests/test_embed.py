@@ -226,3 +226,7 @@ def test_embed_dataset_tracklets_and_similarity(val, dsname, tmp_path):
     assert dists == sorted(dists) and 0 <= dists[0] < 1
     ident = dict(zip(*ds.values(["id", "identity"])))
     assert ident[nn[0][0]] == people[0]  # the nearest crop is the same person
+    rr = embed.similar(dsname, query, k=5, rerank=True)
+    assert len(rr) == 5 and query not in [s for s, _ in rr]
+    assert [d for _, d in rr] == sorted(d for _, d in rr) and all(0 <= d <= 1 for _, d in rr)
+    assert ident[rr[0][0]] == people[0]

@@ -134,7 +134,8 @@ def test_evaluate_and_compare():
     q = unit(0.0, 0.25)
     before = E.evaluate(q, ["A", "A"], G, G_IDS, q_cams=[1, 2], g_cams=G_CAMS,
                         conditions={"night": np.array([False, True])}, threshold=0.97)
-    assert set(before) == {"all", "by_condition", "by_camera", "at_threshold"}
+    assert set(before) == {"all", "by_condition", "by_camera", "at_threshold", "reranked"}
+    assert before["reranked"]["n_queries"] == before["all"]["n_queries"]
     assert set(before["by_camera"]) == {"1", "2"}
     assert before["at_threshold"]["threshold"] == 0.97
     after = E.evaluate(unit(0.3, 0.3), ["A", "A"], G, G_IDS, q_cams=[1, 2], g_cams=G_CAMS,
@@ -149,3 +150,34 @@ def test_evaluate_and_compare():
         {"metric": "all.mAP", "before": 0.5, "after": 0.7, "delta": pytest.approx(0.2)},
         {"metric": "all.rank1", "before": None, "after": 1.0, "delta": None},
     ]
+
+
+def _two_people():
+    """20 crops of A around angle 0 and 20 of B around 0.6 rad, and an A query that drifted to 0.27:
+    nearer to A's closest crops than to B's, but B's near side beats A's far side."""
+    g = unit(*np.linspace(-0.15, 0.15, 20), *np.linspace(0.45, 0.75, 20))
+    return unit(0.27), ["A"], g, ["A"] * 20 + ["B"] * 20
+
+
+def test_k_reciprocal_reranking_ranks_the_whole_person_first():
+    q, q_ids, g, g_ids = _two_people()
+    plain = E.retrieval_metrics(q, q_ids, g, g_ids)
+    assert plain["rank1"] == 1.0 and plain["mAP"] < 0.9  # B crops interleave with A's far side
+    rr = E.retrieval_metrics(q, q_ids, g, g_ids, rerank=True)
+    assert rr["rank1"] == 1.0 and rr["mAP"] == pytest.approx(1.0)  # every A crop before any B crop
+    d = E.k_reciprocal_distances(np.concatenate([q, g]))
+    assert d.shape == (41, 41) and np.allclose(np.diag(d), 0, atol=1e-6)
+    assert d.min() >= -1e-6 and d.max() <= 1 + 1e-6
+    assert np.allclose(E.k_reciprocal_distances(np.concatenate([q, g]), n_rows=1), d[:1])
+    # leave-one-out over the same crops agrees with itself and stays within [0, 1]
+    loo = E.leave_one_out_metrics(g, g_ids, rerank=True)
+    assert loo["mAP"] >= E.leave_one_out_metrics(g, g_ids)["mAP"] - 1e-6
+
+
+def test_reranking_beyond_the_memory_limit(monkeypatch):
+    q, q_ids, g, g_ids = _two_people()
+    monkeypatch.setattr(E, "RERANK_MAX_ITEMS", 10)
+    with pytest.raises(ValueError, match="too much memory"):
+        E.retrieval_metrics(q, q_ids, g, g_ids, rerank=True)
+    res = E.evaluate(q, q_ids, g, g_ids)
+    assert res["reranked"] == {} and res["all"]["n_queries"] == 1  # the rest is still evaluated
