@@ -92,17 +92,19 @@ def k_reciprocal_distances(
     many of them: the Jaccard distance of their expanded k-reciprocal sets, mixed with the original
     distance by ``lambda_value``. It uses the whole gallery's structure, so a crop from the other
     camera that only resembles the query through the other crops of the same person moves up.
-    Pure numpy; quadratic memory, so callers keep N <= :data:`RERANK_MAX_ITEMS`.
+    Pure numpy; quadratic memory: more than :data:`RERANK_MAX_ITEMS` items raise ValueError.
     """
     x = l2_normalize(emb)
     n = len(x)
     n_rows = n if n_rows is None else n_rows
+    if n > RERANK_MAX_ITEMS:
+        raise ValueError(f"re-ranking {n} items needs too much memory (limit {RERANK_MAX_ITEMS}); "
+                         "evaluate without re-ranking")
     if n == 0:
         return np.zeros((n_rows, 0), np.float32)
     dist = np.clip(2.0 - 2.0 * (x @ x.T), 0.0, None)  # squared Euclidean of unit vectors
-    dist /= np.maximum(dist.max(axis=0, keepdims=True), 1e-12)
+    dist /= np.maximum(dist.max(axis=1, keepdims=True), 1e-12)  # each row by its farthest item
     rank = np.argsort(dist, axis=1, kind="stable")
-    k1, k2 = min(k1, n - 1), max(1, min(k2, n))
     half = int(round(k1 / 2))
 
     def reciprocal(i: int, k: int) -> np.ndarray:
@@ -137,9 +139,6 @@ def _similarities(q_emb: np.ndarray, g_emb: np.ndarray, rerank: bool) -> np.ndar
     if not rerank:
         return cosine_similarity(q_emb, g_emb)
     q = len(q_emb)
-    if q + len(g_emb) > RERANK_MAX_ITEMS:
-        raise ValueError(f"re-ranking {q + len(g_emb)} items needs too much memory "
-                         f"(limit {RERANK_MAX_ITEMS}); evaluate without re-ranking")
     return -k_reciprocal_distances(np.concatenate([q_emb, g_emb]), q)[:, q:]
 
 
@@ -184,19 +183,14 @@ def retrieval_metrics(
 
 
 def leave_one_out_metrics(
-    emb: np.ndarray, ids: Sequence, cams: Sequence | None = None, ks: Sequence[int] = (1, 5),
-    rerank: bool = False,
+    emb: np.ndarray, ids: Sequence, cams: Sequence | None = None, ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
     """Every item [N, D] queries all the others (itself excluded; with ``cams``, also its own
-    identity seen by its own camera). Used for validation identities during training.
-    ``rerank``: k-reciprocal distances among the N items instead of cosine similarity."""
+    identity seen by its own camera). Used for validation identities during training."""
     ids = np.asarray(ids)
     match, valid = _valid_mask(ids, ids, cams, cams)
     np.fill_diagonal(valid, False)
-    if rerank and len(emb) > RERANK_MAX_ITEMS:
-        raise ValueError(f"re-ranking {len(emb)} items needs too much memory (limit {RERANK_MAX_ITEMS})")
-    sim = -k_reciprocal_distances(emb) if rerank else cosine_similarity(emb, emb)
-    return _summary(_score(sim, match, valid, ks), ks)
+    return _summary(_score(cosine_similarity(emb, emb), match, valid, ks), ks)
 
 
 def metrics_by_condition(

@@ -169,9 +169,6 @@ def test_k_reciprocal_reranking_ranks_the_whole_person_first():
     assert d.shape == (41, 41) and np.allclose(np.diag(d), 0, atol=1e-6)
     assert d.min() >= -1e-6 and d.max() <= 1 + 1e-6
     assert np.allclose(E.k_reciprocal_distances(np.concatenate([q, g]), n_rows=1), d[:1])
-    # leave-one-out over the same crops agrees with itself and stays within [0, 1]
-    loo = E.leave_one_out_metrics(g, g_ids, rerank=True)
-    assert loo["mAP"] >= E.leave_one_out_metrics(g, g_ids)["mAP"] - 1e-6
 
 
 def test_reranking_beyond_the_memory_limit(monkeypatch):
