@@ -13,8 +13,8 @@ identities), base model vs the round's checkpoint. Three protocols are printed:
 
 Each protocol is printed twice: ranked by cosine similarity (the embeddings alone), and ranked by
 k-reciprocal re-ranking over query and gallery (core.evaluate.k_reciprocal_distances, the paper's
-k1=20, k2=6, lambda=0.3, never tuned here), as the round report and "Find this person elsewhere"
-rank.
+k1=20, k2=6, lambda=0.3, never tuned here): the ranking of the round report's re-ranked rows and
+of "More like this" on the Annotate page.
 
 MOT: person crops cut with OpenCV from PETS09-S2L1 (gt boxes x 0.625 for the 480x360 re-encode),
 TUD-Campus and TUD-Stadtmitte (every 5th / 3rd frame, boxes >= 32 px high); identities split

@@ -282,7 +282,7 @@ else:
                                   xaxis=dict(visible=False), yaxis=dict(visible=False))
                 st.plotly_chart(fig, key="ann_path")
 
-    if st.toggle("Find this person elsewhere", key="ann_similar",
+    if st.toggle("More like this", key="ann_similar",
                  help="The crops most like this one under the active model, across cameras, re-ranked by "
                       "shared neighbours (k-reciprocal re-ranking)"):
         hits, ok = _do(labeling.similar_crops, name, item.sample_id, 8)

@@ -101,7 +101,7 @@ def test_without_embeddings_the_page_offers_to_embed(page_dataset):
         store.set_active_model(name, "base")
 
 
-def test_find_this_person_elsewhere(page_dataset):
+def test_more_like_this_is_reranked_and_shown(page_dataset):
     from core import labeling, store
 
     name = page_dataset
