@@ -110,7 +110,8 @@ def campus62(config: TrainConfig) -> None:
         out = {"size": size}
         for rr, tag in ((False, ""), (True, " re-ranked")):
             out["all" + tag] = ev.retrieval_metrics(eq, q_i, eg, g_i, rerank=rr)
-            out["no-self" + tag] = ev.retrieval_metrics(eq, q_i, eg, g_i, q_s, g_s, rerank=rr)  # same stem = same image
+            # same file stem = same image
+            out["no-self" + tag] = ev.retrieval_metrics(eq, q_i, eg, g_i, q_s, g_s, rerank=rr)
             out["cross-cam" + tag] = ev.retrieval_metrics(eq, q_i, eg, g_i, q_c, g_c, rerank=rr)
         return out
 

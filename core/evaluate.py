@@ -305,8 +305,9 @@ def evaluate(
     if threshold is None:
         threshold = threshold_at_fmr(q_emb, q_ids, target_fmr, g_emb, g_ids)
     res["at_threshold"] = match_rates(q_emb, q_ids, threshold, g_emb, g_ids)
-    small = len(q_emb) + len(g_emb) <= RERANK_MAX_ITEMS
-    res["reranked"] = retrieval_metrics(q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks, rerank=True) if small else {}
+    res["reranked"] = {}
+    if len(q_emb) + len(g_emb) <= RERANK_MAX_ITEMS:
+        res["reranked"] = retrieval_metrics(q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks, rerank=True)
     return res
 
 

@@ -785,9 +785,9 @@ def suggest_identities(name: str, sample_id: str, k: int = 5, n_neighbors: int =
 
 
 def similar_crops(name: str, sample_id: str, k: int = 8) -> list[dict[str, Any]]:
-    """"More like this" on the Annotate page: the ``k`` crops most like ``sample_id`` under the active model,
-    re-ranked by shared neighbours (core.embed.similar with ``rerank``), closest first:
-    [{id, filepath, identity, camera, distance}]. Empty when the sample has no embedding yet."""
+    """"More like this" on the Annotate page: the ``k`` crops most like ``sample_id`` under the
+    active model, re-ranked by shared neighbours (core.embed.similar with ``rerank``), closest
+    first: [{id, filepath, identity, camera, distance}]. Empty when the sample has no embedding."""
     from core import embed
 
     try:

@@ -288,9 +288,10 @@ else:
         hits, ok = _do(labeling.similar_crops, name, item.sample_id, 8)
         if ok and hits:
             st.image([h["filepath"] for h in hits], width=110,
-                     caption=[f"{h['identity'] or '?'} · cam {h['camera'] or '?'} · {h['distance']:.2f}" for h in hits])
+                     caption=[f"{h['identity'] or '?'} · cam {h['camera'] or '?'} · {h['distance']:.2f}"
+                              for h in hits])
         elif ok:
-            st.caption("No embeddings of the active model yet: embed the dataset on the Data page.")
+            st.caption("This crop has no embedding of the active model yet: embed the dataset on the Data page.")
 
 # ---------------------------------------------------------------- merge identities
 with st.expander("Merge two identities"):
