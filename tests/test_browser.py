@@ -165,6 +165,8 @@ def test_operator_loop(app, page):
     assert versions and versions[-1]["status"] == "ready"
     new = versions[-1]["version"]
     assert versions[-1]["metrics"]["all"]["mAP"] is not None
+    rr = versions[-1]["metrics"]["reranked"]  # the same split, k-reciprocal re-ranked
+    assert rr["n_queries"] == versions[-1]["metrics"]["all"]["n_queries"] and rr["mAP"] is not None
     page.get_by_role("button", name="Activate").click()
     _settle(page)
     assert store.active_model("demo") == new
