@@ -150,6 +150,10 @@ def test_operator_loop(app, page):
     labelled = len(store.get_dataset("demo").exists("labelled_by"))
     assert labelled >= decided
     _shot(page, "04-annotate")
+    page.get_by_text("More like this").click()  # the re-ranked neighbours of the current crop
+    page.get_by_text(re.compile(r" · cam .* · \d\.\d\d")).first.wait_for(timeout=60_000)
+    _settle(page)
+    _shot(page, "04b-more-like-this")
 
     # Train page: a short round in the background, its progress, then activate it
     _goto(page, app, "train")
