@@ -46,7 +46,8 @@ Sample = tuple[str, Any, Any, float]  # (path, identity, camera or None, weight)
 ProgressFn = Callable[[int, int, float, dict | None], None]
 CHECKPOINT = "checkpoint.pt"
 MINERS = ("batch_hard", "semihard", "hard", "all")
-ID_LOSSES = ("cosface", "arcface", "normalized_softmax")
+# identity losses offered: name -> pytorch-metric-learning class
+ID_LOSSES = {"cosface": "CosFaceLoss", "arcface": "ArcFaceLoss", "normalized_softmax": "NormalizedSoftmaxLoss"}
 
 
 class TrainingCancelled(RuntimeError):
@@ -247,11 +248,9 @@ def _id_loss(config: TrainConfig, n_classes: int, emb_dim: int):
 
     if config.id_loss is None:
         return None
-    make = {"cosface": losses.CosFaceLoss, "arcface": losses.ArcFaceLoss,
-            "normalized_softmax": losses.NormalizedSoftmaxLoss}.get(config.id_loss)
-    if make is None:
-        raise ValueError(f"unknown id_loss {config.id_loss!r}; use one of {ID_LOSSES} or None")
-    return make(num_classes=n_classes, embedding_size=emb_dim)
+    if config.id_loss not in ID_LOSSES:
+        raise ValueError(f"unknown id_loss {config.id_loss!r}; use one of {tuple(ID_LOSSES)} or None")
+    return getattr(losses, ID_LOSSES[config.id_loss])(num_classes=n_classes, embedding_size=emb_dim)
 
 
 # --- the round ----------------------------------------------------------------------------------
