@@ -2,9 +2,13 @@
 turn core errors into messages an operator can act on. UI only: no math, no direct DB calls."""
 from __future__ import annotations
 
+import logging
+
 import streamlit as st
 
 from core import store
+
+log = logging.getLogger("vigil.pages")
 
 
 def current_dataset() -> str | None:
@@ -21,6 +25,29 @@ def db_error(exc: Exception, retry: bool = False) -> None:
     )
     if retry:
         st.button("Retry", icon=":material/refresh:", key="db_retry")
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """True for errors that mean MongoDB does not answer (not for a bug or a bad request)."""
+    try:
+        import pymongo.errors as pe
+
+        outage: tuple[type, ...] = (ConnectionError, pe.ConnectionFailure, pe.ServerSelectionTimeoutError)
+    except ImportError:  # pragma: no cover - pymongo ships with FiftyOne
+        outage = (ConnectionError,)
+    return isinstance(exc, outage)
+
+
+def show_error(exc: BaseException, doing: str, what_to_do: str = "", retry: bool = False) -> None:
+    """The one way pages report a failure: a database outage says so (and that nothing is lost);
+    anything else says what failed, why, and what the operator can do, and is logged with its
+    traceback (core raises errors whose message already says what to do)."""
+    if _is_outage(exc):
+        db_error(exc, retry=retry)
+        return
+    log.error("%s failed", doing, exc_info=exc)
+    hint = f" {what_to_do}" if what_to_do else ""
+    st.error(f"{doing[:1].upper()}{doing[1:]} failed: {exc}.{hint}", icon=":material/error:")
 
 
 def db_ok() -> bool:
