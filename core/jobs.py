@@ -35,6 +35,9 @@ TASKS: dict[str, str] = {
     "embed": "core.tasks:embed_task",
     "layout": "core.tasks:layout_task",
     "train": "core.tasks:train_task",
+    "ingest": "core.tasks:ingest_task",
+    "export_dataset": "core.tasks:export_dataset_task",
+    "export_model": "core.tasks:export_model_task",
 }
 
 
@@ -60,13 +63,14 @@ def log_path(job_id: str) -> Path:
 
 # ------------------------------------------------------------------ submitting and listing
 
-def submit(dataset: str, kind: str, args: dict[str, Any] | None = None) -> str:
-    """Queue a job; returns its id. The worker (``python -m core worker``) runs it."""
+def submit(dataset: str, kind: str, args: dict[str, Any] | None = None, create: bool = False) -> str:
+    """Queue a job; returns its id. The worker (``python -m core worker``) runs it. A delegated
+    operation needs an existing dataset: ``create`` makes an empty one first (an ingest job)."""
     import fiftyone.operators as foo
 
     if kind not in TASKS:
         raise JobError(f"unknown job kind {kind!r}: one of {', '.join(TASKS)}")
-    store.get_dataset(dataset)  # a clear error when the dataset is missing
+    store.get_dataset(dataset, create=create)  # a clear error when the dataset is missing
     res = foo.execute_operator(OPERATOR, {"dataset": dataset, "params": {"kind": kind, "args": args or {}},
                                           "request_delegation": True})
     if res.error:
