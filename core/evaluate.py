@@ -8,8 +8,10 @@ Protocol (as in the re-ID literature, Market-1501 / Zheng et al. 2015):
   both query and gallery, gallery items of the *same identity seen by the same camera* are
   removed from that query's candidate list ("junk": they would make the task trivial, and they
   include the query image itself when it also sits in the gallery). Items of other identities
-  from the same camera stay: they are legitimate distractors. Without cameras, nothing is
-  removed except, in :func:`leave_one_out_metrics`, the query itself.
+  from the same camera stay: they are legitimate distractors. A query is never its own
+  candidate: given sample keys (``q_keys`` / ``g_keys``: sample ids or file hashes), a gallery
+  item with the query's key is removed with or without cameras; in
+  :func:`leave_one_out_metrics` the query's own row is.
 - Rank-k (CMC): share of queries whose first correct match is among the top k candidates.
 - AP: mean of precision@i over the ranks i of every correct match (all correct matches in the
   candidate list, not only the first R); mAP is its mean over queries.
@@ -144,11 +146,22 @@ def _similarities(q_emb: np.ndarray, g_emb: np.ndarray, rerank: bool) -> np.ndar
     return -k_reciprocal_distances(np.concatenate([q_emb, g_emb]), q)[:, q:]
 
 
+def _same_item(q_keys: Sequence | None, g_keys: Sequence | None, shape: tuple[int, int]) -> np.ndarray:
+    """[Q, G] bool: gallery item j *is* query i (same sample id or file hash on both sides)."""
+    if q_keys is None or g_keys is None:
+        return np.zeros(shape, bool)
+    q, g = np.asarray(q_keys, dtype=object), np.asarray(g_keys, dtype=object)
+    if len(q) != shape[0] or len(g) != shape[1]:
+        raise ValueError(f"{len(q)} query keys and {len(g)} gallery keys for a {shape} similarity matrix")
+    return q[:, None] == g[None, :]
+
+
 def _valid_mask(
-    q_ids: np.ndarray, g_ids: np.ndarray, q_cams: np.ndarray | None, g_cams: np.ndarray | None
+    q_ids: np.ndarray, g_ids: np.ndarray, q_cams: np.ndarray | None, g_cams: np.ndarray | None,
+    q_keys: Sequence | None = None, g_keys: Sequence | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     match = q_ids[:, None] == g_ids[None, :]
-    valid = np.ones_like(match)
+    valid = ~_same_item(q_keys, g_keys, match.shape)  # a query is never its own candidate
     if q_cams is not None and g_cams is not None:
         same_cam = np.asarray(q_cams)[:, None] == np.asarray(g_cams)[None, :]
         valid &= ~(match & same_cam)
@@ -165,13 +178,18 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 5),
     query_mask: np.ndarray | None = None,
     rerank: bool = False,
+    q_keys: Sequence | None = None,
+    g_keys: Sequence | None = None,
 ) -> dict[str, float]:
     """Rank-k and mAP of queries [Q, D] against a gallery [G, D].
 
     With both ``q_cams`` and ``g_cams``, same-identity same-camera gallery items are removed
-    from each query's candidates (cross-camera protocol, see module doc). ``query_mask`` [Q] bool
-    scores only the selected queries (the gallery stays whole). ``rerank``: rank by
-    :func:`k_reciprocal_distances` over queries and gallery instead of cosine similarity.
+    from each query's candidates (cross-camera protocol, see module doc). ``q_keys`` [Q] /
+    ``g_keys`` [G] (sample ids or file hashes): a gallery item with the query's own key is never
+    its candidate, whatever the cameras say (a file tagged both query and gallery would otherwise
+    find itself at similarity 1). ``query_mask`` [Q] bool scores only the selected queries (the
+    gallery stays whole). ``rerank``: rank by :func:`k_reciprocal_distances` over queries and
+    gallery instead of cosine similarity.
     Returns ``{"rank1", "rank5", "mAP", "n_queries", "n_skipped"}`` (rates in [0, 1]).
     """
     q_ids, g_ids = np.asarray(q_ids), np.asarray(g_ids)
@@ -179,7 +197,8 @@ def retrieval_metrics(
         sel = np.asarray(query_mask, bool)
         q_emb, q_ids = np.asarray(q_emb)[sel], q_ids[sel]
         q_cams = None if q_cams is None else np.asarray(q_cams)[sel]
-    match, valid = _valid_mask(q_ids, g_ids, q_cams, g_cams)
+        q_keys = None if q_keys is None else np.asarray(q_keys, dtype=object)[sel]
+    match, valid = _valid_mask(q_ids, g_ids, q_cams, g_cams, q_keys, g_keys)
     s = _score(_similarities(q_emb, g_emb, rerank), match, valid, ks)
     return _summary(s, ks)
 
@@ -204,21 +223,26 @@ def metrics_by_condition(
     q_cams: Sequence | None = None,
     g_cams: Sequence | None = None,
     ks: Sequence[int] = (1, 5),
+    q_keys: Sequence | None = None,
+    g_keys: Sequence | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{"all": metrics, name: metrics of the queries where conditions[name] [Q] is True}``,
     e.g. conditions = {"day": ~low_light, "night": low_light, "shadow": flagged_shadow}.
     The gallery is the same for every condition."""
-    out = {"all": retrieval_metrics(q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks)}
+    kw = {"q_keys": q_keys, "g_keys": g_keys}
+    out = {"all": retrieval_metrics(q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks, **kw)}
     for name, mask in conditions.items():
-        out[name] = retrieval_metrics(q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks, query_mask=mask)
+        out[name] = retrieval_metrics(q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks, query_mask=mask, **kw)
     return out
 
 
 def _pair_sims(
-    emb_a: np.ndarray, ids_a: Sequence, emb_b: np.ndarray | None, ids_b: Sequence | None
+    emb_a: np.ndarray, ids_a: Sequence, emb_b: np.ndarray | None, ids_b: Sequence | None,
+    keys_a: Sequence | None = None, keys_b: Sequence | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities [P], same-identity [P] bool) of all pairs a x b, or of the unordered
-    pairs i < j within a when b is None."""
+    """(similarities [P], same-identity [P] bool) of all pairs a x b (pairs of an item with
+    itself, by ``keys_a`` / ``keys_b``, left out), or of the unordered pairs i < j within a
+    when b is None."""
     ids_a = np.asarray(ids_a)
     if emb_b is None:
         sim = cosine_similarity(emb_a, emb_a)
@@ -227,7 +251,8 @@ def _pair_sims(
         return sim[iu], same[iu]
     sim = cosine_similarity(emb_a, emb_b)
     same = ids_a[:, None] == np.asarray(ids_b)[None, :]
-    return sim.ravel(), same.ravel()
+    keep = ~_same_item(keys_a, keys_b, sim.shape)
+    return sim[keep], same[keep]
 
 
 def match_rates(
@@ -236,11 +261,14 @@ def match_rates(
     threshold: float,
     emb_b: np.ndarray | None = None,
     ids_b: Sequence | None = None,
+    keys_a: Sequence | None = None,
+    keys_b: Sequence | None = None,
 ) -> dict[str, float]:
     """At cosine-similarity ``threshold``: false match rate (share of different-identity pairs
     with similarity >= threshold) and true match rate (share of same-identity pairs >= it).
-    Pairs are a x b, or all unordered pairs within a when b is None."""
-    sim, same = _pair_sims(emb_a, ids_a, emb_b, ids_b)
+    Pairs are a x b (without an item paired with itself, by key), or all unordered pairs within
+    a when b is None."""
+    sim, same = _pair_sims(emb_a, ids_a, emb_b, ids_b, keys_a, keys_b)
     above = sim >= threshold
     n_pos, n_neg = int(same.sum()), int((~same).sum())
     return {
@@ -258,10 +286,12 @@ def threshold_at_fmr(
     target_fmr: float = 0.01,
     emb_b: np.ndarray | None = None,
     ids_b: Sequence | None = None,
+    keys_a: Sequence | None = None,
+    keys_b: Sequence | None = None,
 ) -> float:
     """The smallest cosine threshold whose false match rate is <= ``target_fmr`` (an operating
     point chosen on labelled data)."""
-    sim, same = _pair_sims(emb_a, ids_a, emb_b, ids_b)
+    sim, same = _pair_sims(emb_a, ids_a, emb_b, ids_b, keys_a, keys_b)
     neg = np.sort(sim[~same])[::-1]
     if len(neg) == 0:
         return -1.0
@@ -282,32 +312,37 @@ def evaluate(
     threshold: float | None = None,
     target_fmr: float = 0.01,
     ks: Sequence[int] = (1, 5),
+    q_keys: Sequence | None = None,
+    g_keys: Sequence | None = None,
 ) -> dict[str, Any]:
     """Everything for one model version: overall and per-condition retrieval metrics, per query
     camera when cameras are known, and match rates at the operating ``threshold`` (query x
     gallery pairs; when None, the threshold giving ``target_fmr`` on these pairs is used).
 
     ``"reranked"`` repeats ``"all"`` ranked by :func:`k_reciprocal_distances` (empty when query
-    and gallery together exceed :data:`RERANK_MAX_ITEMS`).
+    and gallery together exceed :data:`RERANK_MAX_ITEMS`). ``q_keys`` / ``g_keys``: see
+    :func:`retrieval_metrics` (a query never matches itself, in any block).
 
     Returns ``{"all": {...}, "by_condition": {name: {...}}, "by_camera": {cam: {...}},
     "at_threshold": {"threshold", "fmr", "tmr", ...}, "reranked": {...}}``.
     """
     conds = dict(conditions or {})
-    by_cond = metrics_by_condition(q_emb, q_ids, g_emb, g_ids, conds, q_cams, g_cams, ks)
+    keys = {"q_keys": q_keys, "g_keys": g_keys}
+    by_cond = metrics_by_condition(q_emb, q_ids, g_emb, g_ids, conds, q_cams, g_cams, ks, **keys)
     res: dict[str, Any] = {"all": by_cond.pop("all"), "by_condition": by_cond, "by_camera": {}}
     if q_cams is not None and g_cams is not None:
         qc = np.asarray(q_cams)
         for cam in sorted(set(qc.tolist()), key=str):
             res["by_camera"][str(cam)] = retrieval_metrics(
-                q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks, query_mask=qc == cam
+                q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks, query_mask=qc == cam, **keys
             )
     if threshold is None:
-        threshold = threshold_at_fmr(q_emb, q_ids, target_fmr, g_emb, g_ids)
-    res["at_threshold"] = match_rates(q_emb, q_ids, threshold, g_emb, g_ids)
+        threshold = threshold_at_fmr(q_emb, q_ids, target_fmr, g_emb, g_ids, q_keys, g_keys)
+    res["at_threshold"] = match_rates(q_emb, q_ids, threshold, g_emb, g_ids, q_keys, g_keys)
     res["reranked"] = {}
     if len(q_emb) + len(g_emb) <= RERANK_MAX_ITEMS:
-        res["reranked"] = retrieval_metrics(q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks, rerank=True)
+        res["reranked"] = retrieval_metrics(q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks, rerank=True,
+                                            **keys)
     return res
 
 

@@ -178,3 +178,24 @@ def test_reranking_beyond_the_memory_limit(monkeypatch):
         E.retrieval_metrics(q, q_ids, g, g_ids, rerank=True)
     res = E.evaluate(q, q_ids, g, g_ids)
     assert res["reranked"] == {} and res["all"]["n_queries"] == 1  # the rest is still evaluated
+
+
+def test_query_is_never_its_own_candidate():
+    """A file tagged both query and gallery is one sample on both sides: with cameras unknown it
+    would find itself at similarity 1. Keys (sample ids) remove it from its own candidates, in
+    the plain, per-condition, re-ranked and threshold blocks alike."""
+    q = unit(0.0)
+    g = unit(0.0, 0.2, 0.4)  # g[0] is the query itself; the next A is at rank 2
+    g_ids = ["A", "B", "A"]
+    naive = E.retrieval_metrics(q, ["A"], g, g_ids)
+    assert naive["rank1"] == 1.0  # what the self-match did
+    m = E.retrieval_metrics(q, ["A"], g, g_ids, q_keys=["s1"], g_keys=["s1", "s2", "s3"])
+    assert m["rank1"] == 0.0 and m["mAP"] == pytest.approx(0.5)
+    res = E.evaluate(q, ["A"], g, g_ids, conditions={"day": np.array([True])},
+                     q_keys=["s1"], g_keys=["s1", "s2", "s3"])
+    assert res["all"]["rank1"] == 0.0 and res["by_condition"]["day"]["rank1"] == 0.0
+    assert res["reranked"]["rank1"] == 0.0
+    # the self-pair is not a same-identity pair: one A-A pair (0.4 rad) is left
+    assert res["at_threshold"]["n_pos_pairs"] == 1
+    with pytest.raises(ValueError, match="keys"):
+        E.retrieval_metrics(q, ["A"], g, g_ids, q_keys=["s1"], g_keys=["s1"])
