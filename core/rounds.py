@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,17 +23,24 @@ log = logging.getLogger(__name__)
 
 HELD_OUT_SHARE = 0.2  # identities held out for evaluation when the dataset has no query/gallery tags
 MIN_HELD_OUT = 3
-NEAR_FRAMES = 10  # gallery crops this close to the query in the same tracklet are left out
 
 
 @dataclass
 class EvalSplit:
-    """Query and gallery sample ids (disjoint identities from training)."""
+    """Query and gallery sample ids (disjoint identities from training).
+
+    ``q_keys`` / ``g_keys`` align with ``query`` / ``gallery``: a crop's tracklet (its sample id
+    when it has none). A query never finds a gallery crop with its own key, so neither itself
+    (a file tagged both query and gallery) nor another crop of its own tracklet counts as a
+    match. ``problem`` says why the split is empty (None when it has queries)."""
 
     query: list[str]
     gallery: list[str]
     identities: set[str]
     protocol: str
+    q_keys: list[str] = field(default_factory=list)
+    g_keys: list[str] = field(default_factory=list)
+    problem: str | None = None
 
 
 def _held_out(identity: str, share: float) -> bool:
@@ -41,41 +48,60 @@ def _held_out(identity: str, share: float) -> bool:
     return (h % 1000) / 1000 < share
 
 
+def _scorable(query: list[int], gallery: list[int], ident: list, key: list) -> list[int]:
+    """The queries whose identity has a gallery crop under another key (something to find)."""
+    keys_of: dict[Any, set] = {}
+    for k in gallery:
+        keys_of.setdefault(ident[k], set()).add(key[k])
+    return [k for k in query if keys_of.get(ident[k], set()) - {key[k]}]
+
+
 def eval_split(name: str) -> EvalSplit:
     """query/gallery tags when the dataset has them (re-ID folders); otherwise identities held out
-    by a stable hash, each tracklet's middle crop a query and the identity's other crops (not
-    within ±10 frames of it) the gallery."""
-    cols = store.view_columns(name, ["identity", "tags", "tracklet", "frame", "camera", "embed_error"])
-    ids = cols["id"]
+    by a stable hash, each tracklet's middle crop a query and the identity's other crops the
+    gallery. Either way a query is scored only against crops outside its own tracklet, and only
+    when its identity has such a crop (see :class:`EvalSplit`)."""
+    cols = store.view_columns(name, ["identity", "tags", "tracklet", "frame"])
+    ids, ident = cols["id"], cols["identity"]
+    key = [tr or sid for tr, sid in zip(cols["tracklet"], ids)]
     tags = [set(t or ()) for t in cols["tags"]]
-    q = [i for i, t, ident in zip(ids, tags, cols["identity"]) if "query" in t and ident]
-    g = [i for i, t, ident in zip(ids, tags, cols["identity"]) if "gallery" in t and ident]
+
+    def split(query: list[int], gallery: list[int], held: set[str], protocol: str, problem: str) -> EvalSplit:
+        query = _scorable(query, gallery, ident, key)
+        return EvalSplit([ids[k] for k in query], [ids[k] for k in gallery], held, protocol,
+                         [key[k] for k in query], [key[k] for k in gallery], None if query else problem)
+
+    q = [k for k, t in enumerate(tags) if "query" in t and ident[k]]
+    g = [k for k, t in enumerate(tags) if "gallery" in t and ident[k]]
     if q and g:
-        idents = {ident for ident, t in zip(cols["identity"], tags) if ident and t & {"query", "gallery"}}
-        return EvalSplit(q, g, idents, "query/gallery tags")
-    known = sorted({i for i in cols["identity"] if i})
-    held = [i for i in known if _held_out(i, HELD_OUT_SHARE)]
-    if len(held) < MIN_HELD_OUT:
-        held = known[: MIN_HELD_OUT] if len(known) > MIN_HELD_OUT + 2 else []
-    held_set = set(held)
+        held = {ident[k] for k in q + g}
+        return split(q, g, held, "query/gallery tags",
+                     "no query crop has a gallery crop of its identity outside its own tracklet: tag "
+                     "gallery crops of the query identities (other files, other tracklets)")
+    known = sorted({i for i in ident if i})
+    held_list = [i for i in known if _held_out(i, HELD_OUT_SHARE)]
+    if len(held_list) < MIN_HELD_OUT:
+        held_list = known[:MIN_HELD_OUT] if len(known) > MIN_HELD_OUT + 2 else []
+    held = set(held_list)
+    if not held:
+        return EvalSplit([], [], held, "none", problem=(
+            f"only {len(known)} identities are labelled: a round holds out {MIN_HELD_OUT} of them to "
+            f"evaluate and trains on the rest; label at least {MIN_HELD_OUT + 3} people (Annotate page)"))
     by_track: dict[tuple, list[int]] = {}
-    for k, (ident, tr) in enumerate(zip(cols["identity"], cols["tracklet"])):
-        if ident in held_set:
-            by_track.setdefault((ident, tr or ids[k]), []).append(k)
+    for k in range(len(ids)):
+        if ident[k] in held:
+            by_track.setdefault((ident[k], key[k]), []).append(k)
     query, gallery = [], []
-    for (_ident, _tr), ks in by_track.items():
+    for ks in by_track.values():
         ks.sort(key=lambda k: cols["frame"][k] or 0)
         qk = ks[len(ks) // 2]
-        query.append(ids[qk])
-        qf = cols["frame"][qk]
-        for k in ks:
-            if k != qk and not (qf is not None and cols["frame"][k] is not None and abs(cols["frame"][k] - qf) <= NEAR_FRAMES):
-                gallery.append(ids[k])
-    # an identity needs a gallery match to be a fair query
-    pos = {i: k for k, i in enumerate(ids)}
-    g_idents = {cols["identity"][pos[i]] for i in gallery}
-    query = [i for i in query if cols["identity"][pos[i]] in g_idents]
-    return EvalSplit(query, gallery, held_set, f"{len(held_set)} identities held out by hash")
+        query.append(qk)
+        gallery.extend(k for k in ks if k != qk)
+    return split(query, gallery, held, f"{len(held)} identities held out by hash",
+                 f"none of the {len(held)} held-out identities ({', '.join(sorted(held)[:5])}) is seen in "
+                 "more than one tracklet, so a query would have only its own tracklet to find: label the "
+                 "same person in another tracklet or camera (Annotate page, identity), or tag query and "
+                 "gallery crops")
 
 
 def training_samples(name: str, exclude_identities: set[str]) -> list[tuple[str, str, str | None, float]]:
@@ -130,7 +156,7 @@ def evaluate_version(name: str, version: str, split: EvalSplit) -> dict[str, Any
         conditions["shadow"] = shadow
     res = evaluate.evaluate(q, qc["identity"], g, gc["identity"],
                             q_cams=qc["camera"] if cross else None, g_cams=gc["camera"] if cross else None,
-                            conditions=conditions)
+                            conditions=conditions, q_keys=split.q_keys, g_keys=split.g_keys)
     res["protocol"] = {"split": split.protocol, "queries": len(split.query), "gallery": len(split.gallery),
                        "cross_camera": bool(cross)}
     return res
@@ -184,6 +210,8 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
     reporter.progress(0.0, f"round {version}: preparing", force=True, version=version)
     try:
         split = eval_split(name)
+        if split.problem:  # found before any training: nothing could judge the round
+            raise train.TrainingError(f"no evaluation split: {split.problem}")
         samples = training_samples(name, split.identities)
         if len({s[1] for s in samples}) < cfg.min_val_ids + 2:
             raise train.TrainingError(f"only {len({s[1] for s in samples})} labelled identities to train on: "

@@ -1,0 +1,88 @@
+"""The round's evaluation split (core.rounds): what a query may find, and empty splits refused
+before any training. Real datasets in the test database; vectors written by hand where the
+answer must be worked out exactly."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from core import registry, rounds, store
+
+
+def _records(tmp_path, rows):
+    """Sample records for ``rows`` of (identity, tracklet, frame, tags), each with its own image."""
+    out = []
+    for k, (ident, tracklet, frame, tags) in enumerate(rows):
+        p = tmp_path / f"{k:03d}.jpg"
+        img = np.full((32, 16, 3), 20 + 7 * k % 230, np.uint8)
+        cv2.imwrite(str(p), img)
+        out.append({"filepath": str(p), "kind": "crop", "identity": ident, "tracklet": tracklet,
+                    "frame": frame, "camera": None, "label": "person", "ingest_key": f"k{k}",
+                    "tags": list(tags)})
+    return out
+
+
+def test_hold_out_leaves_the_query_tracklet_out_of_its_gallery(tmp_path, dsname):
+    # six identities; p0..p2 have two tracklets each, p3..p5 one long tracklet each
+    rows = []
+    for i in range(6):
+        for t in range(2 if i < 3 else 1):
+            for f in range(0, 100, 10):
+                rows.append((f"p{i}", f"seq/{i}{t}", f, ()))
+    store.add_records(dsname, _records(tmp_path, rows))
+    split = rounds.eval_split(dsname)
+    cols = store.view_columns(dsname, ["identity", "tracklet", "frame"])
+    by_id = dict(zip(cols["id"], zip(cols["identity"], cols["tracklet"], cols["frame"])))
+    assert split.problem is None and split.query
+    assert split.q_keys == [by_id[q][1] for q in split.query]
+    assert split.g_keys == [by_id[g][1] for g in split.gallery]
+    for q in split.query:
+        ident, tracklet, _ = by_id[q]
+        # something to find outside its own tracklet, and its own tracklet is keyed out
+        assert any(by_id[g][0] == ident and by_id[g][1] != tracklet for g in split.gallery)
+    # identities seen in one tracklet only have nothing fair to find: no query of theirs
+    single = {f"p{i}" for i in range(3, 6)}
+    assert not {by_id[q][0] for q in split.query} & single
+
+
+def test_round_refuses_a_split_with_nothing_to_find_before_training(tmp_path, dsname):
+    from core import jobs, train
+
+    rows = [(f"p{i}", f"seq/{i}", f, ()) for i in range(6) for f in range(0, 50, 10)]
+    store.add_records(dsname, _records(tmp_path, rows))
+    split = rounds.eval_split(dsname)
+    assert not split.query and "tracklet" in split.problem
+    rep = jobs.LocalReporter("test round")
+    try:
+        with pytest.raises(train.TrainingError, match="label the same person in another tracklet"):
+            rounds.run_round(dsname, {"config": {"steps": 5}}, rep)
+    finally:
+        rep.close()
+    failed = [v for v in registry.list_versions(dsname) if v["version"] != registry.BASE]
+    assert failed and failed[-1]["status"] == "failed" and "evaluation split" in failed[-1]["error"]
+
+
+def test_too_few_identities_say_how_many_to_label(tmp_path, dsname):
+    rows = [(f"p{i}", f"seq/{i}{t}", 0, ()) for i in range(3) for t in range(2)]
+    store.add_records(dsname, _records(tmp_path, rows))
+    split = rounds.eval_split(dsname)
+    assert not split.query and "label at least 6 people" in split.problem
+
+
+def test_a_file_tagged_query_and_gallery_never_finds_itself(tmp_path, dsname):
+    """One picture in query/ and gallery/ is one sample with both tags; cameras unknown, so only
+    its key keeps it from matching itself at similarity 1."""
+    rows = [("A", None, None, ("query", "gallery")), ("A", None, None, ("gallery",)),
+            ("B", None, None, ("gallery",))]
+    store.add_records(dsname, _records(tmp_path, rows))
+    ids = store.view_columns(dsname, ["identity"])["id"]
+    angle = {ids[0]: 0.0, ids[1]: 0.4, ids[2]: 0.2}  # the other A ranks behind B
+    field = store.embedding_field("base")
+    store.set_values(dsname, field, {i: [float(np.cos(a)), float(np.sin(a))] for i, a in angle.items()})
+    split = rounds.eval_split(dsname)
+    assert split.query == [ids[0]] and ids[0] in split.gallery
+    res = rounds.evaluate_version(dsname, "base", split)
+    assert res["all"]["n_queries"] == 1
+    assert res["all"]["rank1"] == 0.0 and res["all"]["mAP"] == pytest.approx(0.5)
+    assert res["reranked"]["rank1"] == 0.0
