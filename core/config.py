@@ -60,3 +60,18 @@ def apply_fiftyone_env() -> Settings:
 def shared_data() -> Path:
     """Real footage for tests and benchmarks (``../shared/data``; never shipped or committed)."""
     return Path(os.environ.get("VIGIL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+class OutsideDataRoot(ValueError):
+    """A path Vigil was about to write lies outside the data root."""
+
+
+def inside_data_root(path: str | os.PathLike, root: Path | None = None) -> Path:
+    """``path`` resolved (symbolic links followed), or :class:`OutsideDataRoot` when it is not
+    under ``root`` (default: the data root). Every path built from outside input goes through
+    this before anything is written there."""
+    base = (root or settings().data_root).resolve()
+    p = Path(path).resolve()
+    if p != base and not p.is_relative_to(base):
+        raise OutsideDataRoot(f"refusing to write {p}: it is outside {base}")
+    return p

@@ -75,17 +75,7 @@ def _noop(done: int, total: int, msg: str) -> None:
 def ingest(path: str | Path, kind: str, dataset: str, every_n: int = 5,
            pattern: str = "campus62", progress: Progress | None = None) -> IngestReport:
     """Ingest ``path`` as ``kind`` into ``dataset``; see the module docstring."""
-    path = Path(path).expanduser()
-    if kind not in KINDS:
-        raise IngestError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
-    if not path.exists():
-        raise IngestError(f"{path} does not exist")
-    if not path.is_dir():
-        raise IngestError(f"{path} is not a folder: point at the folder that holds the {kind}")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise IngestError(f"{path} is not readable: check its permissions")
-    if every_n < 1:
-        raise IngestError("every_n must be at least 1")
+    path = check_source(path, kind, every_n)
     progress = progress or _noop
     report = IngestReport(source=str(path), kind=kind, dataset=dataset)
     if kind == "mot":
@@ -98,6 +88,25 @@ def ingest(path: str | Path, kind: str, dataset: str, every_n: int = 5,
         _ingest_videos(path, dataset, every_n, report, progress)
     log.info(report.summary())
     return report
+
+
+def check_source(path: str | Path, kind: str, every_n: int = 5) -> Path:
+    """The source folder as a path, or :class:`IngestError` saying what is wrong with it (also
+    called before an ingest job is queued, so a bad path is reported at once)."""
+    path = Path(path).expanduser()
+    if kind not in KINDS:
+        raise IngestError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if not path.exists():
+        raise IngestError(f"{path} does not exist")
+    if not path.is_dir():
+        raise IngestError(f"{path} is not a folder: point at the folder that holds the {kind}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise IngestError(f"{path} is not readable: check its permissions")
+    if every_n < 1:
+        raise IngestError("every_n must be at least 1")
+    if kind == "mot" and not _find_sequences(path):
+        raise IngestError(_NO_MOT.format(root=path))
+    return path
 
 
 # --------------------------------------------------------------------------- walking
@@ -128,8 +137,32 @@ def _hash_file(p: Path) -> str:
     return h.hexdigest()
 
 
+def safe_name(raw: str, fallback: str = "sequence", limit: int = 64) -> str:
+    """A name from a file (``seqinfo.ini``, a clip's file name) as one harmless path component
+    and display id: letters, digits, ``.``, ``_``, ``-``; never empty, ``.`` or ``..``."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(raw)).strip("._-")[:limit]
+    return s or fallback
+
+
+def _source_id(*parts: bytes | str) -> str:
+    """A stable hash naming one source (the bytes that define a sequence or clip)."""
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else part.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def _media_dir(dataset: str, *parts: str) -> Path:
-    return settings().media_dir.joinpath(dataset, *parts)
+    """``<data root>/media/<dataset>/<parts>``, refused when it would resolve anywhere else (a
+    ``..`` or a symbolic link in the way)."""
+    from core.config import OutsideDataRoot, inside_data_root
+
+    media = settings().media_dir
+    try:
+        return inside_data_root(media.joinpath(dataset, *parts), media)
+    except OutsideDataRoot as exc:
+        raise IngestError(f"{exc}: crops are written only under {media}") from None
 
 
 def _flush(store, dataset: str, records: list[dict], report: IngestReport) -> None:
@@ -205,12 +238,14 @@ def _find_sequences(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and ((p / "gt").is_dir() or (p / "seqinfo.ini").exists()))
 
 
+_NO_MOT = ("no MOT sequence in {root}: expected <seq>/seqinfo.ini, <seq>/gt/gt.txt and <seq>/img1/ "
+           "frames or one video file in <seq>/")
+
+
 def _ingest_mot_root(root: Path, dataset: str, every_n: int, report: IngestReport, progress: Progress) -> None:
     seqs = _find_sequences(root)
     if not seqs:
-        raise IngestError(
-            f"no MOT sequence in {root}: expected <seq>/seqinfo.ini, <seq>/gt/gt.txt and "
-            "<seq>/img1/ frames or one video file in <seq>/")
+        raise IngestError(_NO_MOT.format(root=root))
     for seq in seqs:
         try:
             ingest_mot_sequence(seq, dataset, every_n, report, progress)
@@ -231,26 +266,59 @@ def _frame_source(seq: Path, info: dict):
     raise MediaError(f"{len(videos)} video files in the folder: keep exactly one per sequence")
 
 
-def _iter_source_frames(kind: str, src: Path, info: dict):
+def _iter_source_frames(kind: str, src: Path, info: dict, report: IngestReport):
+    """(width, height, fps, frame count, frames): frames yields (frame number, BGR image or
+    None). A frame folder's corrupt, truncated or differently sized file yields None (reported),
+    so the sequence goes on and the clip keeps one frame per number."""
     if kind == "video":
         reader = VideoReader(src)
         return reader.width, reader.height, reader.fps, reader.frame_count, reader.frames()
-    files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    numbered = []
+    for p in sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+        m = re.search(r"(\d+)", p.stem)
+        if m:
+            numbered.append((int(m.group(1)), p))
+        else:
+            report.problem(p, "frame file name has no frame number")
+    if not numbered:
+        raise MediaError(f"no frames: {src.name}/ holds no numbered image files")
+    size = None
+    for _fn, p in numbered:  # the frame size: the first frame that decodes
+        try:
+            size = read_image(p).shape[:2]
+            break
+        except MediaError:
+            continue
+    if size is None:
+        raise MediaError(f"no frame in {src.name}/ can be decoded (all corrupt or unreadable)")
 
     def gen():
-        for p in files:
-            m = re.search(r"(\d+)", p.stem)
-            if not m:
+        for fn, p in numbered:
+            try:
+                img = read_image(p)
+            except MediaError as exc:
+                report.problem(p, f"{exc}: frame skipped")
+                yield fn, None
                 continue
-            yield int(m.group(1)), read_image(p)
+            if img.shape[:2] != size:
+                report.problem(p, f"frame is {img.shape[1]}x{img.shape[0]}, the sequence {size[1]}x{size[0]}: "
+                                  "frame skipped")
+                yield fn, None
+                continue
+            yield fn, img
 
-    first = read_image(files[0])
-    return first.shape[1], first.shape[0], info["fps"], len(files), gen()
+    return size[1], size[0], info["fps"], len(numbered), gen()
 
 
 def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestReport,
                         progress: Progress = _noop) -> None:
-    """One sequence: a video sample with tracked detections + every Nth-frame person crops."""
+    """One sequence: a video sample with tracked detections + every Nth-frame person crops.
+
+    ``seqinfo.ini``'s name is never a path: the sequence id (tracklets ``<id>/<track>``,
+    per-sequence identities ``<id>:<track>``) is its safe form, claimed per source
+    (:func:`core.store.claim_sequence`: a second site with the same name gets ``name~hash``);
+    the name as written is kept in ``sequence_name``. Ingest keys and the media folder carry
+    the source's hash (of ``seqinfo.ini`` and ``gt/gt.txt``), so sites never collide."""
     from core import store
 
     info = parse_seqinfo(seq)
@@ -258,9 +326,13 @@ def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestRep
     if not boxes:
         raise MediaError("gt/gt.txt has no usable rows")
     src_kind, src = _frame_source(seq, info)
-    width, height, fps, nframes, frames = _iter_source_frames(src_kind, src, info)
+    source_id = _source_id((seq / "seqinfo.ini").read_bytes(), (seq / "gt" / "gt.txt").read_bytes())
+    raw_name = info["name"]
+    name = store.claim_sequence(dataset, safe_name(raw_name), source_id, raw_name)
+    out_dir = _media_dir(dataset, "mot", f"{safe_name(raw_name)}-{source_id[:10]}")
+    video_key = f"mot-video:{source_id}"
+    width, height, fps, nframes, frames = _iter_source_frames(src_kind, src, info, report)
     sx, sy = width / info["width"], height / info["height"]  # PETS09 re-encode: 480/768 = 0.625
-    name = info["name"]
 
     by_track: dict[int, list[MotBox]] = defaultdict(list)
     for b in boxes:
@@ -272,66 +344,79 @@ def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestRep
 
     ds = store.get_dataset(dataset, create=True)
     have = store.existing_keys(ds)
+
     def crop_key(t: int, f: int) -> str:
-        return f"mot:{name}:{t}:{f}"
+        return f"mot:{source_id}:{t}:{f}"
 
     video_path = str(src) if src_kind == "video" else None
     detections: dict[int, list[dict]] = defaultdict(list)
     records: list[dict] = []
     total = nframes or info["length"] or max(by_frame)
-    out_dir = _media_dir(dataset, "mot", name)
-    written_frames = None
+    written_frames = tmp_clip = None
     if src_kind == "frames":  # a browser-playable clip is needed for the video sample
         import cv2
 
-        video_path = str(out_dir / f"{name}.mp4")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written_frames = cv2.VideoWriter(video_path + ".tmp.mp4", cv2.VideoWriter_fourcc(*"mp4v"),
-                                         fps, (width, height))
+        video_path = str(out_dir / f"{safe_name(raw_name)}.mp4")
+        if not (store.has_video(dataset, video_key) and os.path.exists(video_path)):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp_clip = video_path + ".tmp.mp4"
+            written_frames = cv2.VideoWriter(tmp_clip, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     seen_frames = 0
-    for fn, img in frames:
-        seen_frames += 1
+    last = np.zeros((height, width, 3), np.uint8)
+    try:
+        for fn, img in frames:
+            seen_frames += 1
+            if written_frames is not None:  # a skipped frame repeats the last good one: numbers stay aligned
+                written_frames.write(last if img is None else img)
+            if seen_frames % 25 == 0:
+                progress(seen_frames, total, f"{name}: frame {fn}")
+            if img is None:
+                continue
+            last = img
+            for b in by_frame.get(fn, ()):
+                x, y, w, h = b.box[0] * sx, b.box[1] * sy, b.box[2] * sx, b.box[3] * sy
+                x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
+                x1, y1 = min(width, int(round(x + w))), min(height, int(round(y + h)))
+                if x1 - x0 < MIN_CROP or y1 - y0 < MIN_CROP:
+                    report.problem(f"{seq.name} frame {fn} track {b.track}",
+                                   "box outside the frame (or under 8 px after clipping)")
+                    continue
+                box = [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+                detections[fn].append({"box": box, "track": b.track, "label": "person"})
+                first, last_fn = spans[b.track]
+                if (fn - first) % every_n:
+                    continue
+                key = crop_key(b.track, fn)
+                if key in have:
+                    report.duplicates += 1
+                    continue
+                crop = img[y0:y1, x0:x1]
+                path = out_dir / f"{b.track:05d}" / f"{fn:06d}.jpg"
+                write_jpeg(path, crop)
+                ident = str(b.track) if info["global_ids"] else f"{name}:{b.track}"
+                records.append({
+                    "filepath": str(path), "kind": "crop", "source_kind": "mot", "source": str(seq),
+                    "camera": info["camera"], "identity": ident, "label": "person", "split": None,
+                    "sequence": name, "sequence_name": raw_name, "track": b.track, "frame": fn,
+                    "tracklet": f"{name}/{b.track}", "frame_first": first, "frame_last": last_fn,
+                    "bbox": box, "video_path": video_path, "ingest_key": key,
+                    **conditions.measure(crop).as_fields(),
+                })
+            if len(records) >= 500:
+                _flush(store, dataset, records, report)
         if written_frames is not None:
-            written_frames.write(img)
-        if seen_frames % 25 == 0:
-            progress(seen_frames, total, f"{name}: frame {fn}")
-        for b in by_frame.get(fn, ()):
-            x, y, w, h = b.box[0] * sx, b.box[1] * sy, b.box[2] * sx, b.box[3] * sy
-            x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
-            x1, y1 = min(width, int(round(x + w))), min(height, int(round(y + h)))
-            if x1 - x0 < MIN_CROP or y1 - y0 < MIN_CROP:
-                report.problem(f"{seq.name} frame {fn} track {b.track}",
-                               "box outside the frame (or under 8 px after clipping)")
-                continue
-            box = [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
-            detections[fn].append({"box": box, "track": b.track, "label": "person"})
-            first, last = spans[b.track]
-            if (fn - first) % every_n:
-                continue
-            key = crop_key(b.track, fn)
-            if key in have:
-                report.duplicates += 1
-                continue
-            crop = img[y0:y1, x0:x1]
-            path = out_dir / f"{b.track:05d}" / f"{fn:06d}.jpg"
-            write_jpeg(path, crop)
-            ident = str(b.track) if info["global_ids"] else f"{name}:{b.track}"
-            records.append({
-                "filepath": str(path), "kind": "crop", "source_kind": "mot", "source": str(seq),
-                "camera": info["camera"], "identity": ident, "label": "person", "split": None,
-                "sequence": name, "track": b.track, "frame": fn, "tracklet": f"{name}/{b.track}",
-                "frame_first": first, "frame_last": last, "bbox": box, "video_path": video_path,
-                "ingest_key": key, **conditions.measure(crop).as_fields(),
-            })
-        if len(records) >= 500:
-            _flush(store, dataset, records, report)
-    if written_frames is not None:
-        written_frames.release()
-        os.replace(video_path + ".tmp.mp4", video_path)
+            written_frames.release()
+            written_frames = None
+            os.replace(tmp_clip, video_path)
+    finally:  # a failure anywhere leaves no half-written clip behind
+        if written_frames is not None:
+            written_frames.release()
+        if tmp_clip and os.path.exists(tmp_clip):
+            os.unlink(tmp_clip)
     _flush(store, dataset, records, report)
-    if store.add_video(dataset, f"mot-video:{name}", video_path, width, height, fps, seen_frames,
-                       detections, {"sequence": name, "camera": info["camera"], "source_kind": "mot",
-                                    "source": str(seq)}):
+    if store.add_video(dataset, video_key, video_path, width, height, fps, seen_frames,
+                       detections, {"sequence": name, "sequence_name": raw_name, "camera": info["camera"],
+                                    "source_kind": "mot", "source": str(seq)}):
         report.videos += 1
     progress(total, total, f"{name}: done")
 
@@ -466,7 +551,7 @@ def _ingest_videos(root: Path, dataset: str, every_n: int, report: IngestReport,
         try:
             check_name(p)
             key_video = "video:" + _hash_file(p)
-            name = p.stem
+            name = store.claim_sequence(dataset, safe_name(p.stem, "clip"), key_video[6:], p.stem)
             reader = VideoReader(p)
             tracks = detect_and_track(reader, every_n=every_n,
                                       progress=lambda d, t: progress(d, t, f"{p.name}: detecting people"))
@@ -475,7 +560,7 @@ def _ingest_videos(root: Path, dataset: str, every_n: int, report: IngestReport,
             continue
         records = []
         detections: dict[int, list[dict]] = defaultdict(list)
-        out_dir = _media_dir(dataset, "videos", name + "-" + key_video[6:14])
+        out_dir = _media_dir(dataset, "videos", f"{safe_name(p.stem, 'clip')}-{key_video[6:16]}")
         ds = store.get_dataset(dataset, create=True)
         have = store.existing_keys(ds)
         for t in tracks:

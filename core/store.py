@@ -14,7 +14,10 @@ camera         camera / view id (str)
 identity       person id (str), ``None`` when unlabelled
 label          class ("person", "vehicle", ..., "shadow"); crops of tracks start as "person"
 split          "train" | "query" | "gallery" | None (also added as a tag)
-sequence       MOT sequence / video name;  track (int), frame (int), tracklet ("seq/track")
+sequence       sequence / clip id, unique per source in the dataset (a safe form of the name;
+               ``name~hash`` when another source has the name); track (int), frame (int),
+               tracklet ("seq/track")
+sequence_name  the sequence or clip name exactly as the source gave it (display only, never a path)
 frame_first    first and last frame of the tracklet this crop belongs to (a tracklet is a clip)
 frame_last
 bbox           [x, y, w, h] in pixels of the frame the crop was cut from
@@ -51,6 +54,7 @@ SAMPLE_SCHEMA: dict[str, Any] = {
     "label": fo.StringField,
     "split": fo.StringField,
     "sequence": fo.StringField,
+    "sequence_name": fo.StringField,
     "track": fo.IntField,
     "frame": fo.IntField,
     "tracklet": fo.StringField,
@@ -84,10 +88,30 @@ def dataset_names() -> list[str]:
     return [n for n in fo.list_datasets() if not n.endswith(VIDEOS_SUFFIX)]
 
 
+MAX_NAME = 100
+
+
+def check_dataset_name(name: str) -> str:
+    """``name`` when it can name a Vigil dataset, else :class:`StoreError` saying why: it becomes
+    a folder under ``media/`` (so never ``.``/``..`` or blank at either end) and must not end
+    in ``__videos`` (that names the companion video dataset)."""
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.\- ]+", name):
+        raise StoreError(f"invalid dataset name {name!r}: use letters, digits, '-', '_', '.' or spaces")
+    if not name.strip(". "):
+        raise StoreError(f"invalid dataset name {name!r}: it needs a letter or digit")
+    if name != name.strip():
+        raise StoreError(f"invalid dataset name {name!r}: no spaces at the start or end")
+    if len(name) > MAX_NAME:
+        raise StoreError(f"dataset name too long ({len(name)} characters, at most {MAX_NAME})")
+    if name.endswith(VIDEOS_SUFFIX):
+        raise StoreError(f"invalid dataset name {name!r}: names ending in {VIDEOS_SUFFIX!r} are kept for "
+                         "the companion video datasets; choose another name")
+    return name
+
+
 def get_dataset(name: str, create: bool = False) -> fo.Dataset:
     """The persistent image dataset ``name``; with ``create`` it is made when missing."""
-    if not name or not re.fullmatch(r"[A-Za-z0-9_.\- ]+", name):
-        raise StoreError(f"invalid dataset name {name!r}: use letters, digits, '-', '_' or '.'")
+    check_dataset_name(name)
     if fo.dataset_exists(name):
         ds = fo.load_dataset(name)
         ds.reload()  # FiftyOne caches datasets per process; jobs write from another process
@@ -117,6 +141,34 @@ def delete_dataset(name: str) -> None:
     for n in (name, name + VIDEOS_SUFFIX):
         if fo.dataset_exists(n):
             fo.delete_dataset(n)
+    db()[SEQUENCES].delete_many({"dataset": name})
+
+
+SEQUENCES = "vigil_sequences"
+
+
+def claim_sequence(name: str, wanted: str, source_id: str, original: str | None = None) -> str:
+    """The sequence id of the source ``source_id`` in dataset ``name``: the one it already has,
+    else ``wanted`` when no other source holds it, else ``wanted~<source hash>``. Two sites that
+    both call a sequence "cam1" stay two sequences (their tracklets and identities apart). One
+    document per claimed id (``_id`` "dataset|id"), so two concurrent ingests cannot both take
+    a name."""
+    import pymongo.errors
+
+    coll = db()[SEQUENCES]
+    have = coll.find_one({"dataset": name, "source_id": source_id})
+    if have:
+        return have["sequence"]
+    for cand in (wanted, f"{wanted}~{source_id[:6]}", f"{wanted}~{source_id}"):
+        try:
+            coll.insert_one({"_id": f"{name}|{cand}", "dataset": name, "sequence": cand,
+                             "source_id": source_id, "name": original if original is not None else wanted})
+            return cand
+        except pymongo.errors.DuplicateKeyError:
+            doc = coll.find_one({"_id": f"{name}|{cand}"})
+            if doc and doc.get("source_id") == source_id:  # a concurrent ingest of the same source
+                return cand
+    raise StoreError(f"no free sequence id for {wanted!r} in {name!r}")
 
 
 def existing_keys(ds: fo.Dataset) -> set[str]:
@@ -253,6 +305,14 @@ def add_tags_by_key(name: str, tags_by_key: dict[str, list[str]]) -> None:
 
     for key, tags in tags_by_key.items():
         ds.match(F("ingest_key") == key).tag_samples(tags)
+
+
+def has_video(name: str, key: str) -> bool:
+    """Whether the companion video dataset holds the video sample ``key``."""
+    from fiftyone import ViewField as F
+
+    ds = get_videos(name)
+    return ds is not None and len(ds) > 0 and ds.match(F("ingest_key") == key).count() > 0
 
 
 def add_video(name: str, key: str, path: str, width: int, height: int, fps: float,

@@ -284,3 +284,112 @@ def test_synthetic_demo_imports_through_mot(tmp_path, dsname):
     night = ds.match({"sequence": {"$regex": "night"}})
     assert np.mean(night.values("low_light")) > 0.8
     assert np.mean(ds.match({"sequence": {"$regex": "day"}}).values("low_light")) < 0.2
+
+
+# --------------------------------------------------------------------------- names, sources, frames
+
+def _frames_seq(tmp_path: Path, src: str, name: str, frames: int = 40) -> Path:
+    """A MOT sequence with an ``img1/`` frame folder (the first ``frames`` frames of a real clip)
+    and a ``seqinfo.ini`` naming it ``name`` (hostile names included)."""
+    real = need_shared("mot", src)
+    seq = tmp_path / src
+    (seq / "img1").mkdir(parents=True)
+    (seq / "gt").mkdir()
+    cap = cv2.VideoCapture(str(real / f"{src}.mp4"))
+    for fn in range(1, frames + 1):
+        ok, img = cap.read()
+        assert ok
+        cv2.imwrite(str(seq / "img1" / f"{fn:06d}.jpg"), img)
+    cap.release()
+    rows = [ln for ln in (real / "gt" / "gt.txt").read_text().splitlines() if int(ln.split(",")[0]) <= frames]
+    (seq / "gt" / "gt.txt").write_text("\n".join(rows) + "\n")
+    (seq / "seqinfo.ini").write_text(f"[Sequence]\nname={name}\nimDir=img1\nframeRate=25\nseqLength={frames}\n"
+                                     "imWidth=640\nimHeight=480\nimExt=.jpg\n")
+    return seq
+
+
+def test_seqinfo_name_is_never_a_path(dsname, tmp_path, data_root):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    up = "../" * (len((data_root / "media" / dsname / "mot").parts) - 1)  # from the MOT media folder to /
+    hostile = [("TUD-Campus", up + str((outside / "pwned").relative_to("/"))),
+               ("TUD-Stadtmitte", str(outside / "abs"))]
+    root = tmp_path / "site"
+    for src, name in hostile:
+        _frames_seq(root, src, name, frames=20)
+    report = ingest(root, "mot", dsname, every_n=5)
+    assert report.videos == 2 and report.added > 0, report.problems
+    assert not any(outside.rglob("*")), list(outside.rglob("*"))  # the old importer wrote crops and clips here
+    media = (data_root / "media" / dsname).resolve()
+    ds = store.get_dataset(dsname)
+    for fp in ds.values("filepath") + store.get_videos(dsname).values("filepath"):
+        assert Path(fp).resolve().is_relative_to(media), fp
+    assert set(ds.distinct("sequence_name")) == {name for _, name in hostile}
+    for seq_id in ds.distinct("sequence"):
+        assert "/" not in seq_id and not seq_id.startswith(".")
+
+
+def test_two_sites_with_one_sequence_name_stay_apart(dsname, tmp_path):
+    a = _frames_seq(tmp_path / "site-a", "TUD-Campus", "cam1", frames=20)
+    b = _frames_seq(tmp_path / "site-b", "TUD-Stadtmitte", "cam1", frames=20)
+    ra = ingest(a, "mot", dsname, every_n=5)
+    rb = ingest(b, "mot", dsname, every_n=5)
+    assert ra.added > 0 and rb.added > 0 and rb.duplicates == 0, (ra.summary(), rb.summary())
+    assert ra.videos == rb.videos == 1
+    ds = store.get_dataset(dsname)
+    seqs = sorted(ds.distinct("sequence"))
+    assert len(seqs) == 2 and seqs[0] == "cam1" and seqs[1].startswith("cam1~")
+    per_seq = {s: set(ds.match({"sequence": s}).distinct("identity")) for s in seqs}
+    assert not per_seq[seqs[0]] & per_seq[seqs[1]]  # two sites' track 1 are two people
+    clips = store.get_videos(dsname).values("filepath")
+    assert len(set(clips)) == 2 and all(os.path.getsize(c) > 0 for c in clips)
+    again = ingest(a, "mot", dsname, every_n=5)  # the same source twice adds nothing
+    assert again.added == 0 and again.videos == 0 and again.duplicates == ra.added
+
+
+def test_corrupt_frame_mid_sequence_is_skipped_and_the_sequence_finishes(dsname, tmp_path, data_root):
+    seq = _frames_seq(tmp_path, "TUD-Campus", "TUD-Campus", frames=30)
+    bad = seq / "img1" / "000011.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated mid-file
+    cv2.imwrite(str(seq / "img1" / "000021.jpg"), np.zeros((100, 100, 3), np.uint8))  # wrong size
+    report = ingest(seq, "mot", dsname, every_n=5)
+    reasons = _reasons(report)
+    assert "frame skipped" in reasons["000011.jpg"] and "frame skipped" in reasons["000021.jpg"]
+    assert report.videos == 1 and report.added > 0
+    ds = store.get_dataset(dsname)
+    assert len(ds.match({"frame": {"$in": [11, 21]}})) == 0 and len(ds.match({"frame": 26})) > 0
+    clip = store.get_videos(dsname).first()
+    assert clip.metadata.total_frame_count == 30  # a skipped frame keeps its place in the clip
+    assert not list((data_root / "media").rglob("*.tmp*"))
+
+
+def test_empty_or_unnumbered_frame_folder_is_a_reason_not_a_crash(dsname, tmp_path):
+    seq = _frames_seq(tmp_path, "TUD-Campus", "TUD-Campus", frames=5)
+    for p in (seq / "img1").iterdir():
+        p.rename(p.with_name("frame.jpg" if p.stem.endswith("1") else p.name + ".txt"))
+    report = ingest(seq, "mot", dsname)
+    assert "no numbered image files" in _reasons(report)["TUD-Campus"]
+    assert report.added == 0 and report.videos == 0
+
+
+def test_media_folder_linked_out_of_the_root_is_refused(dsname, tmp_path, data_root):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    store.get_dataset(dsname, create=True)
+    (data_root / "media").mkdir(exist_ok=True)
+    link = data_root / "media" / dsname
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        with pytest.raises(IngestError, match="outside"):
+            ingest(_frames_seq(tmp_path, "TUD-Campus", "cam", frames=5), "mot", dsname)
+        assert not any(outside.iterdir())
+    finally:
+        link.unlink()
+
+
+@pytest.mark.parametrize("bad", [".", "..", "...", " x", "site__videos", "a/b"])
+def test_dataset_names_that_escape_or_collide_are_refused(bad, tmp_path):
+    with pytest.raises(store.StoreError, match="dataset name"):
+        store.get_dataset(bad, create=True)
+    with pytest.raises(store.StoreError):
+        ingest(tmp_path, "images", bad)
