@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _EPS = 1e-12
 _CHUNK = 4096
 _KNN_CHUNK = 1024  # rows per block in top-k search: argpartition dominates, small blocks stay in cache
+_CONTEST_J = 3  # knn_disagreement: nearest samples averaged on each side of the contest (one is noisy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,13 +312,39 @@ margin = _uncertainty_strategy("margin")
 entropy = _uncertainty_strategy("entropy")
 
 
+def _nearest_other_label(xn: np.ndarray, xl: np.ndarray, codes: np.ndarray, avoid: np.ndarray,
+                         j: int = 1) -> np.ndarray:
+    """float [N]: mean cosine similarity of each unit row of xn to its ``j`` nearest labelled rows
+    of xl [L, D] whose label code (int [L]) differs from ``avoid`` (int [N]); fewer where fewer
+    exist, -1 where there is none."""
+    out = np.full(len(xn), -1.0, np.float32)
+    if len(xl) == 0 or j <= 0:
+        return out
+    jj = min(j, len(xl))
+    n_other = len(codes) - np.bincount(codes, minlength=int(max(codes.max(), avoid.max())) + 1)[avoid]
+    take = np.minimum(n_other, jj)  # [N]
+    step = max(1, min(_CHUNK, 2 ** 24 // len(xl)))
+    for s in range(0, len(xn), step):
+        block = xn[s:s + step] @ xl.T
+        block[codes[None, :] == avoid[s:s + step, None]] = -np.inf
+        best = -np.sort(-np.partition(block, block.shape[1] - jj, axis=1)[:, -jj:], axis=1)  # [B, jj] desc
+        t = take[s:s + step]
+        keep = np.arange(jj)[None, :] < t[:, None]
+        out[s:s + step] = np.where(t > 0, np.where(keep, best, 0.0).sum(axis=1) / np.maximum(t, 1), -1.0)
+    return out
+
+
 def knn_disagreement(embeddings, labelled, labels, k, rng, boost=None, boost_mode="multiply",
                      n_neighbors: int = 10, **_) -> Selection:
     """Unlabelled samples whose nearest labelled neighbours disagree about the label.
 
-    score [N] = 1 - (votes of the most common label among the ``min(n_neighbors, #labelled)``
-    nearest labelled samples) / n, plus a small tie-break towards samples whose neighbours are
-    far (less well covered). Falls back to kcenter with no or one class labelled.
+    score [N] = (votes against the most common label among the ``n = min(n_neighbors,
+    #labelled)`` nearest labelled samples + ``contest``) / (n + 1). ``contest`` in [0, 1] is the
+    mean cosine distance to the 3 nearest labelled samples of the majority label over that to the
+    3 nearest of any other label: one vote's worth for how close the other labels come. A sample
+    whose n neighbours all agree but that lies half-way to another class so scores above one
+    deep inside a class (the vote alone scores both 0), and more votes against always outrank
+    fewer. Falls back to kcenter with no or one class labelled.
     """
     x, m, y = _as_inputs(embeddings, labelled, labels)
     why = _fallback_reason(m, y)
@@ -325,18 +352,29 @@ def knn_disagreement(embeddings, labelled, labels, k, rng, boost=None, boost_mod
         return _diversity_fallback(why, x, m, y, k, rng, boost, boost_mode)
     xn = normalise(x)
     ylab = np.asarray([str(v) for v in y[m]], dtype=object)
+    names, lab_codes = np.unique(ylab, return_inverse=True)
     nn = int(min(n_neighbors, m.sum()))
     sims, idx = _topk_sim(xn, xn[m], nn)
-    codes = np.unique(ylab, return_inverse=True)[1][idx]  # [N, nn]
-    votes = np.zeros((len(x), codes.max() + 1))
+    codes = lab_codes[idx]  # [N, nn]
+    votes = np.zeros((len(x), len(names)))
     np.add.at(votes, (np.repeat(np.arange(len(x)), nn), codes.ravel()), 1.0)
     top = votes.max(axis=1)
-    dis = 1.0 - top / nn
-    far = np.clip(1.0 - sims.mean(axis=1), 0.0, 2.0) / 2.0
-    scores = _apply_boost(dis + 1e-3 * far, boost, boost_mode)
+    # the majority label; ties go to the label of the nearest neighbour among the tied ones
+    tied = votes[np.arange(len(x))[:, None], codes] == top[:, None]
+    maj = codes[np.arange(len(x)), tied.argmax(axis=1)]
+    # sims are sorted: the majority's first min(votes, _CONTEST_J) entries are its nearest
+    is_maj = codes == maj[:, None]
+    jm = np.minimum(top, _CONTEST_J)
+    first = is_maj & (np.cumsum(is_maj, axis=1) <= jm[:, None])
+    d_maj = np.maximum(1.0 - np.where(first, sims, 0.0).sum(axis=1) / jm, 0.0)
+    d_other = np.maximum(1.0 - _nearest_other_label(xn, xn[m], lab_codes, maj, _CONTEST_J), 0.0)
+    contest = np.clip(d_maj / np.maximum(d_other, _EPS), 0.0, 1.0)
+    dis = (nn - top + contest) / (nn + 1)
+    scores = _apply_boost(dis, boost, boost_mode)
     idx_sel = _take_top(scores, ~m, k, rng)
-    reasons = [f"{int(nn - top[i])} of its {nn} nearest labelled samples disagree with the majority"
-               + _boost_note(boost, i) for i in idx_sel]
+    reasons = [f"{int(nn - top[i])} of its {nn} nearest labelled samples disagree with the majority "
+               f"'{names[maj[i]]}'; other labels lie at cosine distance {d_other[i]:.3f}, "
+               f"'{names[maj[i]]}' at {d_maj[i]:.3f}" + _boost_note(boost, i) for i in idx_sel]
     return _finish("knn_disagreement", scores, m, idx_sel, reasons)
 
 
