@@ -60,9 +60,13 @@ def cmd_demo(a) -> int:
     from core import demo
 
     bar = _Bar("demo dataset")
-    report = demo.ensure_demo(a.dataset, progress=bar)
+    report = demo.ensure_demo(a.dataset, progress=bar, embed=False)
     bar.close()
-    print(report or f"dataset {a.dataset!r} already present")
+    print(report.summary() if report else f"dataset {a.dataset!r} already present")
+    job = demo.queue_embedding(a.dataset)
+    if job:
+        print(f"queued its embedding as job {job}: the worker embeds it and lays out the map "
+              "(follow it with `python -m core jobs`)")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The default dataset of a first run (synthetic clips, see :mod:`core.synthetic`)."""
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from core import store
@@ -9,11 +10,33 @@ from core.ingest import IngestReport, ingest
 from core.synthetic import generate
 
 DEMO_DATASET = "demo"
+log = logging.getLogger(__name__)
 
 
-def ensure_demo(name: str = DEMO_DATASET, progress: Callable | None = None) -> IngestReport | None:
-    """Generate and import the synthetic dataset unless ``name`` already has samples."""
-    if name in store.dataset_names() and len(store.get_dataset(name)) > 0:
+def ensure_demo(name: str = DEMO_DATASET, progress: Callable | None = None,
+                embed: bool = True) -> IngestReport | None:
+    """Generate and import the synthetic dataset unless ``name`` already has samples; with
+    ``embed``, queue its embedding job (the worker of ``make run`` runs it, and the Map page shows
+    the map when it is done) unless it is embedded or an embedding job is already queued or
+    running. Returns the ingest report, or None when the dataset was already there."""
+    report = None
+    if not (name in store.dataset_names() and len(store.get_dataset(name)) > 0):
+        out = generate(settings().media_dir / "synthetic-source")
+        report = ingest(out, "mot", name, every_n=3, progress=progress)
+    if embed:
+        queue_embedding(name)
+    return report
+
+
+def queue_embedding(name: str) -> str | None:
+    """Queue an embedding job for ``name`` unless it has an active model or one is pending;
+    returns the job id, or None when nothing was queued."""
+    from core import jobs
+
+    if store.active_model(name):
         return None
-    out = generate(settings().media_dir / "synthetic-source")
-    return ingest(out, "mot", name, every_n=3, progress=progress)
+    if any(j["state"] in ("queued", "running") for j in jobs.list_jobs(name, kind="embed", limit=5)):
+        return None
+    job = jobs.submit(name, "embed", {})
+    log.info("queued embedding job %s for %s", job, name)
+    return job
