@@ -11,6 +11,15 @@
       -> ``out_dir/checkpoint.pt`` (atomic): model, config (core.embed.ModelConfig as a dict),
          optimizer, step, metrics, train_config; readable by :func:`core.embed.load_model`.
 
+Resuming: at every evaluation the whole loop state goes to ``out_dir/resume.pt`` (atomic: model,
+optimizer, step, numpy and torch random states, best weights and metrics so far, history,
+evaluations without improvement, and a hash of the config and of the samples). A round that was
+killed or cancelled continues from there with ``train_round(..., resume=True)`` on the same
+samples and config (anything else is refused with :class:`ResumeError`); at the same seed it ends
+where the uninterrupted round would have. ``resume.pt`` is removed when the round finishes;
+``checkpoint.pt`` keeps the hashes and the round's result, so resuming a round whose training had
+already finished returns that result without training again.
+
 The model is core.embed's :class:`EmbeddingModel` (BGR uint8 in, unit vectors out), started from
 ``init_version``; its first ``frozen_blocks`` backbone blocks are frozen (parameters fixed, batch
 norm in eval mode), the later blocks and the projection head train.
@@ -20,11 +29,14 @@ sum of its crops' weights, and a crop within its identity proportionally to its 
 flagged or uncertain samples (weight > 1) are seen more often.
 
 Cancellation: ``should_stop()`` is polled every step; when it returns True the round raises
-:class:`TrainingCancelled` and nothing is written to ``out_dir``.
+:class:`TrainingCancelled`; ``checkpoint.pt`` is not written (only ``resume.pt`` from the last
+evaluation, if there was one).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import os
@@ -45,17 +57,24 @@ log = logging.getLogger(__name__)
 Sample = tuple[str, Any, Any, float]  # (path, identity, camera or None, weight)
 ProgressFn = Callable[[int, int, float, dict | None], None]
 CHECKPOINT = "checkpoint.pt"
+RESUME = "resume.pt"  # the loop's state at its last evaluation, while the round is unfinished
+RESUME_FORMAT = 1
 MINERS = ("batch_hard", "semihard", "hard", "all")
 # identity losses offered: name -> pytorch-metric-learning class
 ID_LOSSES = {"cosface": "CosFaceLoss", "arcface": "ArcFaceLoss", "normalized_softmax": "NormalizedSoftmaxLoss"}
 
 
 class TrainingCancelled(RuntimeError):
-    """The round was stopped by ``should_stop()``; no checkpoint was written."""
+    """The round was stopped by ``should_stop()``; no checkpoint was written (``resume.pt`` of
+    the last evaluation stays, to resume from)."""
 
 
 class TrainingError(ValueError):
     """The samples cannot make a round (too few identities or crops), with what to add."""
+
+
+class ResumeError(TrainingError):
+    """A round cannot be resumed: nothing saved, or other samples or another config."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +272,58 @@ def _id_loss(config: TrainConfig, n_classes: int, emb_dim: int):
     return getattr(losses, ID_LOSSES[config.id_loss])(num_classes=n_classes, embedding_size=emb_dim)
 
 
+# --- resuming -------------------------------------------------------------------------------------
+
+def round_fingerprint(samples: Sequence[Sample], config: TrainConfig, init_version: str) -> dict[str, str]:
+    """sha1 of the config with the init version (``threads`` left out: it changes the speed, not
+    what is learned) and of the samples in order: what a resumed round must share with the
+    round it continues."""
+    cfg = config.to_dict()
+    cfg.pop("threads", None)
+    c = json.dumps({"config": cfg, "init_version": init_version}, sort_keys=True, default=str)
+    rows = [[str(s[0]), str(s[1]), None if s[2] is None else str(s[2]), 1.0 if s[3] is None else float(s[3])]
+            for s in samples]
+    return {"config": hashlib.sha1(c.encode()).hexdigest(),
+            "samples": hashlib.sha1(json.dumps(rows).encode()).hexdigest()}
+
+
+def _check_fingerprint(saved: dict | None, fp: dict[str, str], what: Path) -> None:
+    saved = saved or {}
+    if saved.get("config") != fp["config"]:
+        raise ResumeError(f"{what} was saved with another training config or init version: a round "
+                          "resumes only with the config it started with; start a new round instead")
+    if saved.get("samples") != fp["samples"]:
+        raise ResumeError(f"{what} was saved with other training samples (labels, weights or crops "
+                          "changed since): start a new round to train on the current labels")
+
+
+def resume_state(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The saved loop state of an unfinished round in ``out_dir`` (``resume.pt``), or None."""
+    import torch
+
+    p = Path(out_dir) / RESUME
+    if not p.exists():
+        return None
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged file is reported as such
+        raise ResumeError(f"{p} cannot be read ({type(exc).__name__}: {exc}); start a new round") from exc
+
+
+def _finished_result(out_dir: Path, fp: dict[str, str]) -> dict[str, Any] | None:
+    """The stored result of a round that already finished training in ``out_dir``, or None."""
+    import torch
+
+    p = out_dir / CHECKPOINT
+    if not p.exists():
+        return None
+    ck = torch.load(p, map_location="cpu", weights_only=True)
+    if not ck.get("result"):
+        return None
+    _check_fingerprint(ck.get("fingerprint"), fp, p)
+    return {**ck["result"], "checkpoint": str(p), "resumed_from": int(ck.get("result", {}).get("steps_run", 0))}
+
+
 # --- the round ----------------------------------------------------------------------------------
 
 def train_round(
@@ -262,17 +333,21 @@ def train_round(
     out_dir: str | os.PathLike | None = None,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``init_version`` on ``samples`` and write ``out_dir/checkpoint.pt``.
 
     ``samples``: (path, identity, camera or None, weight) per crop; identities with a single crop
     are dropped. ``progress(step, total_steps, loss, metrics)`` after every step (``metrics`` the
     latest validation metrics, or None before the first evaluation). ``should_stop()`` polled
-    every step: True raises :class:`TrainingCancelled` and writes nothing.
+    every step: True raises :class:`TrainingCancelled` (no checkpoint; ``resume.pt`` of the last
+    evaluation stays). ``resume``: continue from ``out_dir/resume.pt`` (same samples and config,
+    else :class:`ResumeError`); when the round had already finished, its stored result.
 
     Returns ``{"checkpoint", "best_step", "steps_run", "stopped_early", "init_metrics",
     "best_metrics", "history", "train_ids", "val_ids", "n_train", "n_val", "seconds",
-    "model_config", "train_config"}``; metrics as in :func:`validation_metrics`.
+    "model_config", "train_config", "resumed_from"}`` (``resumed_from``: the step it continued
+    from, 0 for a fresh round); metrics as in :func:`validation_metrics`.
     """
     import torch
 
@@ -282,6 +357,21 @@ def train_round(
     if out_dir is None:
         raise ValueError("out_dir is required (the version folder the checkpoint goes to)")
     out_dir = Path(out_dir)
+    fp = round_fingerprint(samples, config, init_version)
+    saved = None
+    if resume:
+        saved = resume_state(out_dir)
+        if saved is None:
+            done = _finished_result(out_dir, fp)
+            if done is not None:
+                log.info("round in %s had finished training: nothing to resume", out_dir)
+                return done
+            raise ResumeError(f"nothing to resume in {out_dir}: no {RESUME} (the round stopped before its "
+                              "first evaluation); start a new round")
+        if saved.get("format") != RESUME_FORMAT:
+            raise ResumeError(f"{out_dir / RESUME} has format {saved.get('format')}, this version reads "
+                              f"{RESUME_FORMAT}; start a new round")
+        _check_fingerprint(saved.get("fingerprint"), fp, out_dir / RESUME)
     rng = np.random.default_rng(config.seed)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, config.threads))
@@ -298,6 +388,8 @@ def train_round(
         if len(usable) < len(uniq):
             log.info("dropping %d identities with a single crop", len(uniq) - len(usable))
         train_ids, val_ids = split_identities(sorted(usable), config.val_fraction, config.min_val_ids, rng)
+        if saved is not None and (saved["train_ids"], saved["val_ids"]) != (train_ids, val_ids):
+            raise ResumeError("the identity split differs from the saved round's: start a new round")
         tr_set, va_set = set(train_ids), set(val_ids)
         tr_idx = np.array([i for i, x in enumerate(idents) if x in tr_set], dtype=int)
         va_idx = np.array([i for i, x in enumerate(idents) if x in va_set], dtype=int)
@@ -345,19 +437,53 @@ def train_round(
                 return None
             return validation_metrics(_embed_array(model, x_va), y_va, c_va)
 
-        init_metrics = validate()
-        best_metrics, best_step = init_metrics, 0
-        best_map = init_metrics["mAP"] if init_metrics else -1.0
-        best_state = copy.deepcopy(model.state_dict())
-        history: list[dict[str, Any]] = [{"step": 0, "loss": None, **(init_metrics or {})}]
+        def save_resume(step: int, metrics: dict | None) -> None:
+            """The loop's whole state after ``step`` (the sampler has no state of its own: it
+            draws from ``rng``)."""
+            embed.atomic_torch_save({
+                "format": RESUME_FORMAT, "fingerprint": fp, "step": int(step),
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "id_loss": None if id_loss is None else id_loss.state_dict(),
+                "rng_numpy": rng.bit_generator.state, "rng_torch": torch.get_rng_state(),
+                "best_state": best_state, "best_metrics": best_metrics, "best_step": int(best_step),
+                "best_map": float(best_map), "init_metrics": init_metrics, "metrics": metrics,
+                "history": history, "bad_evals": int(bad_evals), "train_ids": train_ids, "val_ids": val_ids,
+                "seconds": time.perf_counter() - t0, "init_version": init_version,
+                "train_config": config.to_dict()}, out_dir / RESUME)
+
+        stopped_early = False
+        if saved is None:
+            start = 0
+            init_metrics = validate()
+            best_metrics, best_step = init_metrics, 0
+            best_map = init_metrics["mAP"] if init_metrics else -1.0
+            best_state = copy.deepcopy(model.state_dict())
+            history: list[dict[str, Any]] = [{"step": 0, "loss": None, **(init_metrics or {})}]
+            bad_evals, metrics = 0, init_metrics
+        else:
+            start = int(saved["step"])
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            if id_loss is not None:
+                id_loss.load_state_dict(saved["id_loss"])
+            rng.bit_generator.state = saved["rng_numpy"]
+            torch.set_rng_state(saved["rng_torch"])
+            init_metrics, metrics, history = saved["init_metrics"], saved["metrics"], list(saved["history"])
+            best_metrics, best_step, best_map = saved["best_metrics"], int(saved["best_step"]), float(saved["best_map"])
+            best_state, bad_evals = saved["best_state"], int(saved["bad_evals"])
+            t0 -= float(saved.get("seconds") or 0.0)
+            stopped_early = bool(config.patience and bad_evals >= config.patience)
+            log.info("resuming round in %s at step %d of %d", out_dir, start, config.steps)
         log.info("round from %s: %d train ids (%d crops), %d val ids (%d crops), init val mAP %.3f",
-                 init_version, len(train_ids), len(tr_idx), len(val_ids), len(va_idx), best_map)
-        bad_evals, stopped_early, step, metrics = 0, False, 0, init_metrics
+                 init_version, len(train_ids), len(tr_idx), len(val_ids), len(va_idx),
+                 init_metrics["mAP"] if init_metrics else -1.0)
+        step, saved_step = start, (start or None)
         _set_train_mode(model, frozen)
-        for step in range(1, config.steps + 1):
+        for step in range(start + 1, (start if stopped_early else config.steps) + 1):
             if should_stop is not None and should_stop():
-                raise TrainingCancelled(f"round cancelled at step {step - 1} of {config.steps}; "
-                                        "no checkpoint written")
+                raise TrainingCancelled(
+                    f"round cancelled at step {step - 1} of {config.steps}; no checkpoint written"
+                    + (f" (resumable from step {saved_step}: {RESUME})" if saved_step else ""))
             f = _lr_factor(step - 1, config.steps, config.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = config.lr * g["lr_mult"] * f
@@ -387,6 +513,9 @@ def train_round(
                         bad_evals += 1
                 else:  # no validation identities: the last weights are the result
                     best_step, best_state = step, copy.deepcopy(model.state_dict())
+                if step < config.steps and not (config.patience and bad_evals >= config.patience):
+                    save_resume(step, metrics)  # (the checkpoint follows at once otherwise)
+                    saved_step = step
             if progress is not None:
                 progress(step, config.steps, loss_v, metrics)
             if config.patience and bad_evals >= config.patience:
@@ -400,21 +529,23 @@ def train_round(
         model.load_state_dict(best_state)
         ck_metrics = {"val": best_metrics or {}, "init_val": init_metrics or {}, "best_step": best_step,
                       "train_ids": len(train_ids), "val_ids": len(val_ids)}
-        ck = {"model": best_state, "config": mcfg.to_dict(), "optimizer": opt.state_dict(),
-              "step": int(best_step), "metrics": ck_metrics, "train_config": config.to_dict(),
-              "init_version": init_version}
         ck_path = out_dir / CHECKPOINT
-        embed.atomic_torch_save(ck, ck_path)
-        (out_dir / "model.onnx").unlink(missing_ok=True)  # stale export of an older checkpoint
         seconds = time.perf_counter() - t0
-        log.info("round done in %.0fs: best step %d, val mAP %.3f (init %.3f) -> %s", seconds,
-                 best_step, best_map, (init_metrics or {}).get("mAP", float("nan")), ck_path)
-        return {
-            "checkpoint": str(ck_path), "best_step": best_step, "steps_run": step,
+        result = {
+            "best_step": best_step, "steps_run": step,
             "stopped_early": stopped_early, "init_metrics": init_metrics, "best_metrics": best_metrics,
             "history": history, "train_ids": train_ids, "val_ids": val_ids,
             "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "seconds": seconds,
             "model_config": mcfg.to_dict(), "train_config": config.to_dict(),
         }
+        ck = {"model": best_state, "config": mcfg.to_dict(), "optimizer": opt.state_dict(),
+              "step": int(best_step), "metrics": ck_metrics, "train_config": config.to_dict(),
+              "init_version": init_version, "fingerprint": fp, "result": result}
+        embed.atomic_torch_save(ck, ck_path)
+        (out_dir / RESUME).unlink(missing_ok=True)  # the round is complete
+        (out_dir / "model.onnx").unlink(missing_ok=True)  # stale export of an older checkpoint
+        log.info("round done in %.0fs: best step %d, val mAP %.3f (init %.3f) -> %s", seconds,
+                 best_step, best_map, (init_metrics or {}).get("mAP", float("nan")), ck_path)
+        return {**result, "checkpoint": str(ck_path), "resumed_from": start}
     finally:
         torch.set_num_threads(prev_threads)

@@ -116,3 +116,54 @@ def test_identity_loss_trains_with_the_round_and_leaves_the_model_plain(data_roo
     ck = torch.load(Path(r["checkpoint"]), map_location="cpu", weights_only=True)
     assert ck["train_config"]["id_loss"] == "normalized_softmax"
     assert not any("W" == k.split(".")[-1] for k in ck["model"])  # no class centres in the model
+
+
+RESUMABLE = {**SMALL, "steps": 20, "eval_every": 5, "threads": 1}  # one thread: bit-for-bit repeatable
+
+
+def test_killed_round_resumes_from_its_last_evaluation_to_the_same_result(data_root):
+    """A round stopped after its first evaluation leaves resume.pt (and no checkpoint); resumed,
+    it continues from the saved step and ends exactly where an uninterrupted round ends."""
+    import torch
+
+    samples = _campus_samples(8)
+    cfg = T.TrainConfig(**RESUMABLE)
+    whole = T.train_round(samples, cfg, out_dir=data_root / "models" / "t-whole")
+    assert whole["resumed_from"] == 0 and not (data_root / "models" / "t-whole" / T.RESUME).exists()
+
+    out = data_root / "models" / "t-resume"
+    steps: list[int] = []
+    with pytest.raises(T.TrainingCancelled, match="resumable from step 5"):
+        T.train_round(samples, cfg, out_dir=out, progress=lambda s, n, loss, m: steps.append(s),
+                      should_stop=lambda: len(steps) >= 7)
+    assert steps == list(range(1, 8))
+    assert (out / T.RESUME).exists() and not (out / T.CHECKPOINT).exists()
+    saved = torch.load(out / T.RESUME, map_location="cpu", weights_only=True)
+    assert saved["step"] == 5 and [h["step"] for h in saved["history"]] == [0, 5]
+    assert set(saved) >= {"model", "optimizer", "rng_numpy", "rng_torch", "best_state", "best_metrics",
+                          "history", "bad_evals", "fingerprint"}
+
+    # another config or other samples: refused, the saved state kept
+    with pytest.raises(T.ResumeError, match="config"):
+        T.train_round(samples, T.TrainConfig(**{**RESUMABLE, "lr": 5e-4}), out_dir=out, resume=True)
+    with pytest.raises(T.ResumeError, match="samples"):
+        T.train_round(samples[:-1], cfg, out_dir=out, resume=True)
+    with pytest.raises(T.ResumeError, match="nothing to resume"):
+        T.train_round(samples, cfg, out_dir=data_root / "models" / "t-never", resume=True)
+    assert (out / T.RESUME).exists()
+
+    resumed_steps: list[int] = []
+    r = T.train_round(samples, cfg, out_dir=out, resume=True,
+                      progress=lambda s, n, loss, m: resumed_steps.append(s))
+    assert r["resumed_from"] == 5 and resumed_steps == list(range(6, 21))
+    assert r["steps_run"] == whole["steps_run"] == 20
+    assert (out / T.CHECKPOINT).exists() and not (out / T.RESUME).exists()
+    assert r["history"] == whole["history"] and r["best_step"] == whole["best_step"]
+    a = torch.load(out / T.CHECKPOINT, map_location="cpu", weights_only=True)["model"]
+    b = torch.load(data_root / "models" / "t-whole" / T.CHECKPOINT, map_location="cpu", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # resuming a round that finished training returns its result without training again
+    again = T.train_round(samples, cfg, out_dir=out, resume=True,
+                          progress=lambda s, n, loss, m: pytest.fail("trained again"))
+    assert again["steps_run"] == 20 and again["history"] == r["history"]
