@@ -13,7 +13,8 @@ Collections (one document per item, all keyed by dataset):
 ``vigil_leases``     one lease per *sample* (``_id`` "dataset|sample_id"), so two sessions never
                      hold the same sample even when they work on different queues
 ``vigil_decisions``  append-only log: who, when, before and after values, the model's
-                     prediction and whether it agreed, undone flags
+                     prediction and whether it agreed, undone flags; a bulk decision (Map page)
+                     is one "bulk" entry plus one "bulk_item" entry per sample it changed
 ``vigil_counters``   atomic counters (fresh identity names)
 
 What "labelled" means (``mode``): ``"verify"`` (default) counts only human decisions
@@ -143,6 +144,7 @@ def _ensure(name: str):
         db[LEASES].create_index([("dataset", 1), ("session", 1)])
         db[DECISIONS].create_index([("dataset", 1), ("session_id", 1), ("seq", -1)])
         db[DECISIONS].create_index([("dataset", 1), ("at", 1)])
+        db[DECISIONS].create_index([("dataset", 1), ("bulk", 1)])
         _ENSURED.add(key)
     return ds
 
@@ -835,6 +837,7 @@ class Decision:
     after: dict[str, Any]
     predicted: Any = None
     model_agreed: bool | None = None
+    not_restored: list[str] | None = None  # set by undo of a merge / bulk: samples changed since
 
 
 def _log(doc: dict[str, Any]) -> str:
@@ -925,6 +928,133 @@ def decide(name: str, session_id: str, sample_id: str, user: str, label: str | N
     raise LabelingError(f"sample {sample_id} keeps changing under concurrent writes; try again")
 
 
+@dataclass
+class BulkResult:
+    """What :func:`bulk_decide` did. ``id``: its log entry (None when nothing was written);
+    ``changed``: samples written; ``unchanged``: samples that already had the values;
+    ``conflicts``: samples someone else changed between this call's read and its write (left as
+    they are); ``missing``: ids not in the dataset."""
+
+    id: str | None
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+_BULK_CHUNK = 1000  # samples read per query in bulk decisions and their undo
+
+
+def bulk_decide(name: str, session_id: str, ids: Sequence[str], user: str, label: str | None = None,
+                identity: str | None = None, tags_add: Iterable[str] = ()) -> BulkResult:
+    """One decision on many samples (the Map page's bulk actions), undoable as one step.
+
+    Checked as in :func:`decide` (``label`` a class of the schema, ``tags_add`` condition tags).
+    Each sample is written by compare-and-set against the state read here, so a concurrent
+    writer is never overwritten: such samples are left and listed in ``conflicts``. A class or an
+    identity is a human decision (``labelled_by``, ``labelled_at``, ``label_round`` set, the map's
+    "to-label" tag dropped); condition tags alone verify nothing (``labelled_by`` is kept).
+    ``label_version`` grows on every written sample. The log gets one "bulk" entry and one
+    "bulk_item" entry per written sample (before / after state, tokens, tags added / removed);
+    :func:`undo` by ``session_id`` reverts the samples nobody changed since."""
+    coll, _ = _samples(name)
+    schema = label_schema(name)
+    tags_add = list(dict.fromkeys(t for t in tags_add if t))
+    bad = [t for t in tags_add if t not in CONDITION_TAGS and t not in schema.conditions]
+    if bad:
+        raise LabelingError(f"unknown condition tags {bad}; the schema allows {schema.conditions}")
+    if label is not None and label not in schema.classes:
+        raise LabelingError(f"unknown class {label!r}; the schema has {schema.classes}")
+    identity = (str(identity).strip() or None) if identity is not None else None
+    if label is None and identity is None and not tags_add:
+        raise LabelingError("nothing to apply: choose a class, an identity or condition tags")
+    ids = list(dict.fromkeys(str(i) for i in ids))
+    if not ids:
+        raise LabelingError("no samples selected: select some on the map first")
+    verifies = label is not None or identity is not None
+    at = _now()
+    rnd = current_round(name) if verifies else None
+    bid, seq = uuid.uuid4().hex, _seq()
+    out = BulkResult(None)
+    for c0 in range(0, len(ids), _BULK_CHUNK):
+        chunk = ids[c0: c0 + _BULK_CHUNK]
+        docs = {str(d["_id"]): d for d in coll.find({"_id": {"$in": [_oid(i) for i in chunk]}},
+                                                     {f: 1 for f in (*LABEL_FIELDS, "tags")})}
+        entries = []
+        for sid in chunk:
+            doc = docs.get(sid)
+            if doc is None:
+                out.missing.append(sid)
+                continue
+            before = _state(doc)
+            tags_before = list(doc.get("tags") or [])
+            tags = [t for t in tags_before if not (verifies and t == TO_LABEL)]
+            tags += [t for t in tags_add if t not in tags]
+            if (tags == tags_before and label in (None, before["label"]) and identity in (None, before["identity"])
+                    and (not verifies or before["labelled_by"] is not None)):
+                out.unchanged.append(sid)
+                continue
+            sets: dict[str, Any] = {"tags": tags, "label_version": int(before.get("label_version") or 0) + 1,
+                                    "last_modified_at": at.replace(tzinfo=None)}
+            if label is not None:
+                sets["label"] = label
+            if identity is not None:
+                sets["identity"] = identity
+            if verifies:
+                sets.update(labelled_by=user, labelled_at=_iso(at), label_round=rnd)
+            if coll.update_one(_cas_filter(sid, doc), {"$set": sets}).matched_count != 1:
+                out.conflicts.append(sid)  # changed since it was read: theirs stays
+                continue
+            after = _state({**doc, **sets})
+            out.changed.append(sid)
+            entries.append({"_id": uuid.uuid4().hex, "dataset": name, "sample_id": sid, "kind": "bulk_item",
+                            "bulk": bid, "user": user, "session_id": session_id, "at": at, "seq": seq,
+                            "undone": False, "before": before, "after": after,
+                            "tags_added": [t for t in tags if t not in tags_before],
+                            "tags_removed": [t for t in tags_before if t not in tags],
+                            "token_before": _token(before), "token_after": _token(after)})
+        if entries:
+            _coll(DECISIONS).insert_many(entries, ordered=False)
+    if out.changed:
+        out.id = _log({"_id": bid, "dataset": name, "sample_id": None, "kind": "bulk", "user": user,
+                       "session_id": session_id, "at": at, "before": {},
+                       "after": {"label": label, "identity": identity, "tags_add": tags_add},
+                       "n_changed": len(out.changed), "n_unchanged": len(out.unchanged),
+                       "conflicts": out.conflicts, "missing": out.missing, "round": rnd})
+    log.info("%s: bulk decision by %s: %d changed, %d unchanged, %d conflicts, %d missing", name, user,
+             len(out.changed), len(out.unchanged), len(out.conflicts), len(out.missing))
+    return out
+
+
+def _undo_bulk(name: str, coll, bulk_id: str) -> tuple[list[str], list[str]]:
+    """Revert the samples of a bulk decision that nobody changed since (compare-and-set on the
+    token it left); returns (restored, not restored) sample ids."""
+    items = list(_coll(DECISIONS).find({"dataset": name, "bulk": bulk_id, "kind": "bulk_item"},
+                                       {"sample_id": 1, "before": 1, "token_after": 1, "tags_added": 1,
+                                        "tags_removed": 1}))
+    restored, kept = [], []
+    now = _now().replace(tzinfo=None)
+    for c0 in range(0, len(items), _BULK_CHUNK):
+        chunk = items[c0: c0 + _BULK_CHUNK]
+        docs = {str(d["_id"]): d for d in coll.find({"_id": {"$in": [_oid(it["sample_id"]) for it in chunk]}},
+                                                     {f: 1 for f in (*LABEL_FIELDS, "tags")})}
+        for it in chunk:
+            sid, doc = it["sample_id"], docs.get(it["sample_id"])
+            if doc is None or _token(_state(doc)) != it["token_after"]:
+                kept.append(sid)
+                continue
+            cur_tags = list(doc.get("tags") or [])
+            tags = [t for t in cur_tags if t not in it.get("tags_added", [])]
+            tags += [t for t in it.get("tags_removed", []) if t not in tags]
+            sets = {f: it["before"].get(f) for f in LABEL_FIELDS}
+            sets.update(label_version=int(doc.get("label_version") or 0) + 1, tags=tags, last_modified_at=now)
+            if coll.update_one(_cas_filter(sid, doc), {"$set": sets}).matched_count == 1:
+                restored.append(sid)
+            else:
+                kept.append(sid)
+    return restored, kept
+
+
 def _restore(name: str, coll, sample_id: str, target_state: dict[str, Any], expected_token: str,
              user: str, extra_tags: Sequence[str] = ()) -> dict[str, Any]:
     """Compare-and-set the sample back to ``target_state`` (label fields, condition tags)."""
@@ -946,16 +1076,25 @@ def _restore(name: str, coll, sample_id: str, target_state: dict[str, Any], expe
     raise LabelingError(f"sample {sample_id} keeps changing under concurrent writes; try again")
 
 
-def undo(name: str, session_id: str, user: str | None = None) -> Decision | None:
-    """Revert this session's last decision not yet undone; returns it (None: nothing to undo).
+UNDOABLE = ("label", "skip", "merge", "bulk")
+
+
+def undo(name: str, session_id: str, user: str | None = None,
+         kinds: Sequence[str] = UNDOABLE) -> Decision | None:
+    """Revert this session's last decision (of ``kinds``) not yet undone; returns it (None:
+    nothing to undo).
 
     A label decision is reverted only if nobody changed the sample since (else
     :class:`LabelConflict`); its item is leased to this session again so the page shows it.
-    An undone skip re-serves the item; an undone merge restores the merged samples that were
-    not changed since (the others are left and listed in the log)."""
+    An undone skip re-serves the item; an undone merge or bulk decision restores the samples
+    that were not changed since (the others are left, listed in the log and in the returned
+    decision's ``not_restored``)."""
+    bad = [k for k in kinds if k not in UNDOABLE]
+    if bad or not kinds:
+        raise LabelingError(f"cannot undo decisions of kind {bad or kinds}; undoable: {UNDOABLE}")
     coll, _ = _samples(name)
     d = _coll(DECISIONS).find_one({"dataset": name, "session_id": session_id, "undone": False,
-                                   "kind": {"$in": ["label", "skip", "merge"]}}, sort=[("seq", -1)])
+                                   "kind": {"$in": list(kinds)}}, sort=[("seq", -1)])
     if d is None:
         return None
     who = user or d.get("user")
@@ -973,6 +1112,9 @@ def undo(name: str, session_id: str, user: str | None = None) -> Decision | None
             if r.matched_count == 0:
                 kept.append(sid)
         extra["not_restored"] = kept
+    elif d["kind"] == "bulk":
+        restored, kept = _undo_bulk(name, coll, d["_id"])
+        extra.update(n_restored=len(restored), not_restored=kept)
     res = _coll(DECISIONS).update_one({"_id": d["_id"], "undone": False},
                                       {"$set": {"undone": True, "undone_at": _now(), "undone_by": who}})
     if res.modified_count == 0:  # undone concurrently by the same session in another thread
@@ -987,7 +1129,9 @@ def undo(name: str, session_id: str, user: str | None = None) -> Decision | None
             _coll(ITEMS).update_many(closed,
                                      {"$set": {"status": "leased", "leased_by": session_id, "lease_until": until,
                                                "served_token": extra.get("token_after") or d.get("token_after")}})
-    return _as_decision(d)
+    out = _as_decision(d)
+    out.not_restored = extra.get("not_restored")
+    return out
 
 
 def record_conflict(name: str, session_id: str, sample_id: str, user: str, mine: dict[str, Any],
@@ -1001,9 +1145,12 @@ def record_conflict(name: str, session_id: str, sample_id: str, user: str, mine:
                  "resolution": resolution})
 
 
-def decisions(name: str, session_id: str | None = None, limit: int = 100) -> list[Decision]:
-    """The newest decisions (all kinds), newest first."""
+def decisions(name: str, session_id: str | None = None, limit: int = 100, items: bool = False) -> list[Decision]:
+    """The newest decisions (all kinds), newest first. ``items``: also the per-sample entries of
+    bulk decisions ("bulk_item"; by default only their one "bulk" entry)."""
     f: dict[str, Any] = {"dataset": name}
+    if not items:
+        f["kind"] = {"$ne": "bulk_item"}
     if session_id:
         f["session_id"] = session_id
     return [_as_decision(d) for d in _coll(DECISIONS).find(f, sort=[("seq", -1)], limit=limit)]

@@ -300,6 +300,78 @@ def test_identities_merge_flag_progress_and_agreement(ds):
     assert s.flagged and s.flag_reason == "misclustered"
 
 
+def test_bulk_decision_is_checked_logged_and_undone_as_one_step(ds, monkeypatch):
+    """The Map page's bulk actions: schema checks, compare-and-set per sample (a concurrent
+    write is kept, not overwritten), one "bulk" log entry with before / after per sample, one
+    undo step that restores what nobody changed since and lists the rest."""
+    from core import labeling, store
+
+    ids = store.get_dataset(ds).values("id")[:14]
+    sel, later = ids[:10], ids[10:]
+    for bad in ({"label": "dragon"}, {"tags_add": ["sparkly"]}, {}):  # refused, nothing written
+        with pytest.raises(labeling.LabelingError):
+            labeling.bulk_decide(ds, "map", sel, "alice", **bad)
+    store.tag_samples(ds, sel[:2], [labeling.TO_LABEL])  # sent to the queue earlier
+    before = {s: labeling.sample_state(ds, s) for s in sel}
+    tags_before = {s: t for s, t in zip(sel, store.get_dataset(ds).select(sel, ordered=True).values("tags"))}
+    # another operator labels sel[5] between the bulk action's read and its write
+    raced, real_state = [], labeling._state
+
+    def racing_state(doc):
+        if doc and str(doc.get("_id")) == sel[5] and not raced:
+            raced.append(1)
+            labeling.decide(ds, "bob-tab", sel[5], "bob", label="animal")
+        return real_state(doc)
+
+    monkeypatch.setattr(labeling, "_state", racing_state)
+    r = labeling.bulk_decide(ds, "map", [*sel, "0" * 24], "alice", label="vehicle", identity="id-bulk",
+                             tags_add=["shadow"])
+    monkeypatch.setattr(labeling, "_state", real_state)
+    assert raced and r.conflicts == [sel[5]] and r.missing == ["0" * 24]
+    assert r.changed == [s for s in sel if s != sel[5]] and r.id
+    assert _state(ds, sel[5])["label"] == "animal" and _state(ds, sel[5])["labelled_by"] == "bob"
+    for s in r.changed:
+        st = _state(ds, s)
+        assert (st["label"], st["identity"], st["labelled_by"]) == ("vehicle", "id-bulk", "alice")
+        assert "shadow" in st["tags"] and st["labelled_at"]
+        assert st["label_version"] == int(before[s][0]["label_version"] or 0) + 1
+    got = store.get_dataset(ds).select(sel[:2]).values("tags")
+    assert all(labeling.TO_LABEL not in t for t in got)  # decided: no longer waiting in the queue
+    # the log: one bulk entry (listed by decisions()), one entry per written sample
+    head = labeling.decisions(ds, limit=5)[0]
+    assert head.kind == "bulk" and head.id == r.id and head.after["identity"] == "id-bulk"
+    items = {d.sample_id: d for d in labeling.decisions(ds, limit=100, items=True) if d.kind == "bulk_item"}
+    assert sorted(items) == sorted(r.changed)
+    for s, d in items.items():
+        assert d.before == before[s][0] and d.after == _state(ds, s)
+    # later: bob changes one of them, and the same tab labels another sample on the Annotate page
+    labeling.decide(ds, "bob-tab", sel[3], "bob", identity="id-bob")
+    labeling.decide(ds, "map", later[0], "alice", label="other")
+    d = labeling.undo(ds, "map", "alice", kinds=("bulk",))  # the Map page's "Undo last bulk action"
+    assert d.kind == "bulk" and d.not_restored == [sel[3]]
+    for s in r.changed:
+        if s == sel[3]:
+            continue
+        st, tok = labeling.sample_state(ds, s)
+        assert tok == before[s][1], s  # every label field and condition tag as before
+        assert st["label_version"] == int(before[s][0]["label_version"] or 0) + 2  # versions only grow
+        assert sorted(store.get_dataset(ds).select([s]).first().tags) == sorted(tags_before[s])
+    assert _state(ds, sel[3])["identity"] == "id-bob" and _state(ds, sel[5])["label"] == "animal"
+    assert _state(ds, later[0])["label"] == "other"  # the later label decision is not touched
+    assert labeling.undo(ds, "map", kinds=("bulk",)) is None  # one step, done once
+    undo_entry = labeling.decisions(ds, limit=5)[0]
+    assert undo_entry.kind == "undo"
+    assert store.db()[labeling.DECISIONS].find_one({"_id": undo_entry.id})["not_restored"] == [sel[3]]
+    assert labeling.undo(ds, "map").sample_id == later[0]  # plain undo: the label decision next
+    # condition tags alone verify nothing; applying them again changes nothing and logs nothing
+    t = labeling.bulk_decide(ds, "map", later, "alice", tags_add=["night"])
+    assert t.changed == later and all(_state(ds, s)["labelled_by"] is None for s in later)
+    again = labeling.bulk_decide(ds, "map", later, "alice", tags_add=["night"])
+    assert again.id is None and again.unchanged == later and not again.changed
+    assert labeling.undo(ds, "map", kinds=("bulk",)).id == t.id
+    assert all("night" not in _state(ds, s)["tags"] for s in later)
+
+
 def test_tracklet_strip_and_path(ds):
     from core import labeling, store
 
