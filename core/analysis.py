@@ -54,7 +54,7 @@ def condition_masks(data: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def compute_scores(name: str, version: str | None = None, n_neighbors: int = 10) -> dict[str, Any]:
     """Score every embedded sample and store ``mis_score``, ``mis_reasons`` and ``uncertainty``;
-    the condition clusters found go to ``dataset.info``. Returns a summary."""
+    the condition clusters found go to the dataset's state. Returns a summary."""
     ds = store.get_dataset(name)
     schema = ds.get_field_schema()
     fields = ("identity", "low_light", "tags") + (("flagged",) if "flagged" in schema else ())
@@ -77,17 +77,13 @@ def compute_scores(name: str, version: str | None = None, n_neighbors: int = 10)
     store.set_values(name, UNCERTAINTY_FIELD, dict(zip(ids, map(float, unc))))
     clusters = [{k2: (v if k2 != "members" else [ids[i] for i in v[:500]]) for k2, v in c.items()}
                 for c in cand.clusters]
-    ds.reload()
-    info = dict(ds.info or {})
-    info[CLUSTERS_INFO_KEY] = {"version": data["version"], "clusters": clusters}
-    ds.info = info
-    ds.save()
+    store.set_state(name, CLUSTERS_INFO_KEY, {"version": data["version"], "clusters": clusters})
     log.info("%s: %d candidates, %d condition clusters", name, len(cand.order), len(clusters))
     return {"scored": len(ids), "candidates": int(len(cand.order)), "condition_clusters": len(clusters)}
 
 
 def condition_clusters(name: str) -> list[dict[str, Any]]:
-    return (store.get_dataset(name).info or {}).get(CLUSTERS_INFO_KEY, {}).get("clusters", [])
+    return (store.state(name).get(CLUSTERS_INFO_KEY) or {}).get("clusters", [])
 
 
 def candidates(name: str, limit: int = 200) -> list[dict[str, Any]]:

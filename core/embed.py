@@ -525,8 +525,8 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
             failed += len(errs)
             embedded += len(chunk) - len(errs)
             done_before += len(chunk)
-    if total and store.active_model(name) is None:
-        store.set_active_model(name, version)
+    if total:  # a default for a fresh dataset; never over an operator's activation meanwhile
+        store.set_active_model(name, version, only_if_unset=True)
     clear_similarity_cache(name)
     seconds = time.perf_counter() - t0
     log.info("embedded %s with %s: %d ok, %d failed in %.1fs", name, version, embedded, failed,

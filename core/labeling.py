@@ -199,19 +199,14 @@ class LabelSchema:
 
 
 def label_schema(name: str) -> LabelSchema:
-    """The dataset's schema (``dataset.info["label_schema"]``), defaults where unset."""
-    return LabelSchema.from_dict((store.get_dataset(name).info or {}).get("label_schema"))
+    """The dataset's schema (its ``label_schema`` state), defaults where unset."""
+    return LabelSchema.from_dict(store.state(name).get("label_schema"))
 
 
 def set_label_schema(name: str, schema: LabelSchema | dict[str, Any]) -> LabelSchema:
     s = schema if isinstance(schema, LabelSchema) else LabelSchema.from_dict(schema)
     s.validate()
-    ds = store.get_dataset(name)
-    ds.reload()
-    info = dict(ds.info or {})
-    info["label_schema"] = asdict(s)
-    ds.info = info
-    ds.save()
+    store.set_state(name, "label_schema", asdict(s))
     return s
 
 

@@ -306,7 +306,7 @@ def knn_preservation(X: np.ndarray, Y: np.ndarray, k: int = 10, sample: int = 20
 # FiftyOne side: cached layouts per model version, brain-run registration
 # --------------------------------------------------------------------------------------------
 
-MAPS_INFO_KEY = "maps"  # dataset.info["maps"][<map field>] = record of the cached layout
+MAPS_INFO_KEY = "maps"  # store.state(name)["maps"][<map field>] = record of the cached layout
 
 # Layouts actually computed by compute_layout in this process (a cache hit adds nothing).
 LAYOUTS_COMPUTED = 0
@@ -350,7 +350,7 @@ def _previous_field(ds, version: str, own: str) -> str | None:
     most recently computed map of another version."""
     from core import store
 
-    maps = (ds.info or {}).get(MAPS_INFO_KEY, {})
+    maps = store.state(ds.name).get(MAPS_INFO_KEY) or {}
     schema = ds.get_field_schema()
     active = store.active_model(ds.name)
     if active and active != version and map_field(active) in schema:
@@ -374,7 +374,7 @@ def compute_layout(
     None), computed only when some requested sample with an embedding has no position yet.
 
     One layout per version covers every sample laid out so far (field ``map_<version>``, a
-    list [x, y]; record in ``dataset.info["maps"]``); a view is a subset of it, so filtering the
+    list [x, y]; record in the dataset's state, ``maps``); a view is a subset of it, so filtering the
     page never recomputes. A recompute covers the requested samples plus those already covered
     and starts from this version's own positions, else from the previous (active) version's map.
     Samples without an ``emb_<version>`` vector are returned in ``missing``. Vectors of a model
@@ -393,7 +393,7 @@ def compute_layout(
     schema = ds.get_field_schema()
     embedded = ds.exists(efield)
     req = embedded.select(list(view_ids)) if view_ids is not None else embedded
-    record = (ds.info or {}).get(MAPS_INFO_KEY, {}).get(mfield)
+    record = (store.state(name).get(MAPS_INFO_KEY) or {}).get(mfield)
 
     need = force or record is None or mfield not in schema or len(req.exists(mfield, False)) > 0
     if not need:
@@ -441,9 +441,6 @@ def compute_layout(
         store.set_values(name, mfield, values)
     _report(progress, "save", 1.0)
 
-    ds.reload()
-    info = dict(ds.info or {})
-    maps = dict(info.get(MAPS_INFO_KEY, {}))
     record = {
         "version": version,
         "embedding_field": efield,
@@ -455,10 +452,7 @@ def compute_layout(
         "created": time.time(),
         "brain_key": mfield if register else None,
     }
-    maps[mfield] = record
-    info[MAPS_INFO_KEY] = maps
-    ds.info = info
-    ds.save()
+    store.set_state(name, f"{MAPS_INFO_KEY}.{mfield}", record)  # this map's record alone
     return _ordered(MapLayout(list(ids), Y, mfield, True, record), view_ids)
 
 
@@ -478,8 +472,7 @@ def cached_layout(name: str, version: str) -> dict | None:
     """The record of the cached layout of ``version`` (None when never computed)."""
     from core import store
 
-    ds = store.get_dataset(name)
-    return (ds.info or {}).get(MAPS_INFO_KEY, {}).get(map_field(version))
+    return (store.state(name).get(MAPS_INFO_KEY) or {}).get(map_field(version))
 
 
 def register_brain_run(name: str, version: str) -> str:

@@ -118,30 +118,28 @@ def activate(dataset: str, version: str) -> None:
     field = store.embedding_field(version)
     if field not in ds.get_field_schema() or ds.exists(field).count() == 0:
         raise RegistryError(f"version {version} has no embeddings in {dataset}: embed the dataset with it first")
-    previous = store.active_model(dataset)
-    if previous == version:
-        return
-    info = dict(ds.info or {})
-    history = list(info.get("model_history", []))
-    if previous:
-        history.append(previous)
-    info["model_history"] = history[-50:]
-    info["active_model"] = version
-    ds.info = info
-    ds.save()
-    log.info("%s: active model %s -> %s", dataset, previous, version)
+    for _attempt in range(20):  # compare-and-set: a concurrent activation is never undone silently
+        previous = store.active_model(dataset)
+        if previous == version:
+            return
+        update: dict[str, Any] = {"$set": {"active_model": version}}
+        if previous:
+            update["$push"] = {"model_history": {"$each": [previous], "$slice": -50}}
+        if store.update_state(dataset, {"active_model": previous}, update):
+            log.info("%s: active model %s -> %s", dataset, previous, version)
+            return
+    raise RegistryError(f"the active model of {dataset} keeps changing; try again")
 
 
 def rollback(dataset: str) -> str:
     """Re-activate the version that was active before the current one; returns it."""
-    ds = store.get_dataset(dataset)
-    info = dict(ds.info or {})
-    history = list(info.get("model_history", []))
-    if not history:
-        raise RegistryError("nothing to roll back to: no earlier active version")
-    previous = history.pop()
-    info["model_history"] = history
-    info["active_model"] = previous
-    ds.info = info
-    ds.save()
-    return previous
+    for _attempt in range(20):
+        st = store.state(dataset)
+        history = list(st.get("model_history") or [])
+        if not history:
+            raise RegistryError("nothing to roll back to: no earlier active version")
+        expect = {"active_model": st.get("active_model"), "model_history": st.get("model_history")}
+        if store.update_state(dataset, expect, {"$set": {"active_model": history[-1],
+                                                        "model_history": history[:-1]}}):
+            return history[-1]
+    raise RegistryError(f"the active model of {dataset} keeps changing; try again")

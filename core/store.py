@@ -120,8 +120,8 @@ def get_dataset(name: str, create: bool = False) -> fo.Dataset:
         raise StoreError(f"dataset {name!r} does not exist; ingest something into it first")
     ds = fo.Dataset(name)
     ds.persistent = True
-    ds.info = {"active_model": None}
     ds.save()
+    db()[STATE].replace_one({"_id": name}, {"_id": name, "active_model": None}, upsert=True)
     return _ensure_schema(ds)
 
 
@@ -142,6 +142,7 @@ def delete_dataset(name: str) -> None:
         if fo.dataset_exists(n):
             fo.delete_dataset(n)
     db()[SEQUENCES].delete_many({"dataset": name})
+    db()[STATE].delete_one({"_id": name})
 
 
 SEQUENCES = "vigil_sequences"
@@ -193,7 +194,7 @@ def dataset_summary(name: str) -> dict[str, Any]:
         "identities": len([i for i in ds.distinct("identity") if i]),
         "cameras": len([c for c in ds.distinct("camera") if c]),
         "videos": len(vids) if vids is not None else 0,
-        "active_model": (ds.info or {}).get("active_model"),
+        "active_model": active_model(name),
     }
 
 
@@ -221,16 +222,55 @@ def filtered_view(name: str, filters: dict[str, Any] | None = None, tags: list[s
     return view
 
 
+# ---------------------------------------------------------------- per-dataset state
+
+STATE = "vigil_state"
+STATE_KEYS = ("active_model", "model_history", "label_schema", "condition_clusters", "maps")
+
+
+def _state_coll():
+    return db()[STATE]
+
+
+def state(name: str) -> dict[str, Any]:
+    """Vigil's state of dataset ``name`` (active model and its history, label schema, map and
+    cluster records): one document of ``vigil_state`` per dataset, written one key at a time
+    (:func:`set_state`), never read-modified-written whole, so a background job and an operator
+    cannot undo each other's writes. Datasets made before it existed are seeded once from
+    ``dataset.info``."""
+    doc = _state_coll().find_one({"_id": name})
+    if doc is None:
+        info = get_dataset(name).info or {}  # (a clear error for a dataset that does not exist)
+        seed = {k: info[k] for k in STATE_KEYS if k in info}
+        _state_coll().update_one({"_id": name}, {"$setOnInsert": seed}, upsert=True)
+        doc = _state_coll().find_one({"_id": name})
+    return doc
+
+
+def set_state(name: str, key: str, value: Any) -> None:
+    """Set one key (dotted for a nested one, e.g. ``maps.map_base``) atomically (``$set``)."""
+    state(name)
+    _state_coll().update_one({"_id": name}, {"$set": {key: value}})
+
+
+def update_state(name: str, expect: dict[str, Any], update: dict[str, Any]) -> bool:
+    """Apply the MongoDB ``update`` only while the state still has the ``expect`` values
+    (compare-and-set); False when another writer changed them first."""
+    state(name)
+    return _state_coll().update_one({"_id": name, **expect}, update).matched_count == 1
+
+
 def active_model(name: str) -> str | None:
-    return (get_dataset(name).info or {}).get("active_model")
+    return state(name).get("active_model")
 
 
-def set_active_model(name: str, version: str | None) -> None:
-    ds = get_dataset(name)
-    info = dict(ds.info or {})
-    info["active_model"] = version
-    ds.info = info
-    ds.save()
+def set_active_model(name: str, version: str | None, only_if_unset: bool = False) -> bool:
+    """Make ``version`` the active model; with ``only_if_unset`` only while none is active (a
+    job setting a default never overrides an operator's choice). Returns whether it was set."""
+    if only_if_unset:
+        return update_state(name, {"active_model": None}, {"$set": {"active_model": version}})
+    set_state(name, "active_model", version)
+    return True
 
 
 def embedding_field(version: str) -> str:
