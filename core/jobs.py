@@ -76,10 +76,19 @@ def submit(dataset: str, kind: str, args: dict[str, Any] | None = None, create: 
     if res.error:
         raise JobError(f"could not queue the {kind} job: {res.error_message or res.error}")
     job_id = str(res.result["id"])
-    _jobs().insert_one({"_id": job_id, "dataset": dataset, "kind": kind, "args": args or {},
-                        "submitted_at": _now(), "cancel": False, "history": []})
+    record_job(job_id, dataset, kind, args or {})
     log.info("queued %s job %s on %s", kind, job_id, dataset)
     return job_id
+
+
+def record_job(job_id: str, dataset: str, kind: str, args: dict[str, Any], **started: Any) -> None:
+    """Write Vigil's record of a job idempotently: the submitter and the worker both call it and
+    either may come first (a fast worker starts the job before :func:`submit` returns), so it is
+    an upsert that never clobbers what the other side wrote (its cancel flag, its history)."""
+    _jobs().update_one({"_id": job_id},
+                       {"$set": {"dataset": dataset, "kind": kind, "args": args, **started},
+                        "$setOnInsert": {"submitted_at": _now(), "cancel": False, "history": []}},
+                       upsert=True)
 
 
 def _service():
@@ -190,14 +199,27 @@ def _oid(job_id: str):
     return ObjectId(job_id)
 
 
-def _alive(pid: int | None, host: str | None) -> bool:
+def _process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _alive(pid: int | None, host: str | None, started: float | None = None) -> bool:
+    """Whether the job's process still runs: its pid exists, is no zombie and, when its start
+    time was recorded, started then (a pid the system reused for another process is not it)."""
     import psutil
 
     if not pid or host != socket.gethostname():
         return True  # another machine's worker: not ours to judge
     try:
         p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(p.create_time() - started) < 1.0
     except psutil.NoSuchProcess:
         return False
 
@@ -212,10 +234,10 @@ def reconcile() -> int:
         rec = _jobs().find_one({"_id": str(op.id)})
         if rec is None or "pid" not in rec:
             continue
-        if _alive(rec.get("pid"), rec.get("host")):
+        if _alive(rec.get("pid"), rec.get("host"), rec.get("pid_started")):
             continue
-        msg = (f"worker process {rec.get('pid')} died while the job was running (killed or out of "
-               f"memory); its log: {log_path(str(op.id))}")
+        msg = (f"the job's process {rec.get('pid')} died while the job was running (killed or out of "
+               f"memory; its pid may now belong to another process); its log: {log_path(str(op.id))}")
         if svc.set_failed(op.id, result=ExecutionResult(error=msg), required_state=ExecutionRunState.RUNNING):
             log.warning("job %s: %s", op.id, msg.splitlines()[0])
             n += 1
@@ -286,8 +308,8 @@ def run(ctx) -> dict[str, Any]:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    _jobs().update_one({"_id": job_id}, {"$set": {"pid": os.getpid(), "host": socket.gethostname(),
-                                                 "started_at": _now(), "log": str(lp)}}, upsert=True)
+    record_job(job_id, dataset, kind, args, pid=os.getpid(), pid_started=_process_started(os.getpid()),
+               host=socket.gethostname(), started_at=_now(), log=str(lp))
     reporter = Reporter(job_id, ctx)
     log.info("job %s: %s on %s with %s", job_id, kind, dataset, args)
     try:

@@ -67,3 +67,32 @@ def test_unknown_kind_and_missing_dataset_are_refused(dsname):
         jobs.submit(dsname, "dance", {})
     with pytest.raises(store.StoreError, match="does not exist"):
         jobs.submit(dsname, "embed", {})
+
+
+def test_worker_recording_first_never_fails_the_submit():
+    """A fast worker writes the job's record before submit() does: both writes are one upsert,
+    and neither clobbers the other (the old submit's insert raised DuplicateKeyError here)."""
+    job_id = "race-" + os.urandom(4).hex()
+    jobs.record_job(job_id, "ds", "embed", {}, pid=os.getpid(), host="h")  # the worker, first
+    store.db()[jobs.COLLECTION].update_one({"_id": job_id}, {"$push": {"history": {"step": 1}},
+                                                            "$set": {"cancel": True}})
+    jobs.record_job(job_id, "ds", "embed", {})  # then the submitter
+    rec = store.db()[jobs.COLLECTION].find_one({"_id": job_id})
+    assert rec["pid"] == os.getpid() and rec["history"] == [{"step": 1}] and rec["cancel"] is True
+    assert rec["dataset"] == "ds" and rec["submitted_at"]
+
+
+def test_reused_pid_does_not_keep_a_dead_job_running(worker, dsname):
+    """The recorded pid now belongs to another live process (this test's own): the start time
+    tells it apart, and the job is marked failed instead of 'running' forever."""
+    ingest(need_shared("reid", "campus62", "train"), "reid", dsname)
+    job = jobs.submit(dsname, "embed", {"version": "base"})
+    rec = _wait_running(job)
+    assert rec["pid_started"]
+    store.db()[jobs.COLLECTION].update_one({"_id": job}, {"$set": {"pid": os.getpid()}})
+    try:
+        assert jobs.reconcile() >= 1
+        end = jobs.get(job)
+        assert end["state"] == "failed" and "died" in end["error"], end
+    finally:
+        jobs.cancel(job)  # the real job process stops at its next progress check
