@@ -26,11 +26,20 @@ from core.config import shared_data  # noqa: E402
 SHARED = shared_data()
 
 
+def in_ci() -> bool:
+    """True in CI (``CI`` set to anything but empty / 0 / false, as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def need_shared(*parts: str) -> Path:
-    """Path inside ../shared/data, or skip the test with a reason when it is absent."""
+    """Path inside ../shared/data, or skip the test with a reason when it is absent. In CI a
+    missing folder fails the test: a green run must not mean that half the suite was skipped."""
     p = SHARED.joinpath(*parts)
     if not p.exists():
-        pytest.skip(f"real data not available: {p} is absent (see ../shared/data/README.md)")
+        msg = f"real data not available: {p} is absent (see ../shared/data/README.md)"
+        if in_ci():
+            pytest.fail(f"{msg}; in CI (CI={os.environ['CI']!r}) the real data must be there", pytrace=False)
+        pytest.skip(msg)
     return p
 
 
