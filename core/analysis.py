@@ -3,7 +3,9 @@ candidates (kNN disagreement, condition clusters, operator flags) and model unce
 
 They colour the map, order the candidate list, feed the labelling queue's condition boost and
 weight the training sampler. Reads and writes go through :mod:`core.store`; the math is
-:mod:`core.strategies`.
+:mod:`core.misclustered` and :mod:`core.strategies`. The candidate list is short by design: at
+most ``misclustered.candidate_limit(N)`` samples (5 % of them, at least 10, at most 200) plus the
+operator-flagged ones carry a positive ``mis_score`` and reasons; every other sample scores 0.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from core import store, strategies
+from core import misclustered, store, strategies
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def compute_scores(name: str, version: str | None = None, n_neighbors: int = 10)
     labelled = np.array([v is not None for v in labels])
     flags = np.array([bool(v) for v in data.get("flagged", [False] * len(ids))])
     k = min(n_neighbors, len(ids) - 1)
-    cand = strategies.misclustered_candidates(X, labelled, labels, condition_masks(data), flags, n_neighbors=k)
+    cand = misclustered.misclustered_candidates(X, labelled, labels, condition_masks(data), flags, n_neighbors=k)
     unc = np.nan_to_num(cand.parts["disagreement"], nan=0.0)
     if (~labelled).any() and len({str(v) for v in labels[labelled]}) >= 2:
         probs, _classes = strategies.class_probabilities(X, labelled, labels, n_neighbors=k)
@@ -78,8 +80,10 @@ def compute_scores(name: str, version: str | None = None, n_neighbors: int = 10)
     clusters = [{k2: (v if k2 != "members" else [ids[i] for i in v[:500]]) for k2, v in c.items()}
                 for c in cand.clusters]
     store.set_state(name, CLUSTERS_INFO_KEY, {"version": data["version"], "clusters": clusters})
-    log.info("%s: %d candidates, %d condition clusters", name, len(cand.order), len(clusters))
-    return {"scored": len(ids), "candidates": int(len(cand.order)), "condition_clusters": len(clusters)}
+    log.info("%s: %d candidates (limit %d, %d more cut), %d condition clusters", name, len(cand.order),
+             cand.limit, cand.dropped, len(clusters))
+    return {"scored": len(ids), "candidates": int(len(cand.order)), "candidate_limit": cand.limit,
+            "condition_clusters": len(clusters)}
 
 
 def condition_clusters(name: str) -> list[dict[str, Any]]:
@@ -87,7 +91,8 @@ def condition_clusters(name: str) -> list[dict[str, Any]]:
 
 
 def candidates(name: str, limit: int = 200) -> list[dict[str, Any]]:
-    """Samples with a misclustering score, highest first, with their reasons."""
+    """Samples with a misclustering score, highest first, with their reasons (at most ``limit``;
+    :func:`compute_scores` keeps the list short, see the module doc)."""
     from fiftyone import ViewField as F
 
     ds = store.get_dataset(name)

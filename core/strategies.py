@@ -1,4 +1,4 @@
-"""Labelling-queue strategies and misclustered-sample scores: pure functions on arrays.
+"""Labelling-queue strategies and condition-cluster scores: pure functions on arrays.
 
 Query strategies follow modAL's style: plain functions with one shared signature ::
 
@@ -18,10 +18,10 @@ calibrated probabilities, while kNN needs no fitting, is deterministic, matches 
 matching works (nearest gallery neighbour) and gives spread-out probabilities to samples that
 lie between identities or far from all of them. ``classifier="logreg"`` is available.
 
-Misclustered candidates (what the map flags): :func:`knn_disagreement_scores`,
-:func:`condition_cluster_scores` / :func:`condition_clusters` (neighbourhoods that share a
-lighting condition much more than an identity: the model groups by darkness) and
-:func:`misclustered_candidates`, which merges them with operator flags into one ranked list.
+Condition clusters (:func:`condition_cluster_scores` / :func:`condition_clusters`: neighbourhoods
+that share a lighting condition much more than an identity, the model grouping by darkness) are
+here too; :mod:`core.misclustered` merges them with kNN label evidence and operator flags into
+the map's short list of misclustered candidates.
 
 No streamlit, no fiftyone: numpy and scikit-learn only.
 """
@@ -446,7 +446,7 @@ def select(name: str, embeddings, labelled, labels, k: int, rng: np.random.Gener
 
 
 # --------------------------------------------------------------------------------------------
-# Misclustered candidates (issue 4)
+# Condition clusters (used by core.misclustered and the label-efficiency benchmark)
 # --------------------------------------------------------------------------------------------
 
 
@@ -457,22 +457,6 @@ def _known(labels, n: int) -> np.ndarray:
     y = np.asarray(labels, dtype=object)
     return np.array([v is not None and not (isinstance(v, float) and np.isnan(v)) and str(v) != "" for v in y])
 
-
-def knn_disagreement_scores(embeddings: np.ndarray, labelled: np.ndarray, labels, n_neighbors: int = 10) -> np.ndarray:
-    """float [N]: for each labelled sample, the share of its nearest labelled neighbours (cosine,
-    itself excluded) that carry another label or identity; NaN for unlabelled samples."""
-    x, m, y = _as_inputs(embeddings, labelled, labels)
-    out = np.full(len(x), np.nan)
-    li = np.flatnonzero(m)
-    if len(li) < 2:
-        if len(li):
-            out[li] = 0.0
-        return out
-    xl = normalise(x[li])
-    _s, idx = _topk_sim(xl, xl, n_neighbors, exclude_self=True)
-    ylab = np.asarray([str(v) for v in y[li]], dtype=object)
-    out[li] = (ylab[idx] != ylab[:, None]).mean(axis=1)
-    return out
 
 
 @dataclass(frozen=True)
@@ -601,68 +585,3 @@ def condition_clusters(
             })
     out.sort(key=lambda d: (-d["size"], -d["score"]))
     return out
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """Misclustered candidates.
-
-    order:   int [M] sample indices with a positive score, highest first.
-    scores:  float [N] combined score (0 = nothing suspicious).
-    reasons: list (length N) of lists of strings, why each sample is a candidate.
-    parts:   name -> float [N] the component scores (disagreement, condition, flag).
-    clusters: the condition clusters found (see :func:`condition_clusters`).
-    """
-
-    order: np.ndarray
-    scores: np.ndarray
-    reasons: list[list[str]]
-    parts: dict[str, np.ndarray]
-    clusters: list[dict]
-
-
-def misclustered_candidates(
-    embeddings: np.ndarray,
-    labelled: np.ndarray,
-    labels,
-    conditions: Mapping[str, np.ndarray] | None = None,
-    flags: np.ndarray | None = None,
-    n_neighbors: int = 10,
-    weights: Mapping[str, float] | None = None,
-    min_disagreement: float = 0.5,
-    min_condition: float = 0.5,
-) -> Candidates:
-    """One ranked list of samples the operator should look at, each with its reasons.
-
-    combined [N] = w_disagreement * kNN disagreement (labelled samples) + w_condition *
-    condition-cluster score + w_flag * operator flag, with weights 1, 1, 1 by default. A
-    component adds a reason when it passes its threshold (disagreement >= ``min_disagreement``,
-    condition score >= ``min_condition``, flag set); samples without any reason score 0.
-    """
-    x, m, y = _as_inputs(embeddings, labelled, labels)
-    n = len(x)
-    w = {"disagreement": 1.0, "condition": 1.0, "flag": 1.0, **(weights or {})}
-    dis = knn_disagreement_scores(x, m, y, n_neighbors)
-    ylab = np.where(m, y, None)
-    cs = condition_cluster_scores(x, ylab, conditions or {}, n_neighbors) if conditions else None
-    cond = cs.score if cs is not None else np.zeros(n)
-    clusters = condition_clusters(x, ylab, conditions, n_neighbors, min_score=min_condition, scores=cs) if cs else []
-    flg = np.zeros(n) if flags is None else np.asarray(flags, dtype=bool).astype(float)
-    reasons: list[list[str]] = [[] for _ in range(n)]
-    d0 = np.nan_to_num(dis, nan=0.0)
-    for i in np.flatnonzero(d0 >= min_disagreement):
-        reasons[i].append(f"{d0[i]:.0%} of its nearest labelled neighbours carry another label than '{y[i]}'")
-    if cs is not None:
-        for i in np.flatnonzero(cond >= min_condition):
-            name = max(cs.per_condition, key=lambda c: cs.per_condition[c][i])
-            reasons[i].append(f"in a '{name}' neighbourhood ({cs.condition_share[name][i]:.0%} '{name}') that does"
-                              f" not share its identity: grouped by {name}")
-    for i in np.flatnonzero(flg > 0):
-        reasons[i].append("flagged by an operator")
-    combined = w["disagreement"] * d0 + w["condition"] * cond + w["flag"] * flg
-    has = np.array([bool(r) for r in reasons])
-    combined = np.where(has, combined, 0.0)
-    order = np.flatnonzero(has)
-    order = order[np.argsort(-combined[order], kind="stable")]
-    return Candidates(order, combined, reasons, {"disagreement": dis, "condition": cond, "flag": flg}, clusters)
-

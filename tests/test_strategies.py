@@ -1,4 +1,5 @@
-"""Query strategies and misclustered-sample scores on small synthetic arrays (Gaussian blobs)."""
+"""Query strategies on small synthetic arrays (Gaussian blobs); misclustered candidates are in
+test_misclustered.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,10 +10,6 @@ from core.strategies import (
     STRATEGIES,
     Selection,
     class_probabilities,
-    condition_cluster_scores,
-    condition_clusters,
-    knn_disagreement_scores,
-    misclustered_candidates,
     select,
 )
 
@@ -170,88 +167,3 @@ def test_class_probabilities_knn_and_logreg():
         assert p.shape == (len(x), 5) and np.allclose(p.sum(axis=1), 1.0)
         acc = (classes[p.argmax(axis=1)] == labels).mean()
         assert acc > 0.95, (clf, acc)
-
-
-# ------------------------------------------------------------------ misclustered candidates
-
-
-def test_disagreement_ranks_corrupted_labels_on_top():
-    x, blob, _c = blobs(4, 40, seed=5)
-    labels = np.array([f"id{b}" for b in blob], dtype=object)
-    rng = np.random.default_rng(5)
-    corrupted = rng.choice(len(x), 12, replace=False)
-    for i in corrupted:
-        labels[i] = f"id{(blob[i] + 1 + rng.integers(3)) % 4}"
-    lab = np.ones(len(x), bool)
-    lab[rng.choice(np.setdiff1d(np.arange(len(x)), corrupted), 10, replace=False)] = False
-    dis = knn_disagreement_scores(x, lab, labels, n_neighbors=10)
-    assert np.isnan(dis[~lab]).all() and np.isfinite(dis[lab]).all()
-    top = np.argsort(-np.nan_to_num(dis, nan=-1))[: len(corrupted)]
-    assert np.isin(corrupted, top).mean() >= 0.9
-    assert dis[corrupted].min() > np.median(dis[lab])
-
-
-def _planted_dark_blob(seed: int = 0):
-    """6 day identities (one blob each), a 'dark' blob of 30 samples whose identities are mixed
-    (a night simulation: the model puts dark crops together) and one person seen only at night
-    (dark and in its own blob: a genuine identity cluster, not a lighting artefact)."""
-    rng = np.random.default_rng(seed)
-    x, blob, _c = blobs(8, 30, seed)
-    ids = np.array([f"p{b}" for b in blob], dtype=object)
-    dark_blob = np.flatnonzero(blob == 6)
-    ids[dark_blob] = rng.choice([f"p{b}" for b in range(6)], size=len(dark_blob))
-    night_person = np.flatnonzero(blob == 7)
-    dark = np.zeros(len(x), bool)
-    dark[dark_blob] = dark[night_person] = True
-    return x, ids, dark, dark_blob, night_person
-
-
-def test_condition_clusters_finds_planted_dark_blob():
-    x, ids, dark, dark_blob, night_person = _planted_dark_blob()
-    found = condition_clusters(x, ids, {"night": dark}, n_neighbors=10)
-    assert len(found) == 1, [(c["condition"], c["size"]) for c in found]
-    c = found[0]
-    assert c["condition"] == "night"
-    assert set(c["members"].tolist()) <= set(dark_blob.tolist())
-    assert c["size"] >= 0.9 * len(dark_blob)
-    assert c["condition_purity"] > 0.9 and c["identity_purity"] < 0.5 and c["n_identities"] >= 4
-    assert "night" in c["reason"]
-    cs = condition_cluster_scores(x, ids, {"night": dark})
-    assert cs.score.shape == (len(x),)
-    assert (cs.score[~dark] == 0).all()
-    assert cs.score[night_person].max() < 0.2 < cs.score[dark_blob].min()
-
-
-def test_condition_clusters_without_identities_and_without_condition_structure():
-    x, ids, dark, dark_blob, _np = _planted_dark_blob()
-    found = condition_clusters(x, None, {"night": dark})
-    assert {c["condition"] for c in found} == {"night"}
-    assert all(np.isnan(c["identity_purity"]) for c in found)
-    # a condition scattered at random over identity blobs is not a cluster
-    rng = np.random.default_rng(1)
-    scattered = rng.random(len(x)) < 0.3
-    assert condition_clusters(x, ids, {"shadow": scattered}) == []
-
-
-def test_misclustered_candidates_merges_reasons():
-    x, ids, dark, dark_blob, night_person = _planted_dark_blob(seed=2)
-    labels = ids.copy()
-    day = np.flatnonzero(~dark)
-    wrong = day[[3, 40, 77]]
-    for i in wrong:
-        labels[i] = "p5" if labels[i] != "p5" else "p0"
-    flags = np.zeros(len(x), bool)
-    flagged = day[100]
-    flags[flagged] = True
-    lab = np.ones(len(x), bool)
-    cand = misclustered_candidates(x, lab, labels, conditions={"night": dark}, flags=flags)
-    assert cand.scores.shape == (len(x),)
-    top = cand.order[: len(dark_blob) + 10]
-    assert np.isin(wrong, top).all()
-    assert flagged in cand.order and any("operator" in r for r in cand.reasons[flagged])
-    assert any("another label" in r for r in cand.reasons[wrong[0]])
-    assert np.isin(dark_blob, cand.order).mean() > 0.8
-    assert any("night" in r for r in cand.reasons[dark_blob[0]])
-    assert not np.isin(night_person, cand.order).any()
-    assert len(cand.clusters) == 1
-    assert (cand.scores[cand.order][:-1] >= cand.scores[cand.order][1:]).all()
