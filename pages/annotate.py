@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import jobs, labeling, strategies
-from pages.common import db_error, db_ok, job_status, require_dataset, sidebar, user_name
+from pages.common import db_ok, job_status, require_dataset, show_error, sidebar, user_name
 
 LEASE_S = 120
 HEARTBEAT_S = 30
@@ -26,8 +26,9 @@ user = user_name()
 try:
     emb = labeling.embedding_status(name)
     schema = labeling.label_schema(name)
-except Exception as exc:  # MongoDB down
-    db_error(exc)
+except Exception as exc:  # an outage says so; anything else (a bad label schema...) says what failed
+    show_error(exc, "reading the dataset's embeddings and label schema",
+               "Reload the page; if it persists, check the label schema and the app log.")
     st.stop()
 
 if emb["embedded"] == 0:
@@ -38,7 +39,7 @@ if emb["embedded"] == 0:
         try:
             jobs.submit(name, "embed", {})
         except Exception as exc:
-            st.error(f"Could not queue the embedding job: {exc}")
+            show_error(exc, "queueing the embedding job", "Try again; the worker started by `make run` runs it.")
         else:
             st.success("Embedding job queued; this page updates when it is done.")
     st.stop()
@@ -65,6 +66,11 @@ if st.session_state.get("ann_queue") not in (None, spec.key):
 st.session_state["ann_queue"] = spec.key
 
 
+DOING = {"next_item": "getting the next item to label", "build_queue": "computing the queue",
+         "undo": "undoing your last decision", "similar_crops": "finding crops like this one",
+         "merge_identities": "merging the identities", "progress": "counting the labelling progress"}
+
+
 def _do(fn, *args, **kwargs):
     """Run a core call, turning its errors into messages; returns (result, ok)."""
     try:
@@ -73,8 +79,9 @@ def _do(fn, *args, **kwargs):
         raise
     except labeling.LabelingError as exc:
         st.error(str(exc))
-    except Exception as exc:  # database errors
-        db_error(exc)
+    except Exception as exc:  # an outage says so; anything else says what failed
+        show_error(exc, DOING.get(fn.__name__, fn.__name__.replace("_", " ")),
+                   "Try again; if it persists, the app log has the details.")
     return None, False
 
 

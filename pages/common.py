@@ -71,8 +71,8 @@ def sidebar() -> None:
     with st.sidebar:
         try:
             names = store.dataset_names()
-        except Exception as exc:  # MongoDB down: say so, keep the page alive
-            db_error(exc)
+        except Exception as exc:  # an outage says so; anything else says what failed
+            show_error(exc, "listing the datasets", "Reload the page; if it persists, check the app log.")
             st.stop()
         if not names:
             st.info("No dataset yet: ingest footage on the Data page.")
@@ -84,7 +84,8 @@ def sidebar() -> None:
         try:
             s = store.dataset_summary(st.session_state["dataset"])
         except Exception as exc:
-            db_error(exc)
+            show_error(exc, f"reading dataset {st.session_state['dataset']!r}",
+                       "Pick another dataset above, or reload the page; the app log has the details.")
             st.stop()
         st.caption(f"{s['samples']} samples · {s['identities']} identities · {s['cameras']} cameras")
         st.caption(f"Active model: **{s['active_model'] or 'none (embed first)'}**")
