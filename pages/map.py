@@ -2,13 +2,15 @@
 selection, misclustered candidates with reasons, and two model versions side by side."""
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from core import analysis, jobs, labeling, projection, registry, store
-from pages.common import db_error, job_status, require_dataset, sidebar, thumbnails, user_name
+from pages.common import job_status, require_dataset, show_error, sidebar, thumbnails, user_name
 
 sidebar()
 st.title("Embedding map")
@@ -20,12 +22,15 @@ COLOR_FIELDS = {
     "misclustered score": "mis_score", "operator flag": "flagged", "labelling round": "label_round",
 }
 HOVER = ["identity", "label", "camera", "brightness", "low_light", "blur"]
-CONDITION_TAGS = list(analysis.CONDITION_TAGS)
 
+# one decision session per browser tab, shared with the Annotate page (its Undo covers bulk actions too)
+session = st.session_state.setdefault("annotate_session", uuid.uuid4().hex)
 try:
     active = store.active_model(name)
+    schema = labeling.label_schema(name)
+    ready = [v["version"] for v in registry.list_versions(name) if v["status"] == "ready"]
 except Exception as exc:
-    db_error(exc)
+    show_error(exc, "reading the dataset's models", "Reload the page; if it persists, check the app log.")
     st.stop()
 
 job_status(name, ("embed", "layout"))
@@ -38,8 +43,7 @@ if not active:
         st.rerun()
     st.stop()
 
-versions = [v["version"] for v in registry.list_versions(name)
-            if v["status"] == "ready" and projection.cached_layout(name, v["version"])]
+versions = [v for v in ready if projection.cached_layout(name, v)]
 if active not in versions:
     st.info(f"No map for the active model **{active}** yet.")
     if st.button("Compute map", type="primary"):
@@ -125,6 +129,41 @@ if points:
         selected = ids
 
 # ---------------------------------------------------------------- selection and bulk actions
+def _what(change: dict) -> str:
+    parts = [f"{k} {v}" for k, v in change.items() if k in ("label", "identity") and v is not None]
+    return ", ".join([*parts, *(change.get("tags_add") or ())])
+
+
+def _flash(kind: str, text: str) -> None:
+    """A message shown after the rerun that redraws the map with the new values."""
+    st.session_state.setdefault("map_flash", []).append((kind, text))
+
+
+def bulk(ids: list[str], verb: str, **change) -> None:
+    """One bulk decision (checked, logged, undoable as one step); redraws the map."""
+    try:
+        r = labeling.bulk_decide(name, session, ids, user_name(), **change)
+    except labeling.LabelingError as exc:
+        st.error(str(exc))
+        return
+    except Exception as exc:
+        show_error(exc, "applying the bulk action", "Apply it again: samples that already have the values "
+                   "are left as they are.")
+        return
+    _flash("success", f"{verb} {len(r.changed)} samples with {_what(change)}."
+           + (" Undo last bulk action reverts it." if r.changed else ""))
+    if r.unchanged:
+        _flash("caption", f"{len(r.unchanged)} samples already had these values.")
+    if r.conflicts:
+        _flash("warning", f"{len(r.conflicts)} samples were changed by someone else while this ran and were "
+                          "left as they are: select them again to apply.")
+    load_map.clear()
+    st.rerun()
+
+
+for kind, text in st.session_state.pop("map_flash", []):
+    getattr(st, kind)(text)
+
 if selected:
     st.subheader(f"Selection: {len(selected)} samples")
     rows = df[df["id"].isin(selected)].head(48).to_dict("records")
@@ -132,19 +171,15 @@ if selected:
     who = user_name()
     a1, a2, a3 = st.columns(3)
     with a1.form("bulk_label"):
-        new_label = st.text_input("Set class label", placeholder="person, vehicle, shadow…")
-        new_ident = st.text_input("Set identity")
+        new_label = st.selectbox("Set class label", [None, *schema.classes],
+                                 format_func=lambda c: "(keep each sample's)" if c is None else c)
+        new_ident = st.text_input("Set identity", placeholder="e.g. id-0042 (empty: keep each sample's)")
         if st.form_submit_button("Apply to selection"):
-            if new_label.strip():
-                store.set_field(name, selected, "label", new_label.strip(), user=who)
-            if new_ident.strip():
-                store.set_field(name, selected, "identity", new_ident.strip(), user=who)
-            st.success(f"Updated {len(selected)} samples.")
+            bulk(selected, "Updated", label=new_label, identity=new_ident.strip() or None)
     with a2.form("bulk_tags"):
-        tags = st.multiselect("Add condition tags", CONDITION_TAGS)
+        tags = st.multiselect("Add condition tags", schema.conditions)
         if st.form_submit_button("Tag selection"):
-            n = store.tag_samples(name, selected, tags)
-            st.success(f"Tagged {n} samples with {', '.join(tags)}.")
+            bulk(selected, "Tagged", tags_add=tags)
     with a3:
         reason = st.text_input("Flag reason", value="misclustered")
         if st.button("Flag as misclustered"):
@@ -159,6 +194,23 @@ if selected:
     if st.button("Clear selection"):
         st.session_state[sel_key] = []
         st.rerun()
+if st.button("Undo last bulk action", key="bulk_undo", icon=":material/undo:",
+             help="Revert this tab's last class / identity / tag action on a selection"):
+    try:
+        d = labeling.undo(name, session, user_name(), kinds=("bulk",))
+    except Exception as exc:
+        show_error(exc, "undoing the bulk action", "Try again; nothing was reverted twice.")
+    else:
+        if d is None:
+            st.info("No bulk action of this tab to undo.")
+        else:
+            kept = d.not_restored or []
+            _flash("success", f"Undid the bulk action ({_what(d.after)}).")
+            if kept:
+                _flash("warning", f"{len(kept)} samples were changed since and were left as they are: "
+                                  + ", ".join(kept[:10]) + (" …" if len(kept) > 10 else ""))
+            load_map.clear()
+            st.rerun()
 
 # ---------------------------------------------------------------- misclustered candidates
 st.subheader("Misclustered candidates")
