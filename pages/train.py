@@ -1,15 +1,73 @@
-"""Train page: round settings, one-click Retrain in the background, live progress and loss curve,
-round history with metrics, activate / roll back."""
+"""Train page: one Retrain button that says what it will do (every knob under Advanced), live
+progress and loss curve in the background, round history with metrics, activate / roll back."""
 from __future__ import annotations
+
+import dataclasses
 
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import jobs, registry, store
+from core import jobs, registry, rounds, store
 from core.train import ID_LOSSES, TrainConfig
-from pages.common import db_error, db_ok, require_dataset, sidebar
+from pages.common import db_ok, require_dataset, show_error, sidebar
+
+# The Advanced knobs, one per TrainConfig field: (label, widget options, help). Fields not named
+# here keep TrainConfig's defaults; ``options`` makes a select box, a bool default a toggle.
+KNOBS: dict[str, tuple[str, dict, str | None]] = {
+    "steps": ("Steps", {"min_value": 20, "max_value": 5000, "step": 20}, "Training steps; early stopping may end sooner"),
+    "frozen_blocks": ("Frozen early blocks (of 19)", {"min_value": 0, "max_value": 18}, None),
+    "lr": ("Learning rate", {"min_value": 1e-5, "max_value": 1e-2, "format": "%.5f"}, None),
+    "margin": ("Triplet margin", {"min_value": 0.05, "max_value": 1.0}, None),
+    "ids_per_batch": ("Identities per batch (P)", {"min_value": 2, "max_value": 64}, None),
+    "samples_per_id": ("Crops per identity (K)", {"min_value": 2, "max_value": 16}, None),
+    "patience": ("Early-stopping patience (evaluations)", {"min_value": 0, "max_value": 20},
+                 "Evaluations without improvement before stopping (0: never stop early)"),
+    "brightness_invariant": ("Brightness-invariant input", {"options": [None, True, False]},
+                             "Normalises luma per image in the model itself, so training, extraction and the "
+                             "exported ONNX all see the same input"),
+    "id_loss": ("Identity loss beside the triplet loss", {"options": [None, *ID_LOSSES]},
+                "A classification loss over the labelled identities learns about twice as fast in short "
+                "rounds, but plateaued lower than triplet alone on campus62"),
+    "soft_margin": ("Soft-margin triplet", {}, "log(1 + exp(d_pos - d_neg)) instead of a hinge at the margin"),
+    "flip_average": ("Average with the mirror image", {},
+                     "The model embeds each crop and its mirror and averages them (twice the compute per "
+                     "crop at extraction, in the ONNX export too)"),
+    "neck": ("Batch-norm neck", {}, "Normalises the pooled features before the head: learns faster early"),
+    "last_stride": ("Last stride", {"options": [2, 1]}, "1: a twice finer final feature map, about 1.8x the compute"),
+}
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+if set(KNOBS) - FIELDS:  # a renamed TrainConfig field must fail here, not in the worker
+    raise RuntimeError(f"Train page knobs {sorted(set(KNOBS) - FIELDS)} are not TrainConfig fields")
+SHOWN = {None: "keep the starting model's", True: "on", False: "off"}
+
+
+def knob(field: str, default, where) -> object:
+    """The widget of one TrainConfig field in container ``where``; returns its value."""
+    label, opts, help_ = KNOBS[field]
+    opts = dict(opts)
+    key = f"train_{field}"
+    if "options" in opts:
+        choices = opts.pop("options")
+        none = "none (triplet only)" if field == "id_loss" else SHOWN[None]
+        fmt = lambda v: none if v is None else SHOWN[v] if isinstance(v, bool) else str(v)  # noqa: E731
+        return where.selectbox(label, choices, index=choices.index(default), format_func=fmt, help=help_, key=key)
+    if isinstance(default, bool):
+        return where.toggle(label, value=default, help=help_, key=key)
+    return where.number_input(label, value=default, help=help_, key=key, **opts)
+
+
+def config_from(values: dict) -> dict:
+    """The job's config: each knob's value in the type of its TrainConfig default."""
+    d = TrainConfig()
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in values:
+            v, dv = values[f.name], getattr(d, f.name)
+            out[f.name] = v if v is None or dv is None else type(dv)(v)
+    return out
+
 
 sidebar()
 st.title("Retrain")
@@ -17,55 +75,41 @@ name = require_dataset()
 try:
     active = store.active_model(name)
     versions = registry.list_versions(name)
+    split = rounds.eval_split(name)
+    samples = rounds.training_samples(name, split.identities)
 except Exception as exc:
-    db_error(exc)
+    show_error(exc, "reading the model versions and labels", "Reload the page; the app log has the details.")
     st.stop()
 
 if not active:
     st.info("Embed the dataset first (Map page): a round starts from the active model.")
 
-# ---------------------------------------------------------------- settings and the button
-d = TrainConfig()
+# ---------------------------------------------------------------- what Retrain does, the button
+n_ids, n_crops = len({s[1] for s in samples}), len(samples)
 with st.form("round"):
-    st.markdown(f"Next round starts from **{active or registry.BASE}**; labelled identities train, a held-out "
-                "set of identities evaluates before and after.")
-    c1, c2, c3, c4 = st.columns(4)
-    steps = c1.number_input("Steps", 20, 5000, d.steps, step=20)
-    frozen = c2.number_input("Frozen early blocks (of 19)", 0, 18, d.frozen_blocks)
-    lr = c3.number_input("Learning rate", 1e-5, 1e-2, d.lr, format="%.5f")
-    margin = c4.number_input("Triplet margin", 0.05, 1.0, d.margin)
-    c5, c6, c7, c8 = st.columns(4)
-    ids_per_batch = c5.number_input("Identities per batch (P)", 2, 64, d.ids_per_batch)
-    per_id = c6.number_input("Crops per identity (K)", 2, 16, d.samples_per_id)
-    invariant = c7.toggle("Brightness-invariant input", value=bool(d.brightness_invariant),
-                          help="Normalises luma per image in the model itself, so training, extraction and "
-                               "the exported ONNX all see the same input")
-    patience = c8.number_input("Early-stopping patience (evaluations)", 0, 20, d.patience)
-    id_loss = st.selectbox("Identity loss beside the triplet loss", [None, *ID_LOSSES], index=0,
-                           format_func=lambda v: "none (triplet only)" if v is None else v,
-                           help="A classification loss over the labelled identities learns about twice as "
-                                "fast in short rounds, but plateaued lower than triplet alone on campus62")
-    with st.expander("Advanced: model head and loss"):
-        a1, a2, a3, a4 = st.columns(4)
-        soft = a1.toggle("Soft-margin triplet", value=d.soft_margin,
-                         help="log(1 + exp(d_pos - d_neg)) instead of a hinge at the margin")
-        flip = a2.toggle("Average with the mirror image", value=d.flip_average,
-                         help="The model embeds each crop and its mirror and averages them (twice the "
-                              "compute per crop at extraction, in the ONNX export too)")
-        neck = a3.toggle("Batch-norm neck", value=d.neck,
-                         help="Normalises the pooled features before the head: learns faster early")
-        last_stride = a4.selectbox("Last stride", [2, 1], index=[2, 1].index(d.last_stride),
-                                   help="1: a twice finer final feature map, about 1.8x the compute")
+    st.markdown(f"**Retrain** starts from model **{active or registry.BASE}**, trains on **{n_ids} labelled "
+                f"identities** ({n_crops} crops), holds out **{len(split.identities)} other identities** to "
+                "evaluate the model before and after, and runs in the background: keep labelling, activate "
+                "the new version when its numbers are better.")
+    if split.problem:
+        st.warning(f"This round would stop before training: {split.problem}.")
     go_train = st.form_submit_button("Retrain", type="primary", disabled=not active)
+    d = TrainConfig()
+    values: dict = {}
+    with st.expander("Advanced: steps, learning rate, batch (P × K), frozen blocks, losses, model head"):
+        names = list(KNOBS)
+        for row in range(0, len(names), 4):
+            cols = st.columns(4)
+            for col, f in zip(cols, names[row: row + 4]):
+                values[f] = knob(f, getattr(d, f), col)
 if go_train:
-    cfg = {"steps": int(steps), "frozen_blocks": int(frozen), "lr": float(lr), "margin": float(margin),
-           "ids_per_batch": int(ids_per_batch), "samples_per_id": int(per_id),
-           "brightness_invariant": bool(invariant), "patience": int(patience), "id_loss": id_loss,
-           "soft_margin": bool(soft), "flip_average": bool(flip), "neck": bool(neck),
-           "last_stride": int(last_stride)}
-    job = jobs.submit(name, "train", {"config": cfg})
-    st.session_state["train_job"] = job
-    st.success("Round queued: it runs in the background; keep labelling, the progress shows here.")
+    try:
+        job = jobs.submit(name, "train", {"config": config_from(values)})
+    except Exception as exc:
+        show_error(exc, "queueing the round", "Try again; the worker started by `make run` runs it.")
+    else:
+        st.session_state["train_job"] = job
+        st.success("Round queued: it runs in the background; keep labelling, the progress shows here.")
 
 
 # ---------------------------------------------------------------- live progress
@@ -121,11 +165,20 @@ for v in versions:
     mr = (v.get("metrics") or {}).get("reranked") or {}
     br = (v.get("before") or {}).get("reranked") or {}
     rows.append({"version": v["version"], "round": v.get("round", 0), "status": v["status"],
-                 "from": v.get("parent") or "", "active": "✅" if v["version"] == active else "",
+                 "from": v.get("parent"), "active": "● active" if v["version"] == active else "",
                  "rank-1": m.get("rank1"), "mAP": m.get("mAP"), "rank-1 before": b.get("rank1"),
                  "mAP before": b.get("mAP"), "mAP re-ranked": mr.get("mAP"),
-                 "mAP re-ranked before": br.get("mAP"), "error": v.get("error") or ""})
-table = pd.DataFrame(rows)
+                 "mAP re-ranked before": br.get("mAP"), "error": v.get("error")})
+
+
+def shown(v) -> str:
+    """A table cell: metrics with 3 decimals, a dash where there is no value."""
+    if v is None or (isinstance(v, float) and pd.isna(v)) or v == "":
+        return "–"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+table = pd.DataFrame([{k: v if k == "active" else shown(v) for k, v in r.items()} for r in rows])
 st.dataframe(table, hide_index=True, width="stretch")
 
 ready = [r for r in rows if r["status"] == "ready" and r["version"] != registry.BASE and r["mAP"] is not None]
