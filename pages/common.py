@@ -3,6 +3,7 @@ turn core errors into messages an operator can act on. UI only: no math, no dire
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import streamlit as st
 
@@ -144,18 +145,24 @@ def user_name() -> str:
     return st.session_state.get("user") or "operator"
 
 
-def job_status(name: str, kinds: tuple[str, ...]) -> None:
-    """Live progress of this dataset's newest job of ``kinds``; reruns the page when it ends."""
+def job_status(name: str, kinds: tuple[str, ...], show_result: Callable[[dict], None] | None = None) -> None:
+    """Live progress of this dataset's newest job of ``kinds``; reruns the page when it ends.
+    ``show_result(job)`` draws a completed job's result (``job['result']``), once per page run."""
     from core import jobs
+
+    def newest() -> dict | None:
+        recent = [j for k in kinds for j in jobs.list_jobs(name, kind=k, limit=1)]
+        return max(recent, key=lambda j: j["queued_at"], default=None)
+
+    full_run = [True]  # False in the fragment's own reruns (every 2 s)
 
     @st.fragment(run_every=2.0)
     def _poll() -> None:
         if not db_ok():
             return
-        recent = [j for j in jobs.list_jobs(name, limit=5) if j["kind"] in kinds]
-        if not recent:
+        j = newest()
+        if j is None:
             return
-        j = recent[0]
         key = f"job_seen_{j['id']}"
         if j["state"] in ("queued", "running"):
             st.session_state[key] = "active"
@@ -163,12 +170,20 @@ def job_status(name: str, kinds: tuple[str, ...]) -> None:
             c1.progress(j["progress"] or 0.0, text=f"{j['kind']} job {j['state']}: {j['label'] or 'waiting for the worker'}")
             if c2.button("Cancel", key=f"cancel_{j['id']}"):
                 jobs.cancel(j["id"])
-        elif st.session_state.get(key) == "active":  # it just ended: redraw the whole page
+            return
+        if st.session_state.get(key) == "active" and not full_run[0]:
+            # it just ended: redraw the whole page, from the fragment's own run only (a rerun in
+            # the middle of a whole-page run would drop that run's clicks)
             st.session_state[key] = "done"
             st.rerun(scope="app")
-        elif j["state"] == "failed":
+        if j["state"] == "failed":
             st.error(f"The last {j['kind']} job failed: {j['error']}")
         elif j["state"] == "cancelled":
             st.warning(f"The last {j['kind']} job was cancelled.")
 
     _poll()
+    full_run[0] = False
+    if show_result is not None:
+        j = newest()
+        if j is not None and j["state"] == "completed" and j["result"]:
+            show_result(j)

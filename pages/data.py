@@ -5,12 +5,31 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import store
-from core.ingest import KINDS, REID_PATTERNS, IngestError, ingest
-from pages.common import Progress, current_dataset, db_error, sidebar, thumbnails
+from core import store, tasks
+from core.ingest import KINDS, REID_PATTERNS, IngestError
+from core.jobs import JobError
+from pages.common import current_dataset, job_status, show_error, sidebar, thumbnails
 
+# an ingest was queued into another dataset: the sidebar's picker starts again on that one
+if "ingest_switch_to" in st.session_state:
+    st.session_state["dataset"] = st.session_state.pop("ingest_switch_to")
+    st.session_state.pop("dataset_picker", None)
 sidebar()
 st.title("Data")
+
+
+def ingest_report(job: dict) -> None:
+    """The report of the newest finished ingest job of this dataset."""
+    rep = job["result"]
+    st.success(f"Ingest finished: {rep['summary']}")
+    problems = rep.get("problems") or []
+    if problems:
+        total = rep.get("problems_total", len(problems))
+        more = (f" (the first {len(problems)} shown; job {job['id']}'s log lists all)"
+                if total > len(problems) else "")
+        st.warning(f"{total} items skipped, each with its reason{more}:")
+        st.dataframe(pd.DataFrame(problems, columns=["file", "reason"]), hide_index=True, width="stretch")
+
 
 # ---------------------------------------------------------------- ingest
 with st.expander("Ingest footage", expanded=not store.dataset_names()):
@@ -25,24 +44,24 @@ with st.expander("Ingest footage", expanded=not store.dataset_names()):
         every = c4.number_input("Keep every Nth frame of a track", 1, 100, 5)
         pattern = c5.selectbox("re-ID file names", list(REID_PATTERNS))
         go = st.form_submit_button("Ingest", type="primary")
+        st.caption("Ingesting runs in the background: you can leave this page; the report appears "
+                   "here when it is done.")
     if go:
         if not path.strip():
             st.error("Enter the folder to ingest.")
         else:
-            bar = Progress(f"Ingesting {kind}…")
             try:
-                report = ingest(path.strip(), kind, target.strip(), every_n=int(every), pattern=pattern,
-                                progress=bar)
-            except (IngestError, store.StoreError) as exc:
+                tasks.submit_ingest(path.strip(), kind, target.strip(), every_n=int(every), pattern=pattern)
+            except (IngestError, store.StoreError, JobError) as exc:  # a bad path or name: at once
                 st.error(f"{exc}")
+            except Exception as exc:  # noqa: BLE001
+                show_error(exc, "queuing the ingest", "Check that the job worker runs (`make run` "
+                           "starts it) and try again.")
             else:
-                bar(1, 1, "done")
-                st.success(report.summary())
-                if report.problems:
-                    st.warning(f"{len(report.problems)} items skipped, each with its reason:")
-                    st.dataframe(pd.DataFrame(report.problems, columns=["file", "reason"]),
-                                 hide_index=True, width="stretch")
-                st.session_state["dataset"] = target.strip()
+                st.session_state["ingest_switch_to"] = target.strip()
+                st.rerun()
+if current_dataset():
+    job_status(current_dataset(), ("ingest",), show_result=ingest_report)
 
 name = current_dataset()
 if not name:
@@ -52,8 +71,8 @@ if not name:
 # ---------------------------------------------------------------- overview
 try:
     summary = store.dataset_summary(name)
-except Exception as exc:
-    db_error(exc)
+except Exception as exc:  # noqa: BLE001
+    show_error(exc, f"reading dataset {name!r}", "Reload the page, or pick another dataset in the sidebar.")
     st.stop()
 m = st.columns(5)
 m[0].metric("Samples", summary["samples"])
@@ -111,5 +130,5 @@ if st.button("Open in FiftyOne App", help="Serves the FiftyOne App on 127.0.0.1 
     try:
         url = store.open_in_app(name, [r["id"] for r in store.sample_rows(view, [], limit=5000)])
         st.success(f"FiftyOne App: [{url}]({url})")
-    except Exception as exc:
-        st.error(f"Could not start the FiftyOne App: {exc}")
+    except Exception as exc:  # noqa: BLE001
+        show_error(exc, "starting the FiftyOne App", "Check that its port is free and try again.")

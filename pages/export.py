@@ -9,8 +9,9 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import export, store
-from pages.common import Progress, db_error, require_dataset, sidebar
+from core import export, store, tasks
+from core.jobs import JobError
+from pages.common import job_status, require_dataset, show_error, sidebar
 
 sidebar()
 st.title("Export")
@@ -22,8 +23,8 @@ try:
     emb_versions = export.embedding_versions(name)
     versions = export.model_versions()
     root = export.export_root()
-except Exception as exc:
-    db_error(exc)
+except Exception as exc:  # noqa: BLE001
+    show_error(exc, f"reading what dataset {name!r} can export", "Reload the page.")
     st.stop()
 
 st.caption(f"Everything is written inside the export folder `{root}`; names that lead "
@@ -71,36 +72,41 @@ if go:
         kw["filters"] = {"camera": pick_camera}
     elif scope == "Saved view" and saved:
         kw["saved_view"] = pick_saved
-    bar = Progress(f"Exporting {fmt}…")
     try:
-        rep = export.export_dataset(name, fmt, out_name.strip(), by=by,
+        tasks.submit_export_dataset(name, fmt, out_name.strip() or None, by=by,
                                     include_embeddings=None if emb == "none" else emb,
-                                    max_frames=int(max_frames) or None, overwrite=overwrite,
-                                    progress=bar, **kw)
-    except (export.ExportError, store.StoreError) as exc:
+                                    max_frames=int(max_frames) or None, overwrite=overwrite, **kw)
+    except (export.ExportError, store.StoreError, JobError) as exc:  # a bad name: at once
         st.error(f"{exc}")
-    except Exception as exc:  # noqa: BLE001 - a database or disk error: say what to do
-        db_error(exc)
+    except Exception as exc:  # noqa: BLE001
+        show_error(exc, "queuing the dataset export", "Check that the job worker runs (`make run` "
+                   "starts it) and try again.")
     else:
-        bar(1, 1, "done")
-        st.session_state["export_dataset_report"] = rep
+        st.rerun()
 
-rep = st.session_state.get("export_dataset_report")
-if rep:
+
+def dataset_report(job: dict) -> None:
+    """The report of the newest finished dataset export."""
+    rep = job["result"]
     st.success(f"Wrote {rep['count']} items ({rep['format']}) to `{rep['path']}`"
                + (f"; {rep['skipped']} skipped (no {rep.get('by', 'value')})"
                   if rep.get("skipped") else ""))
     m = st.columns(4)
     m[0].metric("Items", rep["count"])
     m[1].metric("Skipped", rep["skipped"])
-    if isinstance(rep.get("classes"), dict):
-        m[2].metric("Classes", len(rep["classes"]))
-        st.dataframe(pd.DataFrame(sorted(rep["classes"].items()), columns=["class", "images"]),
+    if rep.get("class_counts"):
+        m[2].metric("Classes", len(rep["class_counts"]))
+        st.dataframe(pd.DataFrame(rep["class_counts"], columns=["class", "images"]),
                      hide_index=True, height=240)
     if "boxes" in rep:
         m[2].metric("Boxes", rep["boxes"])
     if rep.get("embeddings"):
         m[3].metric("Embeddings", rep["embeddings"])
+
+
+st.caption("Exports run in the background: you can leave this page; the report appears here "
+           "when it is done.")
+job_status(name, ("export_dataset",), show_result=dataset_report)
 
 # ---------------------------------------------------------------- model export
 st.divider()
@@ -122,20 +128,21 @@ with st.form("export_model"):
                "its query/gallery split when it has one.")
 
 if go_model:
-    bar = Progress(f"Exporting {version}…")
     try:
-        mrep = export.export_model(version, m_out.strip(), dataset=name, int8=int8,
-                                   overwrite=m_overwrite, progress=bar)
-    except (export.ExportError, store.StoreError) as exc:
+        tasks.submit_export_model(name, version, m_out.strip() or None, int8=int8,
+                                  overwrite=m_overwrite)
+    except (export.ExportError, store.StoreError, JobError) as exc:
         st.error(f"{exc}")
     except Exception as exc:  # noqa: BLE001
-        st.error(f"Model export failed ({type(exc).__name__}: {exc}). Check that the version's "
-                 "checkpoint is intact; nothing was written under the export folder.")
+        show_error(exc, "queuing the model export", "Check that the job worker runs (`make run` "
+                   "starts it) and try again.")
     else:
-        st.session_state["export_model_report"] = mrep
+        st.rerun()
 
-mrep = st.session_state.get("export_model_report")
-if mrep:
+
+def model_report(job: dict) -> None:
+    """The report of the newest finished model export: verification, sizes, metrics, card."""
+    mrep = job["result"]
     st.success(f"Wrote `{mrep['onnx']}`" + (f" and `{mrep['onnx_int8']}`"
                                             if mrep.get("onnx_int8") else ""))
     m = st.columns(4)
@@ -167,3 +174,8 @@ if mrep:
             st.warning(f"Model card not readable: {exc}")
     st.download_button("Download report (JSON)", json.dumps(mrep, indent=2, default=str),
                        file_name="report.json", mime="application/json")
+
+
+st.caption("The model export runs in the background (int8 calibration takes a while): you can "
+           "leave this page; the report appears here when it is done.")
+job_status(name, ("export_model",), show_result=model_report)

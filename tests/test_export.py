@@ -299,10 +299,10 @@ def test_onnx_export_verified_with_metadata_and_int8(reid_ds, tmp_path):
 
 # --------------------------------------------------------------------------- page
 
-def test_export_page_exports_a_tagged_view(reid_ds):
+def test_export_page_exports_a_tagged_view(reid_ds, worker):
     from streamlit.testing.v1 import AppTest
 
-    from core import export
+    from core import export, jobs
 
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
     at.session_state["dataset"] = reid_ds
@@ -316,6 +316,10 @@ def test_export_page_exports_a_tagged_view(reid_ds):
     next(b for b in at.button if b.label == "Export dataset").click()
     at.run()
     assert not at.exception, [e.value for e in at.exception]
+    job = jobs.list_jobs(reid_ds, kind="export_dataset", limit=1)[0]  # a background job
+    assert job["args"]["tags"] == ["night"] and job["args"]["out_name"] == "page-night"
+    assert jobs.wait(job["id"], timeout=240)["state"] == "completed", jobs.log_tail(job["id"])
+    at.run()
     assert any("Wrote 5 items" in s.value for s in at.success), [s.value for s in at.success]
     out = export.safe_export_path("page-night")
     assert sum(1 for p in out.rglob("*.png")) == 5

@@ -144,7 +144,7 @@ def test_three_sessions_label_concurrently(demo):
           f"{len(log)} in the log, each exactly once, none served twice, all present in FiftyOne")
 
 
-def test_hostile_folder_through_the_data_page(tmp_path, dsname):
+def test_hostile_folder_through_the_data_page(tmp_path, dsname, worker):
     from PIL import Image
     from streamlit.testing.v1 import AppTest
 
@@ -165,6 +165,10 @@ def test_hostile_folder_through_the_data_page(tmp_path, dsname):
     [s for s in at.selectbox if s.label == "Kind"][0].set_value("images")
     [t for t in at.text_input if t.label == "Into dataset"][0].set_value(dsname)
     [b for b in at.button if b.label == "Ingest"][0].click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    job = jobs.list_jobs(dsname, kind="ingest", limit=1)[0]  # ingest runs as a background job
+    assert jobs.wait(job["id"], timeout=240)["state"] == "completed", jobs.log_tail(job["id"])
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("1 added" in s.value for s in at.success), [s.value for s in at.success]
