@@ -23,7 +23,8 @@ Dataset formats (:func:`export_dataset`), all with FiftyOne's own exporters:
 
 Model export (:func:`export_model`): ONNX (opset >= 17, dynamic batch) with metadata in
 ``metadata_props``, checked with ``onnx.checker``, verified against PyTorch on real crops with
-ONNX Runtime (max abs difference), optional int8 (ONNX Runtime static QDQ quantization
+ONNX Runtime (max abs difference; above :data:`ONNX_TOLERANCE` the export fails, and rounds run
+the same check on their model file with :func:`verify_onnx`), optional int8 (ONNX Runtime static QDQ quantization
 calibrated on real crops, dynamic when none) with retrieval metrics next to fp32, and a model
 card (``MODEL_CARD.md``).
 
@@ -60,6 +61,17 @@ MANIFEST_COLUMNS = (
     "brightness", "low_light", "blur", "condition_tags", "tags", "flagged", "flag_reason",
     "behaviour", "labelled_by", "labelled_at", "model_version",
 )
+
+
+# Largest |ONNX Runtime - PyTorch| embedding component allowed (fp32, unit vectors). Measured on
+# 440 real campus62 crops at 128x64 (every val crop, a quarter of train), with export's and
+# core.embed's sessions: the packaged base model 1.2e-6, a 40-step round 1.0e-6 (minimum cosine
+# between the two 0.9999998). 1e-4 leaves about 80x that for other CPUs, kernels and thread
+# counts, and bounds what a cosine similarity can move by to sqrt(D) * 1e-4 (0.0016 at D=256),
+# well inside any match threshold's margin (1e-3 would allow 0.016). A corrupted graph shows:
+# noise of 2 % of one layer's spread gives 3e-3 (tests/test_export.py).
+ONNX_TOLERANCE = 1e-4
+VERIFY_CROPS = 16  # real crops each verification runs through both runtimes
 
 
 class ExportError(RuntimeError):
@@ -409,12 +421,15 @@ def _export_manifest(name: str, view, out: Path, version: str | None, emb_field:
 
 def retrieval_metrics(q_emb: np.ndarray, q_ids: Sequence, g_emb: np.ndarray, g_ids: Sequence,
                       q_cams: Sequence | None = None, g_cams: Sequence | None = None,
+                      q_keys: Sequence | None = None, g_keys: Sequence | None = None,
                       ) -> dict[str, float]:
     """Cosine rank-1/rank-5/mAP of queries [Q, D] against a gallery [G, D] (cross-camera when
-    cameras are given), from :func:`core.evaluate.retrieval_metrics`."""
+    cameras are given; a gallery item with the query's own key, its sample id, is never its
+    candidate), from :func:`core.evaluate.retrieval_metrics`."""
     from core import evaluate
 
-    return evaluate.retrieval_metrics(q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks=(1, 5))
+    return evaluate.retrieval_metrics(q_emb, q_ids, g_emb, g_ids, q_cams, g_cams, ks=(1, 5),
+                                      q_keys=q_keys, g_keys=g_keys)
 
 
 # --- choices for the UI and CLI ---------------------------------------------------------------
@@ -544,26 +559,113 @@ def _run_ort(sess, x: np.ndarray, batch: int = 64) -> tuple[np.ndarray, float]:
     return (np.concatenate(out) if out else np.zeros((0, 0), np.float32)), ms
 
 
-def eval_set(dataset: str, max_query: int = 200, max_gallery: int = 1000,
+def spread_by_identity(identities: Sequence, cap: int, rng: np.random.Generator,
+                       first: set | frozenset = frozenset()) -> list[int]:
+    """Indices (ascending) of at most ``cap`` items spread evenly over their identities: one item
+    per identity per pass (identities in ``first`` first in each pass, then the others, each group
+    in an order shuffled by ``rng``; items within an identity shuffled), until ``cap``. Every
+    identity keeps an item while ``cap`` is at least the number of identities."""
+    n = len(identities)
+    if n <= cap:
+        return list(range(n))
+    groups: dict[str, list[int]] = {}
+    for i, x in enumerate(identities):
+        groups.setdefault(str(x), []).append(i)
+    names = sorted(groups)
+    names = [names[i] for i in rng.permutation(len(names))]
+    first = {str(x) for x in first}
+    names = [x for x in names if x in first] + [x for x in names if x not in first]
+    queues = [[groups[x][i] for i in rng.permutation(len(groups[x]))] for x in names]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < cap:
+        for q in queues:
+            if depth < len(q):
+                chosen.append(q[depth])
+                if len(chosen) == cap:
+                    break
+        depth += 1
+    return sorted(chosen)
+
+
+def eval_set(dataset: str, max_query: int = 200, max_gallery: int = 1000, seed: int = 0,
              ) -> dict[str, list] | None:
     """Query/gallery crops of ``dataset`` (``split`` field or tag "query"/"gallery", with an
-    identity; a crop tagged both stays in both, cross-camera scoring removes the self-match):
-    {q_paths, q_ids, q_cams, g_paths, g_ids, g_cams}, or None when it has no such split."""
+    identity): {q_paths, q_ids, q_cams, q_keys, g_paths, g_ids, g_cams, g_keys}, or None when it
+    has no such split. Keys are sample ids: a crop tagged both is on both sides, and scoring with
+    the keys keeps a query from finding itself, with or without cameras.
+
+    Above the caps, crops are drawn spread over identities (:func:`spread_by_identity`, seeded):
+    queries first, then the gallery with the chosen queries' identities first in each pass, so
+    no identity vanishes the way it would under a cut by file path."""
     from fiftyone import ViewField as F
 
     from core import store
 
     ds = store.get_dataset(dataset)
-    out: dict[str, list] = {}
-    for split, key, cap in (("query", "q", max_query), ("gallery", "g", max_gallery)):
+    rng = np.random.default_rng(seed)
+    cols: dict[str, tuple[list, ...]] = {}
+    for split, key in (("query", "q"), ("gallery", "g")):
         v = ds.match(((F("split") == split) | F("tags").contains(split))
                      & (F("identity") != None)).sort_by("filepath")  # noqa: E711
-        v = v.limit(cap)
-        if len(v) == 0:
+        cols[key] = tuple(v.values(["id", "filepath", "identity", "camera"]))
+        if not cols[key][0]:
             return None
-        out[f"{key}_paths"], out[f"{key}_ids"], out[f"{key}_cams"] = \
-            v.values(["filepath", "identity", "camera"])
+    g_idents = {str(x) for x in cols["g"][2]}
+    out: dict[str, list] = {}
+    q_sel = spread_by_identity(cols["q"][2], max_query, rng, first=g_idents)
+    g_sel = spread_by_identity(cols["g"][2], max_gallery, rng, first={str(cols["q"][2][i]) for i in q_sel})
+    for key, sel in (("q", q_sel), ("g", g_sel)):
+        ids, paths, idents, cams = cols[key]
+        out[f"{key}_keys"] = [ids[i] for i in sel]
+        out[f"{key}_paths"] = [paths[i] for i in sel]
+        out[f"{key}_ids"] = [idents[i] for i in sel]
+        out[f"{key}_cams"] = [cams[i] for i in sel]
     return out
+
+
+def onnx_max_abs_diff(model, onnx_file, x: np.ndarray) -> tuple[float, np.ndarray]:
+    """(largest |ONNX Runtime - PyTorch| component, ONNX embeddings [N, D]) of crops ``x``
+    [N, H, W, 3] BGR uint8 through ``model`` (eval mode) and the graph in ``onnx_file`` (a path,
+    or an ONNX Runtime session of it)."""
+    import torch
+
+    model = model.eval()
+    with torch.inference_mode():
+        ref = np.concatenate([model(torch.from_numpy(x[i: i + 64])).numpy() for i in range(0, len(x), 64)])
+    sess = onnx_file if hasattr(onnx_file, "run") else _ort_session(Path(onnx_file))
+    got, _ = _run_ort(sess, x)
+    if got.shape != ref.shape:
+        return float("inf"), got
+    return float(np.abs(got - ref).max()), got
+
+
+def _check_diff(diff: float, tolerance: float, what: str, n: int) -> None:
+    if not diff <= tolerance:  # NaN fails too
+        raise ExportError(f"{what} disagrees with PyTorch: max abs difference {diff:.3g} on {n} real "
+                          f"crops, above the tolerance {tolerance:g}; the ONNX graph is not the "
+                          "model: re-export it (and report the version if it persists)")
+
+
+def verify_onnx(version: str, paths: Sequence[str], onnx_file: str | os.PathLike | None = None,
+                tolerance: float = ONNX_TOLERANCE, n: int = VERIFY_CROPS) -> dict[str, Any]:
+    """Check the ONNX file of model ``version`` (default: :func:`core.embed.onnx_path`, what the
+    embedding jobs run) against its PyTorch model on up to ``n`` real crops spread over
+    ``paths``. Returns ``{"max_abs_diff", "verified_on", "tolerance", "onnx"}``; raises
+    :class:`ExportError` with the figure and the tolerance when it is above ``tolerance``."""
+    from core import embed
+
+    f = Path(onnx_file) if onnx_file is not None else embed.onnx_path(version)
+    model, cfg = embed.load_model(version)
+    paths = [os.fspath(p) for p in paths]
+    pick = paths[:: max(1, len(paths) // n)][:n]
+    x, _ok = _load_crops(pick, tuple(cfg.crop_size))
+    if len(x) == 0:
+        raise ExportError(f"no crop to verify the ONNX model of {version} on: none of {len(pick)} decoded")
+    diff, _ = onnx_max_abs_diff(model, f, x)
+    _check_diff(diff, tolerance, f"the ONNX model of {version} ({f})", len(x))
+    log.info("ONNX of %s verified on %d crops: max abs diff %.2e", version, len(x), diff)
+    return {"max_abs_diff": diff, "verified_on": int(len(x)), "tolerance": tolerance, "onnx": str(f)}
 
 
 def _verify_paths(dataset: str | None, verify_on: Sequence[str] | None, n: int = 16) -> list[str]:
@@ -582,12 +684,14 @@ def _verify_paths(dataset: str | None, verify_on: Sequence[str] | None, n: int =
 def export_model(version: str = "base", out_name: str | None = None, *,
                  dataset: str | None = None, int8: bool = False,
                  verify_on: Sequence[str] | None = None, opset: int = 17,
+                 tolerance: float = ONNX_TOLERANCE,
                  overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Export model ``version`` to ``exports_dir/out_name`` (default ``model-VERSION-TIME``):
     ``model.onnx`` (+ ``model.int8.onnx``), ``MODEL_CARD.md`` and ``report.json``.
 
     Verification: embeddings of real crops (``verify_on`` paths, else up to 16 crops of
-    ``dataset``) by PyTorch and by ONNX Runtime; ``max_abs_diff`` is their largest difference.
+    ``dataset``) by PyTorch and by ONNX Runtime; ``max_abs_diff`` is their largest difference,
+    and above ``tolerance`` the export fails (:class:`ExportError`, nothing left under its name).
     ``dataset`` also gives the version's registry record and, when it has query/gallery
     splits, the retrieval metrics of fp32 (and int8) on them. int8 uses static QDQ quantization
     calibrated on the gallery (or verification) crops. Returns the report dict."""
@@ -627,13 +731,10 @@ def export_model(version: str = "base", out_name: str | None = None, *,
         x, ok = _load_crops(paths, tuple(cfg.crop_size))
         if len(x) == 0:
             raise ExportError("none of the verification crops could be decoded")
-        import torch
-
-        with torch.inference_mode():
-            ref = model(torch.from_numpy(x)).numpy()
         sess = _ort_session(fp32)
-        got, _ = _run_ort(sess, x)
-        report["max_abs_diff"] = float(np.abs(got - ref).max())
+        report["max_abs_diff"], got = onnx_max_abs_diff(model, sess, x)
+        report["tolerance"] = tolerance
+        _check_diff(report["max_abs_diff"], tolerance, f"the exported ONNX model of {version}", len(x))
         report["verified_on"] = len(x)
         report["verify_paths"] = [paths[i] for i in ok]
 
@@ -645,19 +746,23 @@ def export_model(version: str = "base", out_name: str | None = None, *,
             gx, g_ok = _load_crops(ev["g_paths"], tuple(cfg.crop_size))
             qi = [ev["q_ids"][i] for i in q_ok]
             qc = [ev["q_cams"][i] for i in q_ok]
+            qk = [ev["q_keys"][i] for i in q_ok]
             gi = [ev["g_ids"][i] for i in g_ok]
             gc = [ev["g_cams"][i] for i in g_ok]
+            gk = [ev["g_keys"][i] for i in g_ok]
             cams = all(c is not None for c in qc + gc)
 
             def evaluate_model(s) -> dict[str, float]:
                 qe, ms = _run_ort(s, qx)
                 ge, ms2 = _run_ort(s, gx)
-                m = retrieval_metrics(qe, qi, ge, gi, qc if cams else None, gc if cams else None)
+                m = retrieval_metrics(qe, qi, ge, gi, qc if cams else None, gc if cams else None,
+                                      q_keys=qk, g_keys=gk)  # a query never finds itself
                 m["ms_per_image"] = round((ms * len(qx) + ms2 * len(gx)) / (len(qx) + len(gx)), 3)
                 return m
 
-            report["eval"] = {"queries": len(qx), "gallery": len(gx),
-                              "cross_camera": cams}
+            report["eval"] = {"queries": len(qx), "gallery": len(gx), "cross_camera": cams,
+                              "identities": len(set(map(str, qi)) | set(map(str, gi))),
+                              "in_both": len(set(qk) & set(gk))}
             report["metrics"] = {"fp32": evaluate_model(sess)}
         else:
             report["metrics"] = {}

@@ -344,3 +344,107 @@ def test_version_record_from_registry_else_checkpoint(reid_ds):
     assert meta["brightness_invariant"] == "true" and meta["embedding_size"] == "32"
     assert json.loads(meta["validation_metrics"]) == metrics
     assert version in export.model_versions()
+
+
+# --------------------------------------------------------------------------- hardening
+
+def _campus_val_crops() -> list[str]:
+    return sorted(str(p) for p in need_shared("reid", "campus62", "val", "all_imgs").rglob("*.png"))
+
+
+def test_tampered_onnx_graph_fails_verification(data_root):
+    """A round's model file (core.embed.onnx_path, what embedding jobs run) whose graph no longer
+    matches its PyTorch model: verify_onnx raises with the figure and the tolerance."""
+    import onnx
+    from onnx import numpy_helper
+
+    from core import embed, export
+
+    cfg = embed.ModelConfig()
+    embed.save_checkpoint("t-verify", embed.build_model(cfg, pretrained=True), cfg, step=1)
+    paths = _campus_val_crops()
+    ok = export.verify_onnx("t-verify", paths)
+    assert ok["verified_on"] == export.VERIFY_CROPS and ok["max_abs_diff"] < 1e-4, ok
+
+    f = embed.onnx_path("t-verify")
+    m = onnx.load(str(f))
+    # the largest weight matrix or kernel, with noise of 2 % of its spread (a stale or corrupted
+    # graph; a plain scale would not do: the unit-length output cancels it)
+    init = max((i for i in m.graph.initializer if len(i.dims) >= 2), key=lambda i: int(np.prod(i.dims)))
+    w = numpy_helper.to_array(init)
+    noisy = w + 0.02 * w.std() * np.random.default_rng(0).standard_normal(w.shape)
+    init.CopyFrom(numpy_helper.from_array(noisy.astype(w.dtype), init.name))
+    onnx.save(m, str(f))
+    assert embed.onnx_path("t-verify") == f  # still considered fresh: only the check catches it
+    with pytest.raises(export.ExportError, match=r"max abs difference .* above the tolerance 0\.0001") as e:
+        export.verify_onnx("t-verify", paths)
+    print(f"\ntampered graph ({init.name} {list(w.shape)}, noise 2 % of its std): {e.value}")
+
+
+def test_model_export_fails_above_the_tolerance_and_leaves_nothing(data_root):
+    from core import export
+
+    root = export.export_root()
+    before = _tree_snapshot(root)
+    paths = _campus_val_crops()[:8]
+    # real fp32 differences are about 1e-6 (see export.ONNX_TOLERANCE): 1e-9 cannot be met
+    with pytest.raises(export.ExportError, match=r"max abs difference [0-9.e-]+ on 8 real crops, "
+                                                 r"above the tolerance 1e-09"):
+        export.export_model("base", "too-strict", verify_on=paths, tolerance=1e-9)
+    assert _tree_snapshot(root) == before and not export.safe_export_path("too-strict").exists()
+    rep = export.export_model("base", "strict-ok", verify_on=paths)
+    assert rep["max_abs_diff"] < rep["tolerance"] == export.ONNX_TOLERANCE
+
+
+def test_eval_set_caps_spread_over_identities(reid_ds):
+    """campus62 val: 28 queries and 181 gallery crops of 12 identities. A cut of the first crops
+    by file path would keep 5 query identities and 3 gallery identities; drawn by identity, all
+    12 stay on both sides, evenly."""
+    from collections import Counter
+
+    from core import export
+
+    full = export.eval_set(reid_ds)
+    assert len(full["q_paths"]) == 28 and len(full["g_paths"]) == 181
+    everyone = set(full["q_ids"])
+    assert len(everyone) == 12
+    ev = export.eval_set(reid_ds, max_query=12, max_gallery=40)
+    assert len(ev["q_paths"]) == 12 and len(ev["g_paths"]) == 40
+    assert set(ev["q_ids"]) == everyone  # one query per identity
+    per_id = Counter(ev["g_ids"])
+    assert set(per_id) == everyone and max(per_id.values()) - min(per_id.values()) <= 1
+    assert ev == export.eval_set(reid_ds, max_query=12, max_gallery=40)  # seeded
+    other = export.eval_set(reid_ds, max_query=12, max_gallery=40, seed=1)
+    assert set(other["q_ids"]) == everyone and other["g_keys"] != ev["g_keys"]
+    # keys are the sample ids of the same rows
+    assert len(set(ev["g_keys"])) == 40 and set(ev["g_keys"]) <= set(full["g_keys"])
+    row = dict(zip(full["g_keys"], full["g_paths"]))
+    assert all(row[k] == p for k, p in zip(ev["g_keys"], ev["g_paths"]))
+
+
+def test_export_metrics_never_count_a_self_match(dsname):
+    """A file in query/ and gallery/ is one sample with both tags. With cameras unknown, nothing
+    but its key keeps it from being its own rank-1 match: an identity whose only gallery crop is
+    its query's own file has nothing to find, so that query is skipped, never a hit."""
+    from core import export, store
+    from core.ingest import ingest
+
+    ingest(need_shared("reid", "campus62", "val"), "reid", dsname)
+    ds = store.get_dataset(dsname)
+    ids, idents, tags = ds.values(["id", "identity", "tags"])
+    store.set_values(dsname, "camera", {i: None for i in ids})
+    both = [k for k, t in enumerate(tags) if {"query", "gallery"} <= set(t)]
+    assert len(both) == 17  # campus62 val: 17 query files are also gallery files
+    k0 = both[0]
+    a = idents[k0]
+    others = [ids[k] for k in range(len(ids)) if idents[k] == a and k != k0]
+    ds.select(others).untag_samples(["query", "gallery"])
+    store.set_values(dsname, "split", {i: None for i in others})
+    n_queries = len(ds.match_tags("query"))
+
+    rep = export.export_model("base", "self-match", dataset=dsname)
+    m = rep["metrics"]["fp32"]
+    assert m["n_skipped"] == 1 and m["n_queries"] == n_queries - 1, m
+    assert rep["eval"]["cross_camera"] is False and rep["eval"]["in_both"] == 17
+    print(f"\nself-match excluded: rank-1 {m['rank1']:.3f} mAP {m['mAP']:.3f} over {m['n_queries']} "
+          f"queries (1 skipped: only itself in the gallery), cameras unknown")
