@@ -1,5 +1,7 @@
-"""Annotate page through streamlit.testing AppTest on real TUD-Campus crops: one click writes the
-label to FiftyOne, undo removes it, a conflicting write is shown and resolved, never dropped."""
+"""Annotate page through streamlit.testing AppTest on real TUD-Campus crops, embedded with the
+packaged model through ONNX Runtime (no synthetic vectors: "More like this" and the identity
+suggestions are judged on real embeddings): one click writes the label to FiftyOne, undo removes
+it, a conflicting write is shown and resolved, never dropped."""
 from __future__ import annotations
 
 import uuid
@@ -9,25 +11,20 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import need_shared
-from tests.test_labeling import fake_embeddings
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
 @pytest.fixture(scope="module")
 def page_dataset():
-    from core import labeling, store
+    from core import embed, labeling, store
     from core.ingest import ingest
 
     name = "ann_" + uuid.uuid4().hex[:6]
     ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
-    try:  # the real chain: packaged model, ONNX Runtime
-        from core import embed
-
-        embed.embed_dataset(name, version="base")
-    except Exception as exc:  # noqa: BLE001 - the page is under test here, not the model
-        print(f"real embedding unavailable ({exc}); using synthetic vectors")
-        fake_embeddings(name)
+    report = embed.embed_dataset(name, version="base")  # the real chain: packaged model, ONNX Runtime
+    assert report["embedded"] == len(store.get_dataset(name)) and not report["failed"], report
+    assert store.active_model(name) == "base"
     yield name
     labeling.wait_for_refills()
     labeling.clear_queue(name)

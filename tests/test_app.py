@@ -1,6 +1,11 @@
-"""AppTest smoke tests: every page renders without an exception on a real dataset."""
+"""AppTest smoke tests: every page renders without an exception on a real dataset, embedded and
+laid out for real, so the Map and Annotate pages get past "embed first"; the Map page's bulk
+actions go through the decision log; failures say what failed (only an outage blames the
+database); the Train page shows one Retrain button with its knobs under Advanced."""
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -10,32 +15,188 @@ from tests.conftest import need_shared
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 PAGES = ["pages/data.py", "pages/map.py", "pages/annotate.py", "pages/train.py", "pages/export.py"]
+OUTAGE_TEXT = "database is not reachable"
 
 
 @pytest.fixture(scope="module")
 def small_dataset():
-    from core import store
+    """TUD-Campus every 10th frame, embedded with the packaged model (ONNX Runtime), its map laid
+    out and its samples scored: what the embed job leaves behind (core.tasks.embed_task)."""
+    from core import analysis, embed, labeling, projection, store
     from core.ingest import ingest
 
     name = "apptest"
     ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
+    embed.embed_dataset(name, version="base")
+    projection.compute_layout(name, "base", n_epochs=60)
+    analysis.compute_scores(name, "base")
     yield name
+    labeling.wait_for_refills()
+    labeling.clear_queue(name)
     store.delete_dataset(name)
+
+
+def _open(name: str, page: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=90)
+    at.session_state["dataset"] = name
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _texts(at: AppTest) -> str:
+    return " ".join(str(e.value) for kind in ("error", "warning", "info", "success", "markdown", "caption")
+                    for e in getattr(at, kind))
 
 
 @pytest.mark.parametrize("page", PAGES)
 def test_page_renders(page, small_dataset):
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.session_state["dataset"] = small_dataset
-    at.run()
-    at.switch_page(page).run()
-    assert not at.exception, [e.value for e in at.exception]
+    _open(small_dataset, page)
 
 
 def test_data_page_shows_counts(small_dataset):
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.session_state["dataset"] = small_dataset
-    at.run()
-    assert not at.exception
+    at = _open(small_dataset)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Identities"] == "8"
+
+
+def test_map_page_draws_the_embedded_map(small_dataset):
+    from core import store
+
+    at = _open(small_dataset, "pages/map.py")
+    n = len(store.get_dataset(small_dataset))
+    assert not any("no embeddings yet" in i.value or "No map for" in i.value for i in at.info)
+    charts = at.get("plotly_chart")
+    assert charts, "the map chart is not drawn"
+    assert any(f"{n} samples · box or lasso to select" in c.value for c in at.caption)
+    assert "misclustered" in " ".join(s.value for s in at.subheader).lower()
+
+
+def test_annotate_page_serves_an_embedded_item(small_dataset):
+    from core import store
+
+    at = _open(small_dataset, "pages/annotate.py")
+    assert not any("no embeddings yet" in i.value for i in at.info)
+    sid = at.session_state["annotate_item"]
+    assert sid in store.get_dataset(small_dataset).values("id")
+    assert at.button(key="cls_person") and at.button(key="skip")
+    shown = [img.url for el in at.get("image") for img in el.proto.imgs]
+    assert shown, "the item's crop is not shown"
+
+
+def test_map_bulk_action_is_logged_and_undone(small_dataset):
+    """Set identity on a selection: compare-and-set writes, one "bulk" log entry, and the Map
+    page's Undo last bulk action restores the samples."""
+    from core import labeling, store
+
+    name = small_dataset
+    ds = store.get_dataset(name)
+    sel = ds.values("id")[:5]
+    before = {s: labeling.sample_state(name, s)[1] for s in sel}
+    at = AppTest.from_file(str(APP), default_timeout=90)
+    at.session_state["dataset"] = name
+    at.session_state[f"sel_{name}"] = sel
+    at.run()
+    at.switch_page("pages/map.py").run()
+    assert any(s.value == "Selection: 5 samples" for s in at.subheader)
+    next(t for t in at.text_input if t.label == "Set identity").input("id-from-map")
+    next(b for b in at.form_submit_button if b.label == "Apply to selection").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Updated 5 samples with identity id-from-map" in s.value for s in at.success)
+    ds.reload()
+    got = dict(zip(*ds.select(sel).values(["id", "identity"])))
+    assert set(got.values()) == {"id-from-map"}
+    assert set(ds.select(sel).values("labelled_by")) == {"operator"}
+    head = labeling.decisions(name, limit=1)[0]
+    assert head.kind == "bulk" and head.session_id == at.session_state["annotate_session"]
+    at.button(key="bulk_undo").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Undid the bulk action" in s.value for s in at.success)
+    assert {s: labeling.sample_state(name, s)[1] for s in sel} == before
+
+
+# ---------------------------------------------------------------- failures say what failed
+@pytest.mark.parametrize("page,target,doing", [
+    (None, "core.store.dataset_summary", "Reading dataset 'apptest'"),  # the sidebar, on every page
+    ("pages/map.py", "core.registry.list_versions", "Reading the dataset's models"),
+    ("pages/annotate.py", "core.labeling.embedding_status", "Reading the dataset's embeddings"),
+    ("pages/annotate.py", "core.labeling.next_item", "Getting the next item to label"),
+    ("pages/train.py", "core.registry.list_versions", "Reading the model versions"),
+])
+def test_a_bug_is_not_reported_as_a_database_outage(page, target, doing, small_dataset, monkeypatch):
+    def broken(*a, **k):
+        raise ValueError("field 'camera' holds a list where a string belongs")
+
+    broken.__name__ = target.rsplit(".", 1)[1]
+    at = AppTest.from_file(str(APP), default_timeout=90)
+    at.session_state["dataset"] = small_dataset
+    at.run()
+    monkeypatch.setattr(target, broken)
+    (at.switch_page(page) if page else at).run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = " ".join(e.value for e in at.error)
+    assert doing in errors and "failed: field 'camera' holds a list where a string belongs" in errors, errors
+    assert OUTAGE_TEXT not in errors and "Nothing you saved is lost" not in errors
+
+
+def test_an_outage_is_still_reported_as_one(small_dataset, monkeypatch):
+    import pymongo.errors
+
+    def down(*a, **k):
+        raise pymongo.errors.ServerSelectionTimeoutError("localhost:27017: connection refused")
+
+    at = AppTest.from_file(str(APP), default_timeout=90)
+    at.session_state["dataset"] = small_dataset
+    at.run()
+    monkeypatch.setattr("core.registry.list_versions", down)
+    at.switch_page("pages/train.py").run()
+    assert OUTAGE_TEXT in " ".join(e.value for e in at.error)
+
+
+# ---------------------------------------------------------------- the Train page
+def test_train_page_one_retrain_button_knobs_under_advanced(small_dataset):
+    from core import jobs, rounds
+    from core.train import TrainConfig
+
+    name = small_dataset
+    at = _open(name, "pages/train.py")
+    assert [b.label for b in at.form_submit_button] == ["Retrain"]
+    # one sentence says what Retrain does
+    split = rounds.eval_split(name)
+    n_train = len({s[1] for s in rounds.training_samples(name, split.identities)})
+    assert 2 <= n_train < 8 and len(split.identities) >= 3
+    says = " ".join(m.value for m in at.markdown)
+    assert re.search(rf"starts from model \*\*base\*\*, trains on \*\*{n_train} labelled identities\*\*", says), says
+    assert f"holds out **{len(split.identities)} other identities**" in says and "in the background" in says
+    # every knob is under Advanced, none in the operator's way
+    adv = next(e for e in at.expander if e.label.startswith("Advanced"))
+    knobs = [w.label for kind in ("number_input", "toggle", "selectbox") for w in getattr(adv, kind)]
+    assert {"Steps", "Learning rate", "Frozen early blocks (of 19)", "Identities per batch (P)",
+            "Crops per identity (K)", "Last stride"} <= set(knobs)
+    outside = [w.label for kind in ("number_input", "toggle") for w in getattr(at.main, kind)]
+    assert sorted(outside) == sorted(w.label for kind in ("number_input", "toggle") for w in getattr(adv, kind))
+    # Retrain queues a round whose config holds TrainConfig fields: the changed one, defaults elsewhere
+    adv.number_input(key="train_steps").set_value(40)
+    at.form_submit_button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    job = jobs.get(at.session_state["train_job"])
+    try:
+        cfg = job["args"]["config"]
+        d = TrainConfig()
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        assert set(cfg) <= fields and cfg["steps"] == 40
+        assert {k: v for k, v in cfg.items() if k != "steps"} == {k: getattr(d, k) for k in cfg if k != "steps"}
+        assert TrainConfig.from_dict(cfg).steps == 40
+    finally:
+        jobs.cancel(job["id"])
+
+
+def test_train_page_versions_table_is_readable(small_dataset):
+    at = _open(small_dataset, "pages/train.py")
+    table = at.dataframe[0].value
+    assert not table.isna().any().any(), table
+    assert not table.isin(["None", "nan", "NaN"]).any().any(), table
+    base = table[table["version"] == "base"].iloc[0]
+    assert base["active"] == "● active" and base["mAP"] == "–" and base["from"] == "–"

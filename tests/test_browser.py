@@ -82,21 +82,47 @@ def page(app):
 def _goto(page, app, path: str) -> None:
     page.goto(f"{app}/{path}")
     page.wait_for_selector("[data-testid='stAppViewContainer']")
-    _settle(page)
+    _settle(page, f"opening /{path}")
 
 
-def _settle(page, timeout: float = 120) -> None:
-    """Wait until Streamlit finished the current run (no running indicator)."""
-    end = time.time() + timeout
+def _settle(page, doing: str = "the last action", timeout: float = 120) -> None:
+    """Wait until Streamlit finished the current run (no running indicator); raise when it is
+    still running after ``timeout`` seconds (a hung page must fail here, not three steps later)."""
+    t0 = time.time()
     time.sleep(1.0)
-    while time.time() < end:
+    while time.time() - t0 < timeout:
         if page.locator("[data-testid='stStatusWidget']").count() == 0:
             return
         time.sleep(0.5)
+    _shot(page, "unsettled")
+    raise AssertionError(f"the app did not settle after {doing}: Streamlit was still running {timeout:.0f} s "
+                         f"later on {page.url} (screenshot {SHOTS / 'unsettled.png'})")
 
 
 def _shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_settle_raises_when_the_run_does_not_settle(tmp_path, monkeypatch):
+    """A page that keeps running fails at once with what it was doing, never silently."""
+    class Running:  # a page whose Streamlit status widget never goes away
+        url = "http://127.0.0.1:1/train"
+
+        def locator(self, _sel):
+            return self
+
+        def count(self):
+            return 1
+
+        def screenshot(self, path, full_page=True):
+            Path(path).write_bytes(b"")
+
+    monkeypatch.setattr(f"{__name__}.SHOTS", tmp_path)
+    t0 = time.time()
+    with pytest.raises(AssertionError, match=r"did not settle after activating: .* still running 2 s later on "
+                                             r"http://127\.0\.0\.1:1/train"):
+        _settle(Running(), "activating", timeout=2)
+    assert time.time() - t0 < 10 and (tmp_path / "unsettled.png").exists()
 
 
 def test_operator_loop(app, page):
@@ -112,7 +138,7 @@ def test_operator_loop(app, page):
     # done, without a click
     _goto(page, app, "map")
     page.locator(".js-plotly-plot").first.wait_for(timeout=400_000)
-    _settle(page)
+    _settle(page, "drawing the map")
     assert store.active_model("demo") == "base"
     _shot(page, "02-map")
 
@@ -145,18 +171,20 @@ def test_operator_loop(app, page):
     decided = 0
     for _ in range(3):
         page.get_by_role("button", name=re.compile(r"^person")).first.click()
-        _settle(page)
+        _settle(page, "labelling an item")
         decided += 1
     labelled = len(store.get_dataset("demo").exists("labelled_by"))
     assert labelled >= decided
     _shot(page, "04-annotate")
     page.get_by_text("More like this").click()  # the re-ranked neighbours of the current crop
     page.get_by_text(re.compile(r" · cam .* · \d\.\d\d")).first.wait_for(timeout=60_000)
-    _settle(page)
+    _settle(page, "showing More like this")
     _shot(page, "04b-more-like-this")
 
-    # Train page: a short round in the background, its progress, then activate it
+    # Train page: a short round in the background, its progress, then activate it; the knobs
+    # are under Advanced (the operator sees one Retrain button)
     _goto(page, app, "train")
+    page.locator("[data-testid='stExpander'] summary").filter(has_text="Advanced").click()
     steps = page.get_by_label("Steps")
     steps.fill("30")
     steps.press("Enter")
@@ -164,7 +192,7 @@ def test_operator_loop(app, page):
     page.get_by_text(re.compile(r"Latest round: (queued|running)")).wait_for(timeout=60_000)
     _shot(page, "05-train-running")
     page.get_by_text("Latest round: completed").wait_for(timeout=600_000)
-    _settle(page)
+    _settle(page, "the round's end")
     versions = [v for v in registry.list_versions("demo") if v["version"] != "base"]
     assert versions and versions[-1]["status"] == "ready"
     new = versions[-1]["version"]
@@ -172,7 +200,7 @@ def test_operator_loop(app, page):
     rr = versions[-1]["metrics"]["reranked"]  # the same split, k-reciprocal re-ranked
     assert rr["n_queries"] == versions[-1]["metrics"]["all"]["n_queries"] and rr["mAP"] is not None
     page.get_by_role("button", name="Activate").click()
-    _settle(page)
+    _settle(page, "activating the new version")
     assert store.active_model("demo") == new
     _shot(page, "06-train-done")
 
@@ -183,7 +211,7 @@ def test_operator_loop(app, page):
     page.get_by_text("Also int8").click()  # fp32 only here: tests/test_export.py covers int8
     page.get_by_role("button", name="Export and verify model").click()
     page.get_by_text(re.compile(r"max abs", re.I)).first.wait_for(timeout=300_000)
-    _settle(page)
+    _settle(page, "exporting the model")
     exports = store_exports()
     assert any(p.suffix == ".onnx" for p in exports), exports
     assert any(p.name in ("metadata.json", "samples.json", "manifest.csv") for p in exports), exports
