@@ -21,7 +21,8 @@ st.title("Data")
 def ingest_report(job: dict) -> None:
     """The report of the newest finished ingest job of this dataset."""
     rep = job["result"]
-    st.success(f"Ingest finished: {rep['summary']}")
+    when = f" at {job['finished_at']:%Y-%m-%d %H:%M} UTC" if job.get("finished_at") else ""
+    st.success(f"Ingest finished{when}: {rep['summary']}")
     problems = rep.get("problems") or []
     if problems:
         total = rep.get("problems_total", len(problems))
