@@ -1,7 +1,6 @@
 """The default dataset of a first run (synthetic clips, see :mod:`core.synthetic`)."""
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 from core import store
@@ -10,7 +9,6 @@ from core.ingest import IngestReport, ingest
 from core.synthetic import generate
 
 DEMO_DATASET = "demo"
-log = logging.getLogger(__name__)
 
 
 def ensure_demo(name: str = DEMO_DATASET, progress: Callable | None = None,
@@ -29,14 +27,7 @@ def ensure_demo(name: str = DEMO_DATASET, progress: Callable | None = None,
 
 
 def queue_embedding(name: str) -> str | None:
-    """Queue an embedding job for ``name`` unless it has an active model or one is pending;
-    returns the job id, or None when nothing was queued."""
-    from core import jobs
+    """The demo's embedding job (see :func:`core.tasks.submit_embedding`)."""
+    from core import tasks
 
-    if store.active_model(name):
-        return None
-    if any(j["state"] in ("queued", "running") for j in jobs.list_jobs(name, kind="embed", limit=5)):
-        return None
-    job = jobs.submit(name, "embed", {})
-    log.info("queued embedding job %s for %s", job, name)
-    return job
+    return tasks.submit_embedding(name)

@@ -45,6 +45,19 @@ def refresh_map(dataset: str, version: str, reporter: Reporter, lo: float = 0.0,
     return {"map_points": len(m.ids), "map_recomputed": m.computed, **scores}
 
 
+def submit_embedding(dataset: str) -> str | None:
+    """Queue an ``embed`` job with the packaged model unless ``dataset`` has an active model or
+    an embedding job is already queued or running; returns the job id, or None when nothing was
+    queued (so a second click or a second ``make run`` does not embed twice)."""
+    from core import store
+
+    if store.active_model(dataset):
+        return None
+    if any(j["state"] in ("queued", "running") for j in jobs.list_jobs(dataset, kind="embed", limit=5)):
+        return None
+    return jobs.submit(dataset, "embed", {})
+
+
 def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """Embed every sample with model ``args['version']`` (default: the active one), then lay out
     its map and score the samples, so the Map page is ready when the job ends."""
