@@ -103,18 +103,30 @@ def cmd_jobs(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from core import jobs, rounds
+    from core import jobs, registry, rounds, train
 
-    args = {"config": {k: v for k, v in (("steps", a.steps), ("frozen_blocks", a.frozen)) if v is not None}}
+    if a.resume:
+        if a.steps is not None or a.frozen is not None:
+            print("error: a resumed round keeps the config it started with: drop --steps/--frozen", file=sys.stderr)
+            return 2
+        registry.resumable(a.dataset, a.resume)  # refused here, before queuing, when it cannot be
+        args = {"resume_version": a.resume}
+    else:
+        args = {"config": {k: v for k, v in (("steps", a.steps), ("frozen_blocks", a.frozen)) if v is not None}}
     if a.background:
         job = jobs.submit(a.dataset, "train", args)
-        print(f"queued round as job {job}; follow it with `python -m core jobs`")
+        print(f"queued {'resumed ' if a.resume else ''}round as job {job}; follow it with `python -m core jobs`")
         return 0
-    rep = jobs.LocalReporter("round")
+    rep = jobs.LocalReporter(f"round {a.resume}" if a.resume else "round")
     try:
         res = rounds.run_round(a.dataset, args, rep)
+    except train.TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         rep.close()
+    if res.get("resumed_from"):
+        print(f"{res['version']}: resumed from step {res['resumed_from']}")
     print(f"{res['version']}: rank-1 {res['rank1_before']:.3f} -> {res['rank1_after']:.3f}, "
           f"mAP {res['mAP_before']:.3f} -> {res['mAP_after']:.3f} in {res['seconds']:.0f} s (not activated: "
           "python -m core models --dataset NAME --activate VERSION)")
@@ -193,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int)
     s.add_argument("--frozen", type=int, help="early MobileNetV2 blocks kept frozen")
     s.add_argument("--background", action="store_true", help="queue it for the worker instead")
+    s.add_argument("--resume", metavar="VERSION", help="continue a failed or cancelled round from its last "
+                   "evaluation, in its own version and with its own config")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("evaluate", help="retrieval metrics of a model version on the held-out split")

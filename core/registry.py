@@ -76,6 +76,38 @@ def fail(dataset: str, version: str, reason: str, cancelled: bool = False) -> No
     update(dataset, version, status="cancelled" if cancelled else "failed", error=reason, finished_at=_now())
 
 
+def resumable(dataset: str, version: str) -> dict[str, Any]:
+    """The record of round ``version`` when it can be resumed (it failed or was cancelled), else
+    :class:`RegistryError` saying why not."""
+    if version == BASE:
+        raise RegistryError('"base" is the packaged model: there is no round to resume')
+    _settle_dead_rounds(dataset)  # a round whose job died is failed, so resumable
+    rec = get(dataset, version)
+    if rec["status"] not in ("failed", "cancelled"):
+        why = "finished" if rec["status"] == "ready" else "still training"
+        raise RegistryError(f"version {version} is {rec['status']} ({why}): only a failed or cancelled "
+                            "round can be resumed")
+    return rec
+
+
+def resume(dataset: str, version: str, job_id: str | None = None) -> dict[str, Any]:
+    """Mark failed or cancelled round ``version`` ``training`` again for ``job_id``, which
+    continues it in its own folder with its own config; returns the record (parent, config).
+    The earlier failure is kept in ``failures``. Two jobs never resume the same round: the status
+    is compared and set in one update."""
+    rec = resumable(dataset, version)
+    res = _coll().update_one(
+        {"_id": _key(dataset, version), "status": rec["status"]},
+        {"$set": {"status": "training", "job_id": job_id, "resumed_at": _now()},
+         "$unset": {"error": "", "finished_at": ""}, "$inc": {"resumes": 1},
+         "$push": {"failures": {"status": rec["status"], "error": rec.get("error"),
+                                "at": rec.get("finished_at"), "job_id": rec.get("job_id")}}})
+    if res.modified_count != 1:
+        raise RegistryError(f"version {version} changed while resuming it (another job resumed it?)")
+    log.info("%s: resuming round %s (job %s)", dataset, version, job_id)
+    return get(dataset, version)
+
+
 def get(dataset: str, version: str) -> dict[str, Any]:
     rec = _coll().find_one({"_id": _key(dataset, version)})
     if rec is None:

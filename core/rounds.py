@@ -198,16 +198,24 @@ def write_report(version_dir, report: dict[str, Any]) -> None:
 
 def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
     """The ``train`` job: see the module docstring. ``args``: ``config`` (TrainConfig fields) and
-    optionally ``init_version``."""
-    from core import embed, train
+    optionally ``init_version``; or ``resume_version``: a failed or cancelled round, continued in
+    its own version record and folder with its own config and parent, from its last evaluation
+    (``resume.pt``, see :mod:`core.train`), or straight to export when its training had finished."""
+    from core import embed, export, train
     from core.jobs import JobCancelled
     from core.tasks import refresh_map
 
     t0 = time.time()
-    cfg = train.TrainConfig.from_dict(args.get("config") or {})
-    parent = args.get("init_version") or store.active_model(name) or registry.BASE
-    version = registry.new_version(name, parent, cfg.to_dict(), job_id=reporter.job_id)
-    reporter.progress(0.0, f"round {version}: preparing", force=True, version=version)
+    resume = args.get("resume_version")
+    if resume:
+        rec = registry.resume(name, resume, job_id=reporter.job_id)
+        version, parent = resume, rec.get("parent") or registry.BASE
+        cfg = train.TrainConfig.from_dict(rec.get("config") or {})
+    else:
+        cfg = train.TrainConfig.from_dict(args.get("config") or {})
+        parent = args.get("init_version") or store.active_model(name) or registry.BASE
+        version = registry.new_version(name, parent, cfg.to_dict(), job_id=reporter.job_id)
+    reporter.progress(0.0, f"round {version}: {'resuming' if resume else 'preparing'}", force=True, version=version)
     try:
         split = eval_split(name)
         if split.problem:  # found before any training: nothing could judge the round
@@ -226,10 +234,15 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
 
         out_dir = embed.version_dir(version)
         result = train.train_round(samples, cfg, init_version=parent, out_dir=out_dir, progress=on_step,
-                                   should_stop=reporter.should_stop)
+                                   should_stop=reporter.should_stop, resume=bool(resume))
         reporter.check()
         reporter.progress(0.7, "exporting ONNX", force=True)
         embed.onnx_path(version)
+        try:  # the file every embedding job runs must be the model: else the round fails here
+            onnx_check = export.verify_onnx(version, [s[0] for s in samples])
+        except export.ExportError:
+            (out_dir / "model.onnx").unlink(missing_ok=True)  # a resumed round exports it afresh
+            raise
 
         def on_embed(done: int, total: int, msg: str = "") -> None:
             reporter.check()
@@ -241,17 +254,18 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
         before = evaluate_version(name, parent, split)
         after = evaluate_version(name, version, split)
         train_summary = {k: result.get(k) for k in ("best_step", "steps_run", "stopped_early", "n_train", "n_val",
-                                                   "seconds", "init_metrics", "best_metrics")}
+                                                   "seconds", "init_metrics", "best_metrics", "resumed_from")}
         report = _plain({"version": version, "parent": parent, "dataset": name, "before": before, "after": after,
-                         "train": train_summary, "config": cfg.to_dict(), "map": refresh,
+                         "train": train_summary, "config": cfg.to_dict(), "map": refresh, "onnx_check": onnx_check,
                          "seconds": time.time() - t0})
         write_report(out_dir, report)
         registry.finish(name, version, report["after"], before=report["before"], train=report["train"],
                         report=str(out_dir / "report.md"), checkpoint=str(embed.checkpoint_path(version)),
-                        onnx=str(embed.onnx_path(version)))
+                        onnx=str(embed.onnx_path(version)), onnx_check=report["onnx_check"])
         a, b = report["after"]["all"], report["before"]["all"]
         return {"version": version, "rank1_before": b.get("rank1"), "rank1_after": a.get("rank1"),
-                "mAP_before": b.get("mAP"), "mAP_after": a.get("mAP"), "seconds": round(time.time() - t0, 1)}
+                "mAP_before": b.get("mAP"), "mAP_after": a.get("mAP"), "seconds": round(time.time() - t0, 1),
+                "resumed_from": result.get("resumed_from")}
     except (JobCancelled, train.TrainingCancelled) as exc:
         registry.fail(name, version, "cancelled by operator", cancelled=True)
         raise JobCancelled(str(exc)) from exc

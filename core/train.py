@@ -287,12 +287,12 @@ def round_fingerprint(samples: Sequence[Sample], config: TrainConfig, init_versi
             "samples": hashlib.sha1(json.dumps(rows).encode()).hexdigest()}
 
 
-def _check_fingerprint(saved: dict | None, fp: dict[str, str], what: Path) -> None:
+def _check_fingerprint(saved: dict | None, fp: dict[str, str], what: Path, samples: bool = True) -> None:
     saved = saved or {}
     if saved.get("config") != fp["config"]:
         raise ResumeError(f"{what} was saved with another training config or init version: a round "
                           "resumes only with the config it started with; start a new round instead")
-    if saved.get("samples") != fp["samples"]:
+    if samples and saved.get("samples") != fp["samples"]:
         raise ResumeError(f"{what} was saved with other training samples (labels, weights or crops "
                           "changed since): start a new round to train on the current labels")
 
@@ -320,7 +320,10 @@ def _finished_result(out_dir: Path, fp: dict[str, str]) -> dict[str, Any] | None
     ck = torch.load(p, map_location="cpu", weights_only=True)
     if not ck.get("result"):
         return None
-    _check_fingerprint(ck.get("fingerprint"), fp, p)
+    # training is over: what the samples have become since (new scores, labels) no longer matters
+    _check_fingerprint(ck.get("fingerprint"), fp, p, samples=False)
+    if (ck.get("fingerprint") or {}).get("samples") != fp["samples"]:
+        log.info("%s: the samples changed since this round trained; its checkpoint stands", p)
     return {**ck["result"], "checkpoint": str(p), "resumed_from": int(ck.get("result", {}).get("steps_run", 0))}
 
 

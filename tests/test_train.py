@@ -167,3 +167,54 @@ def test_killed_round_resumes_from_its_last_evaluation_to_the_same_result(data_r
     again = T.train_round(samples, cfg, out_dir=out, resume=True,
                           progress=lambda s, n, loss, m: pytest.fail("trained again"))
     assert again["steps_run"] == 20 and again["history"] == r["history"]
+
+
+def test_failed_round_resumes_in_its_own_version_from_the_cli(data_root, dsname, tmp_path, capsys):
+    """rounds.run_round stopped after its first evaluation leaves version V cancelled with
+    resume.pt; `python -m core train --resume V` continues V (no new version) from that step,
+    verifies its ONNX file against PyTorch and finishes it; a finished round is not resumed."""
+    import shutil
+
+    from core import embed, jobs, registry, rounds
+    from core.__main__ import main
+    from core.ingest import ingest
+
+    src = need_shared("reid", "campus62")
+    for d in sorted((src / "train").iterdir())[:8]:
+        shutil.copytree(d, tmp_path / "c" / "train" / d.name)
+    shutil.copytree(src / "val", tmp_path / "c" / "val")
+    ingest(tmp_path / "c", "reid", dsname)
+
+    class StopAfter(jobs.Reporter):
+        """The job's view of a round, with an operator who cancels at a given step."""
+
+        def __init__(self, at: int):
+            super().__init__(job_id="test-stop-after")
+            self.at, self.step = at, 0
+
+        def progress(self, fraction, label="", force=False, **details):
+            self.step = details.get("step", self.step)
+
+        def should_stop(self) -> bool:
+            return self.step >= self.at
+
+    config = {**RESUMABLE, "min_val_ids": 3, "ids_per_batch": 4}
+    with pytest.raises(jobs.JobCancelled, match="resumable from step 5"):
+        rounds.run_round(dsname, {"config": config}, StopAfter(7))
+    (rec,) = [r for r in registry.list_versions(dsname) if r["version"] != registry.BASE]
+    version = rec["version"]
+    assert rec["status"] == "cancelled"
+    assert (embed.version_dir(version) / T.RESUME).exists()
+    assert not embed.checkpoint_path(version).exists()
+
+    assert main(["train", "--dataset", dsname, "--resume", version]) == 0
+    assert f"{version}: resumed from step 5" in capsys.readouterr().out
+    recs = [r for r in registry.list_versions(dsname) if r["version"] != registry.BASE]
+    assert [r["version"] for r in recs] == [version]  # the same record, no new version
+    rec = recs[0]
+    assert rec["status"] == "ready" and rec["resumes"] == 1 and rec["failures"][0]["status"] == "cancelled"
+    assert rec["train"]["steps_run"] == 20 and rec["train"]["resumed_from"] == 5
+    assert rec["onnx_check"]["max_abs_diff"] < 1e-4 and rec["onnx_check"]["verified_on"] > 0
+    assert embed.checkpoint_path(version).exists() and not (embed.version_dir(version) / T.RESUME).exists()
+    assert main(["train", "--dataset", dsname, "--resume", version]) == 2  # ready: nothing to resume
+    assert "only a failed or cancelled round can be resumed" in capsys.readouterr().err
