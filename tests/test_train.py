@@ -170,12 +170,16 @@ def test_killed_round_resumes_from_its_last_evaluation_to_the_same_result(data_r
 
 
 def test_failed_round_resumes_in_its_own_version_from_the_cli(data_root, dsname, tmp_path, capsys):
-    """rounds.run_round stopped after its first evaluation leaves version V cancelled with
-    resume.pt; `python -m core train --resume V` continues V (no new version) from that step,
-    verifies its ONNX file against PyTorch and finishes it; a finished round is not resumed."""
+    """A round cancelled after its first evaluation leaves version V cancelled with resume.pt;
+    resumed, it continues V (no new version) from that step. Cancelled again after training, a
+    resume goes straight to export; its ONNX file, tampered meanwhile, fails the round; `python -m
+    core train --resume V` then exports afresh and finishes V; a finished round is not resumed."""
     import shutil
 
-    from core import embed, jobs, registry, rounds
+    import onnx
+    from onnx import numpy_helper
+
+    from core import embed, export, jobs, registry, rounds
     from core.__main__ import main
     from core.ingest import ingest
 
@@ -185,36 +189,66 @@ def test_failed_round_resumes_in_its_own_version_from_the_cli(data_root, dsname,
     shutil.copytree(src / "val", tmp_path / "c" / "val")
     ingest(tmp_path / "c", "reid", dsname)
 
-    class StopAfter(jobs.Reporter):
-        """The job's view of a round, with an operator who cancels at a given step."""
+    class Operator(jobs.Reporter):
+        """The job's view of a round, with an operator who cancels at a step or a phase."""
 
-        def __init__(self, at: int):
-            super().__init__(job_id="test-stop-after")
-            self.at, self.step = at, 0
+        def __init__(self, step: int | None = None, label: str | None = None):
+            super().__init__(job_id="test-operator")
+            self.at, self.at_label, self.step, self.stop = step, label, 0, False
+            self.steps: list[int] = []
 
         def progress(self, fraction, label="", force=False, **details):
-            self.step = details.get("step", self.step)
+            if "step" in details:
+                self.step = details["step"]
+                self.steps.append(self.step)
+            self.stop |= (self.at is not None and self.step >= self.at) or \
+                (self.at_label is not None and label.startswith(self.at_label))
 
         def should_stop(self) -> bool:
-            return self.step >= self.at
+            return self.stop
+
+    def record() -> dict:
+        (rec,) = [r for r in registry.list_versions(dsname) if r["version"] != registry.BASE]
+        return rec
 
     config = {**RESUMABLE, "min_val_ids": 3, "ids_per_batch": 4}
     with pytest.raises(jobs.JobCancelled, match="resumable from step 5"):
-        rounds.run_round(dsname, {"config": config}, StopAfter(7))
-    (rec,) = [r for r in registry.list_versions(dsname) if r["version"] != registry.BASE]
-    version = rec["version"]
-    assert rec["status"] == "cancelled"
-    assert (embed.version_dir(version) / T.RESUME).exists()
+        rounds.run_round(dsname, {"config": config}, Operator(step=7))
+    version = record()["version"]
+    folder = embed.version_dir(version)
+    assert record()["status"] == "cancelled" and (folder / T.RESUME).exists()
     assert not embed.checkpoint_path(version).exists()
 
+    # resumed from step 5, cancelled while re-embedding: training is done, its ONNX verified
+    op = Operator(label="re-embedding")
+    with pytest.raises(jobs.JobCancelled):
+        rounds.run_round(dsname, {"resume_version": version}, op)
+    assert op.steps == list(range(6, 21))
+    assert embed.checkpoint_path(version).exists() and not (folder / T.RESUME).exists()
+    assert record()["status"] == "cancelled" and record()["version"] == version
+
+    # the model file changes under the round: the resumed round (no training) fails on it
+    f = folder / "model.onnx"
+    m = onnx.load(str(f))
+    init = max((i for i in m.graph.initializer if len(i.dims) >= 2), key=lambda i: int(np.prod(i.dims)))
+    w = numpy_helper.to_array(init)
+    noisy = w + 0.02 * w.std() * np.random.default_rng(0).standard_normal(w.shape)
+    init.CopyFrom(numpy_helper.from_array(noisy.astype(w.dtype), init.name))
+    onnx.save(m, str(f))
+    op = Operator()
+    with pytest.raises(export.ExportError, match="disagrees with PyTorch"):
+        rounds.run_round(dsname, {"resume_version": version}, op)
+    assert op.steps == []  # nothing trained again
+    assert record()["status"] == "failed" and "disagrees with PyTorch" in record()["error"]
+    assert not f.exists()  # the next try exports it afresh
+
     assert main(["train", "--dataset", dsname, "--resume", version]) == 0
-    assert f"{version}: resumed from step 5" in capsys.readouterr().out
-    recs = [r for r in registry.list_versions(dsname) if r["version"] != registry.BASE]
-    assert [r["version"] for r in recs] == [version]  # the same record, no new version
-    rec = recs[0]
-    assert rec["status"] == "ready" and rec["resumes"] == 1 and rec["failures"][0]["status"] == "cancelled"
-    assert rec["train"]["steps_run"] == 20 and rec["train"]["resumed_from"] == 5
+    assert f"{version}: resumed from step 20" in capsys.readouterr().out
+    rec = record()  # the same record, no new version
+    assert rec["version"] == version and rec["status"] == "ready" and rec["resumes"] == 3
+    assert [x["status"] for x in rec["failures"]] == ["cancelled", "cancelled", "failed"]
+    assert rec["train"]["steps_run"] == 20
     assert rec["onnx_check"]["max_abs_diff"] < 1e-4 and rec["onnx_check"]["verified_on"] > 0
-    assert embed.checkpoint_path(version).exists() and not (embed.version_dir(version) / T.RESUME).exists()
+    assert embed.checkpoint_path(version).exists() and not (folder / T.RESUME).exists()
     assert main(["train", "--dataset", dsname, "--resume", version]) == 2  # ready: nothing to resume
     assert "only a failed or cancelled round can be resumed" in capsys.readouterr().err
