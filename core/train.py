@@ -375,6 +375,8 @@ def train_round(
             raise ResumeError(f"{out_dir / RESUME} has format {saved.get('format')}, this version reads "
                               f"{RESUME_FORMAT}; start a new round")
         _check_fingerprint(saved.get("fingerprint"), fp, out_dir / RESUME)
+    else:
+        (out_dir / RESUME).unlink(missing_ok=True)  # a fresh round supersedes any earlier state
     rng = np.random.default_rng(config.seed)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, config.threads))

@@ -169,6 +169,47 @@ def test_killed_round_resumes_from_its_last_evaluation_to_the_same_result(data_r
     assert again["steps_run"] == 20 and again["history"] == r["history"]
 
 
+_KILLED_CHILD = """
+import json, sys, time
+from core import train as T
+job = json.loads(open(sys.argv[1]).read())
+slow = lambda step, total, loss, metrics: time.sleep(0.5 if step > 5 else 0)  # room for the kill
+T.train_round([tuple(s) for s in job["samples"]], T.TrainConfig.from_dict(job["config"]), out_dir=job["out"],
+              progress=slow)
+"""
+
+
+def test_round_killed_outright_resumes_from_its_resume_file(data_root):
+    """SIGKILL after the first evaluation: resume.pt is whole (written atomically), no temp file
+    is left behind, and the round resumes from it to its last step."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    samples = _campus_samples(8)
+    out = data_root / "models" / "t-killed"
+    repo = Path(__file__).resolve().parent.parent
+    job = data_root / "t-killed.json"
+    job.write_text(json.dumps({"samples": samples, "config": T.TrainConfig(**RESUMABLE).to_dict(), "out": str(out)}))
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(job)], cwd=repo,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / T.RESUME).exists():
+        assert child.poll() is None, child.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no resume.pt within 300 s"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stderr.close()
+    assert not (out / T.CHECKPOINT).exists()
+    r = T.train_round(samples, T.TrainConfig(**RESUMABLE), out_dir=out, resume=True)
+    assert r["resumed_from"] == 5 and r["steps_run"] == 20 and [h["step"] for h in r["history"]] == [0, 5, 10, 15, 20]
+    assert (out / T.CHECKPOINT).exists() and not (out / T.RESUME).exists()
+    assert not list(out.glob("*.tmp"))
+
+
 def test_failed_round_resumes_in_its_own_version_from_the_cli(data_root, dsname, tmp_path, capsys):
     """A round cancelled after its first evaluation leaves version V cancelled with resume.pt;
     resumed, it continues V (no new version) from that step. Cancelled again after training, a
