@@ -854,7 +854,8 @@ def model_card(report: dict[str, Any], cfg) -> str:
         "",
         f"- `onnx.checker`: {report.get('checker')}",
         f"- ONNX Runtime vs PyTorch on {report.get('verified_on')} real crops: max abs "
-        f"difference {report.get('max_abs_diff', float('nan')):.2e}",
+        f"difference {report.get('max_abs_diff', float('nan')):.2e} (the export fails above "
+        f"{report.get('tolerance', ONNX_TOLERANCE):g})",
     ]
     if report.get("int8_max_abs_diff") is not None:
         lines.append(f"- int8 vs fp32 on the same crops: max abs difference "
