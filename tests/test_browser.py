@@ -150,6 +150,7 @@ def test_operator_loop(app, page):
     page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.8, steps=12)
     page.mouse.up()
     page.get_by_text(re.compile(r"Selection: \d+ samples")).wait_for()
+    _settle(page, "selecting on the map")  # its thumbnails and forms finish drawing before we type
     n_sel = int(re.search(r"Selection: (\d+)", page.get_by_text(re.compile(r"Selection: \d+ samples")).inner_text()).group(1))
     assert n_sel > 0
     tags = page.locator("[data-testid='stMultiSelect']").filter(has_text="Add condition tags")
@@ -185,13 +186,14 @@ def test_operator_loop(app, page):
     # are under Advanced (the operator sees one Retrain button)
     _goto(page, app, "train")
     page.locator("[data-testid='stExpander'] summary").filter(has_text="Advanced").click()
-    steps = page.get_by_label("Steps")
+    steps = page.get_by_role("spinbutton", name="Steps")  # its label also names a help button
     steps.fill("30")
     steps.press("Enter")
     page.get_by_role("button", name="Retrain").click()
     page.get_by_text(re.compile(r"Latest round: (queued|running)")).wait_for(timeout=60_000)
     _shot(page, "05-train-running")
-    page.get_by_text("Latest round: completed").wait_for(timeout=600_000)
+    # .first: while the page reruns at the round's end, the old heading can still be there too
+    page.get_by_text("Latest round: completed").first.wait_for(timeout=600_000)
     _settle(page, "the round's end")
     versions = [v for v in registry.list_versions("demo") if v["version"] != "base"]
     assert versions and versions[-1]["status"] == "ready"
