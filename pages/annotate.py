@@ -110,7 +110,12 @@ if b2.button("Undo last", key="undo", shortcut="U", help="Revert your last decis
         elif ok:
             if item is not None and d.sample_id and d.sample_id != item.sample_id:
                 labeling.release(name, sid, item.sample_id)  # show the undone sample next
-            st.session_state["ann_last"] = f"Undid your {d.kind} of {d.sample_id or d.after}."
+            if d.kind == "bulk":  # the same tab's bulk action on the Map page
+                kept = len(d.not_restored or [])
+                st.session_state["ann_last"] = "Undid your bulk action on the map" + (
+                    f" ({kept} samples changed since were left as they are)." if kept else ".")
+            else:
+                st.session_state["ann_last"] = f"Undid your {d.kind} of {d.sample_id or d.after}."
             st.rerun()
 
 if st.session_state.get("ann_last"):
