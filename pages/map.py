@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import analysis, jobs, labeling, projection, registry, store
+from core import analysis, jobs, labeling, projection, registry, store, tasks
 from pages.common import job_status, require_dataset, show_error, sidebar, thumbnails, user_name
 
 sidebar()
@@ -36,10 +36,11 @@ except Exception as exc:
 job_status(name, ("embed", "layout"))
 
 if not active:
+    pending = any(j["state"] in ("queued", "running") for j in jobs.list_jobs(name, kind="embed", limit=5))
     st.info("This dataset has no embeddings yet. Embedding runs in the background; the map appears "
-            "when it is done.")
-    if st.button("Embed with the packaged model", type="primary"):
-        jobs.submit(name, "embed", {})
+            "when it is done." + (" It is under way." if pending else ""))
+    if not pending and st.button("Embed with the packaged model", type="primary"):
+        tasks.submit_embedding(name)  # queues nothing when another tab just did
         st.rerun()
     st.stop()
 
