@@ -43,6 +43,22 @@ def need_shared(*parts: str) -> Path:
     return p
 
 
+def tamper_onnx(path: Path) -> None:
+    """Corrupt an exported model the way a stale or damaged file differs: noise of 2 % of its
+    spread on the largest weight tensor (a plain scale would not do: the unit-length output
+    cancels it)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    init = max((i for i in m.graph.initializer if len(i.dims) >= 2), key=lambda i: int(np.prod(i.dims)))
+    w = numpy_helper.to_array(init)
+    noisy = w + 0.02 * w.std() * np.random.default_rng(0).standard_normal(w.shape)
+    init.CopyFrom(numpy_helper.from_array(noisy.astype(w.dtype), init.name))
+    onnx.save(m, str(path))
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     return _ROOT

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import need_shared
+from tests.conftest import need_shared, tamper_onnx
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -355,9 +355,6 @@ def _campus_val_crops() -> list[str]:
 def test_tampered_onnx_graph_fails_verification(data_root):
     """A round's model file (core.embed.onnx_path, what embedding jobs run) whose graph no longer
     matches its PyTorch model: verify_onnx raises with the figure and the tolerance."""
-    import onnx
-    from onnx import numpy_helper
-
     from core import embed, export
 
     cfg = embed.ModelConfig()
@@ -367,18 +364,11 @@ def test_tampered_onnx_graph_fails_verification(data_root):
     assert ok["verified_on"] == export.VERIFY_CROPS and ok["max_abs_diff"] < 1e-4, ok
 
     f = embed.onnx_path("t-verify")
-    m = onnx.load(str(f))
-    # the largest weight matrix or kernel, with noise of 2 % of its spread (a stale or corrupted
-    # graph; a plain scale would not do: the unit-length output cancels it)
-    init = max((i for i in m.graph.initializer if len(i.dims) >= 2), key=lambda i: int(np.prod(i.dims)))
-    w = numpy_helper.to_array(init)
-    noisy = w + 0.02 * w.std() * np.random.default_rng(0).standard_normal(w.shape)
-    init.CopyFrom(numpy_helper.from_array(noisy.astype(w.dtype), init.name))
-    onnx.save(m, str(f))
+    tamper_onnx(f)
     assert embed.onnx_path("t-verify") == f  # still considered fresh: only the check catches it
     with pytest.raises(export.ExportError, match=r"max abs difference .* above the tolerance 0\.0001") as e:
         export.verify_onnx("t-verify", paths)
-    print(f"\ntampered graph ({init.name} {list(w.shape)}, noise 2 % of its std): {e.value}")
+    print(f"\ntampered graph (noise 2 % of its largest weight's spread): {e.value}")
 
 
 def test_model_export_fails_above_the_tolerance_and_leaves_nothing(data_root):

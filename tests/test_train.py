@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from core import train as T
-from tests.conftest import need_shared
+from tests.conftest import need_shared, tamper_onnx
 
 
 def test_sampler_is_identity_balanced_and_weighted():
@@ -217,9 +217,6 @@ def test_failed_round_resumes_in_its_own_version_from_the_cli(data_root, dsname,
     core train --resume V` then exports afresh and finishes V; a finished round is not resumed."""
     import shutil
 
-    import onnx
-    from onnx import numpy_helper
-
     from core import embed, export, jobs, registry, rounds
     from core.__main__ import main
     from core.ingest import ingest
@@ -270,12 +267,7 @@ def test_failed_round_resumes_in_its_own_version_from_the_cli(data_root, dsname,
 
     # the model file changes under the round: the resumed round (no training) fails on it
     f = folder / "model.onnx"
-    m = onnx.load(str(f))
-    init = max((i for i in m.graph.initializer if len(i.dims) >= 2), key=lambda i: int(np.prod(i.dims)))
-    w = numpy_helper.to_array(init)
-    noisy = w + 0.02 * w.std() * np.random.default_rng(0).standard_normal(w.shape)
-    init.CopyFrom(numpy_helper.from_array(noisy.astype(w.dtype), init.name))
-    onnx.save(m, str(f))
+    tamper_onnx(f)
     op = Operator()
     with pytest.raises(export.ExportError, match="disagrees with PyTorch"):
         rounds.run_round(dsname, {"resume_version": version}, op)
