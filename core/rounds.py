@@ -196,6 +196,19 @@ def write_report(version_dir, report: dict[str, Any]) -> None:
     (version_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def resumable_round(name: str, job_id: str) -> str | None:
+    """The version of round job ``job_id`` when it failed or was cancelled with work saved to go
+    on from (a resume point of an evaluation, or finished training), else None."""
+    from core import embed, train
+
+    for rec in registry.list_versions(name):
+        if rec.get("job_id") == job_id and rec["status"] in ("failed", "cancelled"):
+            d = embed.version_dir(rec["version"])
+            if (d / train.RESUME).exists() or (d / train.CHECKPOINT).exists():
+                return rec["version"]
+    return None
+
+
 def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
     """The ``train`` job: see the module docstring. ``args``: ``config`` (TrainConfig fields) and
     optionally ``init_version``; or ``resume_version``: a failed or cancelled round, continued in

@@ -140,6 +140,13 @@ def live() -> None:
             st.code(jobs.log_tail(j["id"], 60))
     elif j["state"] == "cancelled":
         st.warning("The round was cancelled. The active model is unchanged.")
+    if j["state"] in ("failed", "cancelled"):
+        version = rounds.resumable_round(name, j["id"])
+        if version and st.button(f"Resume round {version}", icon=":material/play_arrow:",
+                                 help="Continue it from its last evaluation with its own settings, in "
+                                      "the same version"):
+            st.session_state["train_job"] = jobs.submit(name, "train", {"resume_version": version})
+            st.rerun(scope="app")
     hist = pd.DataFrame([h for h in j["history"] if "step" in h])
     if not hist.empty:
         fig = go.Figure()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,41 @@ def test_train_page_versions_table_is_readable(small_dataset):
     assert not table.isin(["None", "nan", "NaN"]).any().any(), table
     base = table[table["version"] == "base"].iloc[0]
     assert base["active"] == "● active" and base["mAP"] == "–" and base["from"] == "–"
+
+
+def test_train_page_resumes_a_cancelled_round(worker, dsname, tmp_path):
+    """A round cancelled after its first evaluation offers 'Resume round V' on the Train page;
+    the click queues a train job that continues V (no new version)."""
+    import shutil
+
+    from core import jobs, registry
+    from core.ingest import ingest
+
+    src = need_shared("reid", "campus62")
+    for d in sorted((src / "train").iterdir())[:8]:
+        shutil.copytree(d, tmp_path / "c" / "train" / d.name)
+    shutil.copytree(src / "val", tmp_path / "c" / "val")
+    ingest(tmp_path / "c", "reid", dsname)
+    cfg = {"steps": 400, "eval_every": 5, "ids_per_batch": 4, "samples_per_id": 4, "min_val_ids": 3}
+    job = jobs.submit(dsname, "train", {"config": cfg})
+    end = time.time() + 300
+    while not any(h.get("step", 0) >= 7 for h in jobs.get(job)["history"]):  # past its first evaluation
+        assert time.time() < end and jobs.get(job)["state"] in ("queued", "running"), jobs.get(job)
+        time.sleep(0.5)
+    jobs.cancel(job)
+    assert jobs.wait(job, timeout=120)["state"] == "cancelled"
+    (rec,) = [v for v in registry.list_versions(dsname) if v["version"] != registry.BASE]
+    assert rec["status"] == "cancelled"
+
+    at = _open(dsname, "pages/train.py")
+    (button,) = [b for b in at.button if b.label.startswith("Resume round")]
+    assert button.label == f"Resume round {rec['version']}"
+    button.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    resumed = jobs.get(at.session_state["train_job"])
+    try:
+        assert resumed["args"] == {"resume_version": rec["version"]} and resumed["id"] != job
+    finally:
+        jobs.cancel(resumed["id"])
+        jobs.wait(resumed["id"], timeout=120)
+    assert [v["version"] for v in registry.list_versions(dsname) if v["version"] != registry.BASE] == [rec["version"]]
