@@ -14,9 +14,10 @@
 Resuming: at every evaluation the whole loop state goes to ``out_dir/resume.pt`` (atomic: model,
 optimizer, step, numpy and torch random states, best weights and metrics so far, history,
 evaluations without improvement, and a hash of the config and of the samples). A round that was
-killed or cancelled continues from there with ``train_round(..., resume=True)`` on the same
-samples and config (anything else is refused with :class:`ResumeError`); at the same seed it ends
-where the uninterrupted round would have. ``resume.pt`` is removed when the round finishes;
+killed or cancelled continues from there with ``train_round(..., resume=True)``: on the samples it
+started with (kept in ``resume.pt``: labels written meanwhile are for the next round) and the same
+config (another config is refused with :class:`ResumeError`); at the same seed it ends where the
+uninterrupted round would have. ``resume.pt`` is removed when the round finishes;
 ``checkpoint.pt`` keeps the hashes and the round's result, so resuming a round whose training had
 already finished returns that result without training again.
 
@@ -281,10 +282,14 @@ def round_fingerprint(samples: Sequence[Sample], config: TrainConfig, init_versi
     cfg = config.to_dict()
     cfg.pop("threads", None)
     c = json.dumps({"config": cfg, "init_version": init_version}, sort_keys=True, default=str)
-    rows = [[str(s[0]), str(s[1]), None if s[2] is None else str(s[2]), 1.0 if s[3] is None else float(s[3])]
-            for s in samples]
     return {"config": hashlib.sha1(c.encode()).hexdigest(),
-            "samples": hashlib.sha1(json.dumps(rows).encode()).hexdigest()}
+            "samples": hashlib.sha1(json.dumps(_sample_rows(samples)).encode()).hexdigest()}
+
+
+def _sample_rows(samples: Sequence[Sample]) -> list[list]:
+    """Samples as plain rows [path, identity, camera or None, weight] (hashable, storable)."""
+    return [[str(s[0]), str(s[1]), None if s[2] is None else str(s[2]), 1.0 if s[3] is None else float(s[3])]
+            for s in samples]
 
 
 def _check_fingerprint(saved: dict | None, fp: dict[str, str], what: Path, samples: bool = True) -> None:
@@ -344,8 +349,9 @@ def train_round(
     are dropped. ``progress(step, total_steps, loss, metrics)`` after every step (``metrics`` the
     latest validation metrics, or None before the first evaluation). ``should_stop()`` polled
     every step: True raises :class:`TrainingCancelled` (no checkpoint; ``resume.pt`` of the last
-    evaluation stays). ``resume``: continue from ``out_dir/resume.pt`` (same samples and config,
-    else :class:`ResumeError`); when the round had already finished, its stored result.
+    evaluation stays). ``resume``: continue from ``out_dir/resume.pt`` on the samples saved there
+    (``samples`` are then only a fallback for files from before they were kept) with the same
+    config (else :class:`ResumeError`); when the round had already finished, its stored result.
 
     Returns ``{"checkpoint", "best_step", "steps_run", "stopped_early", "init_metrics",
     "best_metrics", "history", "train_ids", "val_ids", "n_train", "n_val", "seconds",
@@ -374,6 +380,14 @@ def train_round(
         if saved.get("format") != RESUME_FORMAT:
             raise ResumeError(f"{out_dir / RESUME} has format {saved.get('format')}, this version reads "
                               f"{RESUME_FORMAT}; start a new round")
+        if saved.get("samples") is not None:
+            # the round goes on with the crops it started on: labels and scores written since
+            # (the operator keeps labelling while it runs) belong to the next round
+            current = fp["samples"]
+            samples = [tuple(s) for s in saved["samples"]]
+            fp = round_fingerprint(samples, config, init_version)
+            if fp["samples"] != current:
+                log.info("resuming on the round's own %d samples (the dataset's changed since)", len(samples))
         _check_fingerprint(saved.get("fingerprint"), fp, out_dir / RESUME)
     else:
         (out_dir / RESUME).unlink(missing_ok=True)  # a fresh round supersedes any earlier state
@@ -383,6 +397,7 @@ def train_round(
     torch.manual_seed(config.seed)
     try:
         # -- samples and split
+        sample_rows = _sample_rows(samples)  # resume.pt keeps them: a resumed round trains on the same crops
         paths = [str(s[0]) for s in samples]
         idents = np.array([str(s[1]) for s in samples], dtype=object)
         cams_raw = [s[2] for s in samples]
@@ -454,7 +469,7 @@ def train_round(
                 "best_map": float(best_map), "init_metrics": init_metrics, "metrics": metrics,
                 "history": history, "bad_evals": int(bad_evals), "train_ids": train_ids, "val_ids": val_ids,
                 "seconds": time.perf_counter() - t0, "init_version": init_version,
-                "train_config": config.to_dict()}, out_dir / RESUME)
+                "train_config": config.to_dict(), "samples": sample_rows}, out_dir / RESUME)
 
         stopped_early = False
         if saved is None:
