@@ -138,6 +138,9 @@ def cmd_evaluate(a) -> int:
 
     version = a.version or store.active_model(a.dataset)
     split = rounds.eval_split(a.dataset)
+    if split.problem:
+        print(f"error: nothing to evaluate on: {split.problem}", file=sys.stderr)
+        return 2
     res = rounds.evaluate_version(a.dataset, version, split)
     print(f"{a.dataset} / {version}: {res['protocol']}")
     for group, m in [("all", res["all"]), *res["by_condition"].items(), *res["by_camera"].items()]:
@@ -229,13 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_jobs)
 
     a = p.parse_args(argv)
+    from core.export import ExportError
     from core.ingest import IngestError
     from core.jobs import JobError
     from core.registry import RegistryError
+    from core.train import TrainingError
 
     try:
         return a.fn(a)
-    except (store.StoreError, IngestError, JobError, RegistryError) as exc:
+    except (store.StoreError, IngestError, JobError, RegistryError, ExportError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -63,6 +63,15 @@ def test_round_refuses_a_split_with_nothing_to_find_before_training(tmp_path, ds
     assert failed and failed[-1]["status"] == "failed" and "evaluation split" in failed[-1]["error"]
 
 
+def test_evaluate_cli_says_why_there_is_nothing_to_evaluate(tmp_path, dsname, capsys):
+    from core.__main__ import main
+
+    rows = [(f"p{i}", f"seq/{i}", f, ()) for i in range(6) for f in range(0, 50, 10)]
+    store.add_records(dsname, _records(tmp_path, rows))
+    assert main(["evaluate", "--dataset", dsname, "--version", "base"]) == 2
+    assert "label the same person in another tracklet" in capsys.readouterr().err
+
+
 def test_too_few_identities_say_how_many_to_label(tmp_path, dsname):
     rows = [(f"p{i}", f"seq/{i}{t}", 0, ()) for i in range(3) for t in range(2)]
     store.add_records(dsname, _records(tmp_path, rows))
