@@ -92,8 +92,8 @@ with st.form("round"):
                 "evaluate the model before and after, and runs in the background: keep labelling, activate "
                 "the new version when its numbers are better.")
     if split.problem:
-        st.warning(f"This round would stop before training: {split.problem}.")
-    go_train = st.form_submit_button("Retrain", type="primary", disabled=not active)
+        st.warning(f"Retrain needs held-out identities to judge the round: {split.problem}.")
+    go_train = st.form_submit_button("Retrain", type="primary", disabled=not active or bool(split.problem))
     d = TrainConfig()
     values: dict = {}
     with st.expander("Advanced: steps, learning rate, batch (P × K), frozen blocks, losses, model head"):
@@ -145,8 +145,13 @@ def live() -> None:
         if version and st.button(f"Resume round {version}", icon=":material/play_arrow:",
                                  help="Continue it from its last evaluation with its own settings, in "
                                       "the same version"):
-            st.session_state["train_job"] = jobs.submit(name, "train", {"resume_version": version})
-            st.rerun(scope="app")
+            try:
+                registry.resumable(name, version)  # another tab may have resumed it meanwhile
+                st.session_state["train_job"] = jobs.submit(name, "train", {"resume_version": version})
+            except Exception as exc:
+                show_error(exc, f"resuming round {version}", "Reload the page to see its state.")
+            else:
+                st.rerun(scope="app")
     hist = pd.DataFrame([h for h in j["history"] if "step" in h])
     if not hist.empty:
         fig = go.Figure()

@@ -157,11 +157,37 @@ def test_an_outage_is_still_reported_as_one(small_dataset, monkeypatch):
 
 
 # ---------------------------------------------------------------- the Train page
-def test_train_page_one_retrain_button_knobs_under_advanced(small_dataset):
+def _campus_small(name: str, tmp_path: Path, n_train: int) -> str:
+    """campus62: ``n_train`` training identities and the val split (query/gallery tags, 12 other
+    identities, two cameras): a dataset a round can train on and be judged by."""
+    import shutil
+
+    from core.ingest import ingest
+
+    src = need_shared("reid", "campus62")
+    for d in sorted((src / "train").iterdir())[:n_train]:
+        shutil.copytree(d, tmp_path / "c" / "train" / d.name)
+    shutil.copytree(src / "val", tmp_path / "c" / "val")
+    ingest(tmp_path / "c", "reid", name)
+    return name
+
+
+def test_train_page_refuses_a_round_nothing_could_judge(small_dataset):
+    """TUD-Campus alone: every identity is one tracklet, so no held-out query has anything but its
+    own tracklet to find; the page says so and Retrain is off."""
+    at = _open(small_dataset, "pages/train.py")
+    assert "label the same person in another tracklet" in _texts(at)
+    assert at.form_submit_button[0].label == "Retrain" and at.form_submit_button[0].disabled
+
+
+def test_train_page_one_retrain_button_knobs_under_advanced(dsname, tmp_path):
     from core import jobs, rounds
     from core.train import TrainConfig
 
-    name = small_dataset
+    from core import embed
+
+    name = _campus_small(dsname, tmp_path, n_train=7)
+    embed.embed_dataset(name, version="base")  # a round starts from the active model
     at = _open(name, "pages/train.py")
     assert [b.label for b in at.form_submit_button] == ["Retrain"]
     # one sentence says what Retrain does
@@ -206,16 +232,9 @@ def test_train_page_versions_table_is_readable(small_dataset):
 def test_train_page_resumes_a_cancelled_round(worker, dsname, tmp_path):
     """A round cancelled after its first evaluation offers 'Resume round V' on the Train page;
     the click queues a train job that continues V (no new version)."""
-    import shutil
-
     from core import jobs, registry
-    from core.ingest import ingest
 
-    src = need_shared("reid", "campus62")
-    for d in sorted((src / "train").iterdir())[:8]:
-        shutil.copytree(d, tmp_path / "c" / "train" / d.name)
-    shutil.copytree(src / "val", tmp_path / "c" / "val")
-    ingest(tmp_path / "c", "reid", dsname)
+    _campus_small(dsname, tmp_path, n_train=8)
     cfg = {"steps": 400, "eval_every": 5, "ids_per_batch": 4, "samples_per_id": 4, "min_val_ids": 3}
     job = jobs.submit(dsname, "train", {"config": cfg})
     end = time.time() + 300
