@@ -5,6 +5,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from core import jobs, store
@@ -96,3 +97,7 @@ def test_reused_pid_does_not_keep_a_dead_job_running(worker, dsname):
         assert end["state"] == "failed" and "died" in end["error"], end
     finally:
         jobs.cancel(job)  # the real job process stops at its next progress check
+        try:
+            psutil.Process(rec["pid"]).wait(timeout=120)  # the worker is free before the dataset goes
+        except psutil.NoSuchProcess:
+            pass

@@ -158,5 +158,6 @@ def test_demo_queues_its_embedding_once(dsname, capsys):
     finally:
         for j in jobs.list_jobs(dsname):
             jobs.cancel(j["id"])
+            jobs.wait(j["id"], timeout=120)  # the worker is free before the dataset goes
     print(f"demo {dsname}: {len(store.get_dataset(dsname))} samples, one embedding job queued at "
           "creation, none on later runs")
