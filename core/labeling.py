@@ -25,8 +25,8 @@ target field as labels, so only samples without one are queued.
 Concurrency: a decision is a compare-and-set on the sample document. Each item carries a token
 (a hash of the sample's label fields when it was served); :func:`decide` writes only when the
 sample still has that state and otherwise raises :class:`LabelConflict` with both values, so a
-decision is never overwritten silently. Bulk edits made elsewhere (``store.set_field``) change
-the hashed fields too, so they are detected even though they do not bump ``label_version``.
+decision is never overwritten silently. Bulk decisions (:func:`bulk_decide`, the Map page) go
+through the same compare-and-set and bump ``label_version`` too.
 
 Refill: when a lease leaves fewer than ``refill_below`` unserved items, a daemon thread in the
 serving process recomputes the next batch (one process at a time, guarded by a lock in the spec
@@ -971,6 +971,11 @@ def bulk_decide(name: str, session_id: str, ids: Sequence[str], user: str, label
     rnd = current_round(name) if verifies else None
     bid, seq = uuid.uuid4().hex, _seq()
     out = BulkResult(None)
+    # the head entry goes first: a process that dies half-way leaves an undoable decision
+    _log({"_id": bid, "seq": seq, "dataset": name, "sample_id": None, "kind": "bulk", "user": user,
+          "session_id": session_id, "at": at, "before": {},
+          "after": {"label": label, "identity": identity, "tags_add": tags_add}, "round": rnd,
+          "complete": False})
     for c0 in range(0, len(ids), _BULK_CHUNK):
         chunk = ids[c0: c0 + _BULK_CHUNK]
         docs = {str(d["_id"]): d for d in coll.find({"_id": {"$in": [_oid(i) for i in chunk]}},
@@ -1011,11 +1016,12 @@ def bulk_decide(name: str, session_id: str, ids: Sequence[str], user: str, label
         if entries:
             _coll(DECISIONS).insert_many(entries, ordered=False)
     if out.changed:
-        out.id = _log({"_id": bid, "dataset": name, "sample_id": None, "kind": "bulk", "user": user,
-                       "session_id": session_id, "at": at, "before": {},
-                       "after": {"label": label, "identity": identity, "tags_add": tags_add},
-                       "n_changed": len(out.changed), "n_unchanged": len(out.unchanged),
-                       "conflicts": out.conflicts, "missing": out.missing, "round": rnd})
+        out.id = bid
+        _coll(DECISIONS).update_one({"_id": bid}, {"$set": {
+            "complete": True, "seq": _seq(), "n_changed": len(out.changed), "n_unchanged": len(out.unchanged),
+            "conflicts": out.conflicts, "missing": out.missing}})
+    else:  # nothing written: nothing to undo
+        _coll(DECISIONS).delete_one({"_id": bid})
     log.info("%s: bulk decision by %s: %d changed, %d unchanged, %d conflicts, %d missing", name, user,
              len(out.changed), len(out.unchanged), len(out.conflicts), len(out.missing))
     return out

@@ -417,21 +417,6 @@ def tag_samples(name: str, ids: list[str], tags: list[str]) -> int:
     return len(ids)
 
 
-def set_field(name: str, ids: list[str], field: str, value: Any, user: str | None = None) -> int:
-    """Set one field to one value on ``ids`` (bulk label / identity edits), recording who and when."""
-    from datetime import datetime, timezone
-
-    if not ids:
-        return 0
-    view = get_dataset(name).select(ids)
-    view.set_field(field, value).save(field)
-    if user:
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        view.set_field("labelled_by", user).save("labelled_by")
-        view.set_field("labelled_at", now).save("labelled_at")
-    return len(ids)
-
-
 def view_columns(name: str, fields: list[str], ids: list[str] | None = None) -> dict[str, list]:
     """Columns (``id`` plus ``fields`` that exist, others as None) of the dataset or ``ids``."""
     ds = get_dataset(name)

@@ -128,18 +128,6 @@ def thumbnails(rows: list[dict], caption_fields: tuple[str, ...] = ("identity", 
             st.image(r["filepath"], caption=cap or None, width=width)
 
 
-class Progress:
-    """A Streamlit progress bar fed by core's ``progress(done, total, msg)`` callbacks."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.bar = st.progress(0.0, text=text)
-
-    def __call__(self, done: int, total: int, msg: str = "") -> None:
-        frac = min(1.0, done / total) if total else 0.0
-        self.bar.progress(frac, text=f"{self.text} {msg}".strip())
-
-
 def user_name() -> str:
     """Who is labelling (set in the sidebar; with st.login configured, the signed-in user)."""
     return st.session_state.get("user") or "operator"

@@ -22,6 +22,7 @@ def _run(tmp_path, ci: str | None) -> subprocess.CompletedProcess:
     if ci is not None:
         env["CI"] = ci
     env["PYTHONPATH"] = str(REPO)
+    env["TMPDIR"] = str(tmp_path)  # the child's data root (tests.conftest makes one) goes with tmp_path
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
                            "-c", "/dev/null", str(t)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
