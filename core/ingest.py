@@ -144,11 +144,11 @@ def safe_name(raw: str, fallback: str = "sequence", limit: int = 64) -> str:
     return s or fallback
 
 
-def _source_id(*parts: bytes | str) -> str:
-    """A stable hash naming one source (the bytes that define a sequence or clip)."""
+def _source_id(*parts: str) -> str:
+    """A stable hash naming one source (what identifies a sequence folder or a clip)."""
     h = hashlib.sha1()
     for part in parts:
-        h.update(part if isinstance(part, bytes) else part.encode("utf-8", "surrogateescape"))
+        h.update(part.encode("utf-8", "surrogateescape"))
         h.update(b"\0")
     return h.hexdigest()
 
@@ -318,7 +318,7 @@ def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestRep
     per-sequence identities ``<id>:<track>``) is its safe form, claimed per source
     (:func:`core.store.claim_sequence`: a second site with the same name gets ``name~hash``);
     the name as written is kept in ``sequence_name``. Ingest keys and the media folder carry
-    the source's hash (of ``seqinfo.ini`` and ``gt/gt.txt``), so sites never collide."""
+    the source's hash (of the resolved sequence folder and its name), so sites never collide."""
     from core import store
 
     info = parse_seqinfo(seq)
@@ -326,9 +326,14 @@ def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestRep
     if not boxes:
         raise MediaError("gt/gt.txt has no usable rows")
     src_kind, src = _frame_source(seq, info)
-    source_id = _source_id((seq / "seqinfo.ini").read_bytes(), (seq / "gt" / "gt.txt").read_bytes())
     raw_name = info["name"]
+    # one source = one sequence folder: corrected annotations re-ingested from it add their new
+    # boxes to the same sequence; another site's folder is another source whatever its name
+    source_id = _source_id(str(seq.resolve()), raw_name)
     name = store.claim_sequence(dataset, safe_name(raw_name), source_id, raw_name)
+    # datasets ingested before keys carried the source used mot:<name>:...; the source holding
+    # the plain name is that one, so its old keys count as present (no duplicates on re-ingest)
+    legacy = name == raw_name
     out_dir = _media_dir(dataset, "mot", f"{safe_name(raw_name)}-{source_id[:10]}")
     video_key = f"mot-video:{source_id}"
     width, height, fps, nframes, frames = _iter_source_frames(src_kind, src, info, report)
@@ -387,7 +392,7 @@ def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestRep
                 if (fn - first) % every_n:
                     continue
                 key = crop_key(b.track, fn)
-                if key in have:
+                if key in have or (legacy and f"mot:{raw_name}:{b.track}:{fn}" in have):
                     report.duplicates += 1
                     continue
                 crop = img[y0:y1, x0:x1]
@@ -414,7 +419,9 @@ def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestRep
         if tmp_clip and os.path.exists(tmp_clip):
             os.unlink(tmp_clip)
     _flush(store, dataset, records, report)
-    if store.add_video(dataset, video_key, video_path, width, height, fps, seen_frames,
+    if legacy and store.has_video(dataset, f"mot-video:{raw_name}"):
+        pass  # the clip of a dataset ingested before keys carried the source
+    elif store.add_video(dataset, video_key, video_path, width, height, fps, seen_frames,
                        detections, {"sequence": name, "sequence_name": raw_name, "camera": info["camera"],
                                     "source_kind": "mot", "source": str(seq)}):
         report.videos += 1

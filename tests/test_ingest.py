@@ -393,3 +393,19 @@ def test_dataset_names_that_escape_or_collide_are_refused(bad, tmp_path):
         store.get_dataset(bad, create=True)
     with pytest.raises(store.StoreError):
         ingest(tmp_path, "images", bad)
+
+
+def test_reingesting_a_dataset_from_before_source_keys_adds_nothing(dsname, tmp_path):
+    """Keys used to be mot:<name>:<track>:<frame> (and mot-video:<name>); a dataset ingested then
+    and ingested again now gets no duplicate crops or clips."""
+    seq = _frames_seq(tmp_path, "TUD-Campus", "TUD-Campus", frames=20)
+    first = ingest(seq, "mot", dsname, every_n=5)
+    ds = store.get_dataset(dsname)
+    ids, tracks, frames = ds.values(["id", "track", "frame"])
+    store.set_values(dsname, "ingest_key", {i: f"mot:TUD-Campus:{t}:{f}" for i, t, f in zip(ids, tracks, frames)})
+    vids = store.get_videos(dsname)
+    vids.set_values("ingest_key", ["mot-video:TUD-Campus"])
+    store.db()[store.SEQUENCES].delete_many({"dataset": dsname})  # no claims back then
+    again = ingest(seq, "mot", dsname, every_n=5)
+    assert again.added == 0 and again.videos == 0 and again.duplicates == first.added
+    assert len(store.get_dataset(dsname)) == first.added and len(store.get_videos(dsname)) == 1
