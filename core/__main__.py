@@ -5,31 +5,13 @@ import argparse
 import logging
 import sys
 
-from tqdm import tqdm
-
-
-class _Bar:
-    """A tqdm bar fed by the ``progress(done, total, ...)`` callbacks of core."""
-
-    def __init__(self, desc: str):
-        self.bar = tqdm(desc=desc, unit="it", dynamic_ncols=True)
-
-    def __call__(self, done: int, total: int, msg: str = "") -> None:
-        if total and self.bar.total != total:
-            self.bar.total = total
-        self.bar.n = done
-        if msg:
-            self.bar.set_postfix_str(str(msg)[:40], refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
+from core.bars import Bar
 
 
 def cmd_ingest(a) -> int:
     from core.ingest import IngestError, ingest
 
-    bar = _Bar(f"ingest {a.kind}")
+    bar = Bar(f"ingest {a.kind}")
     try:
         report = ingest(a.path, a.kind, a.dataset, every_n=a.every, pattern=a.pattern, progress=bar)
     except IngestError as exc:
@@ -59,7 +41,7 @@ def cmd_datasets(a) -> int:
 def cmd_demo(a) -> int:
     from core import demo
 
-    bar = _Bar("demo dataset")
+    bar = Bar("demo dataset")
     report = demo.ensure_demo(a.dataset, progress=bar, embed=False)
     bar.close()
     print(report.summary() if report else f"dataset {a.dataset!r} already present")

@@ -100,3 +100,19 @@ def candidates(name: str, limit: int = 200) -> list[dict[str, Any]]:
         return []
     view = ds.match(F(SCORE_FIELD) > 0).sort_by(SCORE_FIELD, reverse=True)
     return store.sample_rows(view, [SCORE_FIELD, REASONS_FIELD, "identity", "camera", "low_light"], limit=limit)
+
+
+def refresh_map(dataset: str, version: str, reporter, lo: float = 0.0, hi: float = 1.0) -> dict[str, Any]:
+    """Lay out the map of ``version`` (aligned to the previous one) and rescore the samples, as
+    jobs do after embedding: ``reporter`` (a :class:`core.jobs.Reporter`) gets progress from
+    ``lo`` to ``hi`` and may stop it."""
+    from core import projection
+
+    def on_layout(stage: str, fraction: float) -> None:
+        reporter.check()
+        reporter.progress(lo + 0.9 * (hi - lo) * fraction, f"map layout: {stage}")
+
+    m = projection.compute_layout(dataset, version, progress=on_layout)
+    reporter.progress(lo + 0.9 * (hi - lo), "scoring misclustered samples")
+    scores = compute_scores(dataset, version)
+    return {"map_points": len(m.ids), "map_recomputed": m.computed, **scores}

@@ -930,9 +930,9 @@ def add_commands(subparsers) -> None:
 
 
 def _bar(desc: str):
-    from core.__main__ import _Bar
+    from core.bars import Bar
 
-    return _Bar(desc)
+    return Bar(desc)
 
 
 def _cmd_export_dataset(a) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from core import registry, store
+from core import analysis, registry, store
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,6 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
     (``resume.pt``, see :mod:`core.train`), or straight to export when its training had finished."""
     from core import embed, export, train
     from core.jobs import JobCancelled
-    from core.tasks import refresh_map
 
     t0 = time.time()
     resume = args.get("resume_version")
@@ -262,7 +261,7 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
             reporter.progress(0.7 + 0.15 * (done / total if total else 1), f"re-embedding {done}/{total}")
 
         embed.embed_dataset(name, version=version, progress=on_embed)
-        refresh = refresh_map(name, version, reporter, 0.85, 0.95)
+        refresh = analysis.refresh_map(name, version, reporter, 0.85, 0.95)
         reporter.progress(0.95, "evaluating before and after", force=True)
         before = evaluate_version(name, parent, split)
         after = evaluate_version(name, version, split)

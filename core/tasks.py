@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from core import jobs
+from core import analysis, jobs
 from core.jobs import Reporter
 
 PROBLEMS_KEPT = 500  # an ingest job's result lists this many skipped files; its log has them all
@@ -26,23 +26,6 @@ def _embed_cb(reporter: Reporter, lo: float, hi: float):
         f = done / total if total else 0.0
         reporter.progress(lo + (hi - lo) * f, f"embedding {done}/{total}")
     return cb
-
-
-def _layout_cb(reporter: Reporter, lo: float, hi: float):
-    def cb(stage: str, fraction: float) -> None:
-        reporter.check()
-        reporter.progress(lo + (hi - lo) * fraction, f"map layout: {stage}")
-    return cb
-
-
-def refresh_map(dataset: str, version: str, reporter: Reporter, lo: float = 0.0, hi: float = 1.0) -> dict[str, Any]:
-    """Lay out the map of ``version`` (aligned to the previous one) and rescore the samples."""
-    from core import analysis, projection
-
-    m = projection.compute_layout(dataset, version, progress=_layout_cb(reporter, lo, lo + 0.9 * (hi - lo)))
-    reporter.progress(lo + 0.9 * (hi - lo), "scoring misclustered samples")
-    scores = analysis.compute_scores(dataset, version)
-    return {"map_points": len(m.ids), "map_recomputed": m.computed, **scores}
 
 
 def submit_embedding(dataset: str) -> str | None:
@@ -65,7 +48,7 @@ def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[s
 
     report = embed.embed_dataset(dataset, version=args.get("version"), progress=_embed_cb(reporter, 0.0, 0.6))
     version = args.get("version") or store.active_model(dataset)
-    report.update(refresh_map(dataset, version, reporter, 0.6, 1.0))
+    report.update(analysis.refresh_map(dataset, version, reporter, 0.6, 1.0))
     return report
 
 
@@ -73,7 +56,7 @@ def layout_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[
     """Compute (or reuse) the map layout of a model version and rescore the samples."""
     from core import store
 
-    return refresh_map(dataset, args.get("version") or store.active_model(dataset), reporter)
+    return analysis.refresh_map(dataset, args.get("version") or store.active_model(dataset), reporter)
 
 
 def train_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
