@@ -39,13 +39,13 @@ def cmd_datasets(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from core import demo
+    from core import demo, tasks
 
     bar = Bar("demo dataset")
     report = demo.ensure_demo(a.dataset, progress=bar, embed=False)
     bar.close()
     print(report.summary() if report else f"dataset {a.dataset!r} already present")
-    job = demo.queue_embedding(a.dataset)
+    job = tasks.submit_embedding(a.dataset)  # the worker of `make run` embeds it
     if job:
         print(f"queued its embedding as job {job}: the worker embeds it and lays out the map "
               "(follow it with `python -m core jobs`)")

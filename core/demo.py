@@ -22,12 +22,8 @@ def ensure_demo(name: str = DEMO_DATASET, progress: Callable | None = None,
         out = generate(settings().media_dir / "synthetic-source")
         report = ingest(out, "mot", name, every_n=3, progress=progress)
     if embed:
-        queue_embedding(name)
+        from core import tasks
+
+        tasks.submit_embedding(name)
     return report
 
-
-def queue_embedding(name: str) -> str | None:
-    """The demo's embedding job (see :func:`core.tasks.submit_embedding`)."""
-    from core import tasks
-
-    return tasks.submit_embedding(name)

@@ -121,12 +121,30 @@ def safe_export_path(name: str | os.PathLike) -> Path:
     return target
 
 
+def dataset_export_name(name: str, fmt: str) -> str:
+    """The default folder name of a dataset export: ``NAME-FMT-YYYYmmdd-HHMMSS``."""
+    return f"{name}-{fmt}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def model_export_name(version: str) -> str:
+    """The default folder name of a model export: ``model-VERSION-YYYYmmdd-HHMMSS``."""
+    return f"model-{version}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def export_target(name: str | os.PathLike, overwrite: bool = False) -> Path:
+    """:func:`safe_export_path` of ``name``, refused with :class:`ExportError` when the folder
+    exists and ``overwrite`` is not set (checked again, and acted on, when the export writes)."""
+    final = safe_export_path(name)
+    if final.exists() and not overwrite:
+        raise ExportError(f"{final} already exists: choose another name or overwrite it")
+    return final
+
+
 @contextmanager
 def _staged(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary sibling folder of ``final`` that is renamed to ``final`` on success and
     removed on failure (``final`` must come from :func:`safe_export_path`)."""
-    if final.exists() and not overwrite:
-        raise ExportError(f"{final} already exists: choose another name or overwrite it")
+    export_target(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     umask = os.umask(0)
@@ -208,8 +226,7 @@ def export_dataset(name: str, fmt: str = "fiftyone", out_name: str | None = None
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     progress = progress or _noop
-    out_name = out_name or f"{name}-{fmt}-{datetime.now():%Y%m%d-%H%M%S}"
-    final = safe_export_path(out_name)
+    final = safe_export_path(out_name or dataset_export_name(name, fmt))
     v = resolve_view(name, ids=ids, filters=filters, tags=tags, saved_view=saved_view, view=view)
     emb_field = None
     if include_embeddings:
@@ -706,7 +723,7 @@ def export_model(version: str = "base", out_name: str | None = None, *,
     if not paths:
         raise ExportError("no crops to verify the ONNX model on: pass a dataset with crops or "
                           "image paths")
-    final = safe_export_path(out_name or f"model-{version}-{datetime.now():%Y%m%d-%H%M%S}")
+    final = safe_export_path(out_name or model_export_name(version))
     steps = 5 + int(int8)
     t0 = time.perf_counter()
     progress(0, steps, f"loading model {version}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,11 +33,14 @@ def submit_embedding(dataset: str) -> str | None:
     queued (so a second click or a second ``make run`` does not embed twice)."""
     from core import store
 
-    if store.active_model(dataset):
-        return None
-    if any(j["state"] in ("queued", "running") for j in jobs.list_jobs(dataset, kind="embed", limit=5)):
+    if store.active_model(dataset) or embedding_pending(dataset):
         return None
     return jobs.submit(dataset, "embed", {})
+
+
+def embedding_pending(dataset: str) -> bool:
+    """Whether an ``embed`` job of ``dataset`` is queued or running."""
+    return any(j["state"] in ("queued", "running") for j in jobs.list_jobs(dataset, kind="embed", limit=5))
 
 
 def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
@@ -119,15 +121,6 @@ def ingest_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[
             "problems_total": len(rep.problems)}
 
 
-def _check_out_name(out_name: str | None, overwrite: bool) -> None:
-    from core import export
-
-    if out_name:
-        final = export.safe_export_path(out_name)
-        if final.exists() and not overwrite:
-            raise export.ExportError(f"{final} already exists: choose another name or overwrite it")
-
-
 def submit_export_dataset(dataset: str, fmt: str, out_name: str | None = None, **options: Any) -> str:
     """Queue :func:`core.export.export_dataset` of ``dataset`` (``options``: its keyword
     arguments but ``view``/``progress``); an unknown format, a folder name leading outside the
@@ -136,8 +129,8 @@ def submit_export_dataset(dataset: str, fmt: str, out_name: str | None = None, *
 
     if fmt not in export.FORMATS:
         raise export.ExportError(f"unknown format {fmt!r}: choose one of {', '.join(export.FORMATS)}")
-    out_name = out_name or f"{dataset}-{fmt}-{datetime.now():%Y%m%d-%H%M%S}"
-    _check_out_name(out_name, bool(options.get("overwrite")))
+    out_name = out_name or export.dataset_export_name(dataset, fmt)
+    export.export_target(out_name, bool(options.get("overwrite")))
     return jobs.submit(dataset, "export_dataset", _json_safe({"fmt": fmt, "out_name": out_name, **options}))
 
 
@@ -158,8 +151,10 @@ def submit_export_model(dataset: str, version: str, out_name: str | None = None,
                         overwrite: bool = False) -> str:
     """Queue :func:`core.export.export_model` of ``version``, verified and evaluated on
     ``dataset``'s crops; a bad folder name raises ExportError here."""
-    out_name = out_name or f"model-{version}-{datetime.now():%Y%m%d-%H%M%S}"
-    _check_out_name(out_name, overwrite)
+    from core import export
+
+    out_name = out_name or export.model_export_name(version)
+    export.export_target(out_name, overwrite)
     return jobs.submit(dataset, "export_model", {"version": version, "out_name": out_name,
                                                  "int8": bool(int8), "overwrite": bool(overwrite)})
 

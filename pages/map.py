@@ -36,7 +36,7 @@ except Exception as exc:
 job_status(name, ("embed", "layout"))
 
 if not active:
-    pending = any(j["state"] in ("queued", "running") for j in jobs.list_jobs(name, kind="embed", limit=5))
+    pending = tasks.embedding_pending(name)
     st.info("This dataset has no embeddings yet. Embedding runs in the background; the map appears "
             "when it is done." + (" It is under way." if pending else ""))
     if not pending and st.button("Embed with the packaged model", type="primary"):
