@@ -1,0 +1,147 @@
+"""Which pairs of identities to ask an operator about: pure math on arrays.
+
+Candidates are each component's nearest components by the active model (a component's vector
+is the mean of its crops' unit vectors), never a pair already inside one component or held
+apart by a cannot-link. The answer's value is estimated from a calibrated P(same | cosine):
+a one-feature logistic fit on the pairs decided so far, and before there are enough of them a
+logistic step at the operating threshold (the cosine that 1 % of guaranteed negatives, the
+cannot-linked pairs, exceed; a candidate quantile when there are none).
+
+Orders (one signature: ``order(p, boost, a, b, k, rng) -> indices``):
+
+``uncertainty`` (default)  closeness to the decision boundary, 1 - |2 P(same) - 1|, times the
+                           night / shadow / flagged boost, picked greedily with a diversity
+                           factor so one batch does not ask many questions about one person
+``random``                 the same candidates in random order (the control)
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+PAIR_ORDERS = ("uncertainty", "random")
+DEFAULT_PAIR_ORDER = "uncertainty"
+PRIOR_SCALE = 0.05  # cosine width of the prior's step (P from 0.27 to 0.73 across +-0.05)
+MIN_FIT = 3  # decided pairs of each answer needed before the logistic fit replaces the prior
+DIVERSITY = 0.35  # a component already asked about in this batch scales its next pairs by this
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def component_vectors(x: np.ndarray, comp: np.ndarray, n_comp: int | None = None) -> np.ndarray:
+    """[C, D] unit mean of the unit vectors of each component's crops. ``x``: [N, D] crop
+    vectors; ``comp``: [N] component index of each crop (0 .. C-1)."""
+    comp = np.asarray(comp, np.int64)
+    n_comp = int(comp.max()) + 1 if n_comp is None else n_comp
+    out = np.zeros((n_comp, x.shape[1]), np.float32)
+    np.add.at(out, comp, unit(x))
+    return unit(out)
+
+
+def candidates(cv: np.ndarray, k: int, blocked: Callable[[int, int], bool],
+               chunk: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each component's ``k`` nearest others by cosine, minus the ``blocked`` pairs; each
+    unordered pair once. Returns (a [M], b [M], cosine [M]) with a < b, most similar first."""
+    c = len(cv)
+    if c < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    want = min(c - 1, k * 3)  # some neighbours are blocked: look a little further
+    pairs: dict[tuple[int, int], float] = {}
+    for s in range(0, c, chunk):
+        sim = cv[s:s + chunk] @ cv.T
+        for r in range(sim.shape[0]):
+            sim[r, s + r] = -np.inf
+        top = np.argpartition(-sim, want - 1, axis=1)[:, :want] if want < c - 1 else np.argsort(-sim, axis=1)[:, :want]
+        for r in range(sim.shape[0]):
+            i, got = s + r, 0
+            for j in top[r][np.argsort(-sim[r, top[r]])]:
+                j = int(j)
+                if got >= k:
+                    break
+                key = (i, j) if i < j else (j, i)
+                if key in pairs or not blocked(*key):
+                    pairs[key] = float(sim[r, j])
+                    got += 1
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    keys = sorted(pairs, key=lambda kk: -pairs[kk])
+    a = np.array([kk[0] for kk in keys], np.int64)
+    b = np.array([kk[1] for kk in keys], np.int64)
+    return a, b, np.array([pairs[kk] for kk in keys], np.float32)
+
+
+def operating_threshold(negatives: np.ndarray, fallback: np.ndarray, fmr: float = 0.01) -> float:
+    """The cosine that a share ``fmr`` of guaranteed-negative pairs reaches (cannot-linked
+    components); without negatives, the median of ``fallback`` (the candidates' cosines)."""
+    negatives = np.asarray(negatives, np.float64)
+    if len(negatives) >= 10:
+        return float(np.quantile(negatives, 1.0 - fmr))
+    fallback = np.asarray(fallback, np.float64)
+    return float(np.median(fallback)) if len(fallback) else 0.5
+
+
+class PairCalibrator:
+    """P(same | cosine). ``fit`` on decided pairs (cosine, same?) uses a logistic regression once
+    both answers have :data:`MIN_FIT` examples, else a step at ``threshold``
+    (scikit-learn conventions: ``fit`` returns self, learned attributes end in ``_``)."""
+
+    def __init__(self, threshold: float, scale: float = PRIOR_SCALE) -> None:
+        self.threshold = threshold
+        self.scale = scale
+
+    def fit(self, cos: Sequence[float], same: Sequence[bool]) -> "PairCalibrator":
+        cos, same = np.asarray(cos, np.float64).reshape(-1, 1), np.asarray(same, bool)
+        self.fitted_ = bool(same.sum() >= MIN_FIT and (~same).sum() >= MIN_FIT)
+        if self.fitted_:
+            from sklearn.linear_model import LogisticRegression
+
+            m = LogisticRegression(C=10.0).fit(cos, same)
+            self.coef_, self.intercept_ = float(m.coef_[0, 0]), float(m.intercept_[0])
+        else:
+            self.coef_, self.intercept_ = 1.0 / self.scale, -self.threshold / self.scale
+        return self
+
+    def predict(self, cos: np.ndarray) -> np.ndarray:
+        z = self.coef_ * np.asarray(cos, np.float64) + self.intercept_
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+
+def uncertainty(p: np.ndarray) -> np.ndarray:
+    """1 at P(same) = 0.5, 0 at certainty."""
+    return 1.0 - np.abs(2.0 * np.asarray(p, np.float64) - 1.0)
+
+
+def _greedy(scores: np.ndarray, a: np.ndarray, b: np.ndarray, k: int, diversity: float) -> np.ndarray:
+    """Top-``k`` by score, each pick scaling the later pairs of its two components by
+    ``diversity``."""
+    scores = np.asarray(scores, np.float64).copy()
+    seen: dict[int, int] = {}
+    out: list[int] = []
+    live = np.ones(len(scores), bool)
+    for _ in range(min(k, len(scores))):
+        factor = np.array([diversity ** (seen.get(int(i), 0) + seen.get(int(j), 0)) for i, j in zip(a, b)])
+        eff = np.where(live, scores * factor, -np.inf)
+        t = int(np.argmax(eff))
+        out.append(t)
+        live[t] = False
+        for c in (int(a[t]), int(b[t])):
+            seen[c] = seen.get(c, 0) + 1
+    return np.array(out, np.int64)
+
+
+def order(p: np.ndarray, boost: np.ndarray | None, a: np.ndarray, b: np.ndarray, k: int,
+          rng: np.random.Generator, strategy: str = DEFAULT_PAIR_ORDER,
+          diversity: float = DIVERSITY) -> np.ndarray:
+    """Indices of the ``k`` candidate pairs to ask first (see the module docstring)."""
+    if strategy not in PAIR_ORDERS:
+        raise ValueError(f"unknown pair order {strategy!r}; use one of {PAIR_ORDERS}")
+    n = len(p)
+    if strategy == "random":
+        return rng.permutation(n)[:k].astype(np.int64)
+    s = uncertainty(p) * (1.0 if boost is None else np.asarray(boost, np.float64))
+    s = s + 1e-9 * rng.random(n)  # ties in random order
+    return _greedy(s, a, b, k, diversity)

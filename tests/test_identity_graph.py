@@ -1,0 +1,134 @@
+"""The identity graph and the pair selection math, on plain data and arrays."""
+import numpy as np
+import pytest
+
+from core.identity_graph import IdentityGraph, Link, build, component_names, overlapping, tally
+from core import pair_select as ps
+
+
+def test_merge_chains_and_conflicts_keep_both_sides():
+    g = IdentityGraph(["a", "b", "c", "d"])
+    assert g.link(Link("a", "b", False, "frame")) is None
+    assert g.link(Link("b", "c", True, ref="d1")) is None
+    assert g.link(Link("c", "d", True, ref="d2")) is None
+    assert g.component("d") == ["b", "c", "d"]
+    # a "same" across the cannot-link is refused and names what is in the way
+    c = g.link(Link("a", "d", True, ref="d3"))
+    assert c is not None and c.blocking[0].source == "frame"
+    assert c.a_side == ["a"] and c.b_side == ["b", "c", "d"]
+    assert not g.same("a", "d") and g.conflicts == [c]
+    # a "different" inside one component is refused with the chain of must-links joining them
+    c2 = g.link(Link("b", "d", False, ref="d4"))
+    assert c2 is not None and [ln.ref for ln in c2.blocking] == ["d1", "d2"]
+    assert g.same("b", "d")
+    # the cannot-link followed the merge: c is held apart from a too
+    assert g.separated("a", "c") is not None
+    assert tally(g).merged == 1 and tally(g).conflicts == 2
+
+
+def test_cannot_links_survive_unions_in_both_directions():
+    g = IdentityGraph("abcdef")
+    g.link(Link("a", "b", False))
+    g.link(Link("c", "d", False))
+    g.link(Link("b", "c", True))  # {b,c}: apart from a and d
+    g.link(Link("e", "f", True))
+    g.link(Link("f", "a", True))  # {a,e,f}
+    assert g.separated("e", "c") is not None and g.separated("d", "b") is not None
+    assert g.check(Link("e", "b", True)) is not None
+    assert g.check(Link("d", "e", True)) is None  # d is apart from {b,c}, not from {a,e,f}
+    assert sorted(g.cannot_pairs()) == sorted({tuple(sorted((g.find("a"), g.find("b")))),
+                                               tuple(sorted((g.find("c"), g.find("d"))))})
+
+
+def test_build_orders_trusted_data_operator_and_soft_links():
+    nodes = ["t1", "t2", "t3"]
+    ingested = {"t1": "P7", "t2": "P7"}
+    different = [Link("t1", "t2", False, ref="x")]
+    # trusted: the file's link stands; the operator's "different" is a conflict
+    g = build(nodes, ingested_names=ingested, decisions=different, trust_ingested=True)
+    assert g.same("t1", "t2") and len(g.conflicts) == 1
+    # to be verified: the operator's word beats the file, silently
+    g = build(nodes, ingested_names=ingested, decisions=different, trust_ingested=False)
+    assert not g.same("t1", "t2") and g.conflicts == []
+    # free constraints come first and are never overridden
+    g = build(nodes, free=[Link("t1", "t3", False, "frame")], decisions=[Link("t1", "t3", True, ref="y")])
+    assert not g.same("t1", "t3") and g.conflicts[0].link.ref == "y"
+    # undo = replay without the decision
+    assert not build(nodes, decisions=[]).same("t1", "t2")
+
+
+def test_component_names_majority_duplicates_and_unnamed():
+    g = IdentityGraph(["a", "b", "c", "d", "e", "f"])
+    g.link(Link("a", "b", True))
+    g.link(Link("c", "d", True))
+    names = {"a": "P1", "b": "P2", "c": "P1"}
+    out = component_names(g, names, weights={"a": 1, "b": 5, "c": 3})
+    assert out["a"] == out["b"] == "P2"  # 5 crops say P2
+    assert out["c"] == out["d"] == "P1"
+    assert out["e"] is None and out["f"] is None  # lone nodes nobody named
+    g.link(Link("e", "f", True))
+    out2 = component_names(g, names, weights={"a": 1, "b": 5, "c": 3})
+    assert out2["e"] == out2["f"] and out2["e"].startswith("g-")
+    # two components wanting one name: the heavier keeps it, the other is told apart
+    g2 = IdentityGraph(["x", "y"])
+    out3 = component_names(g2, {"x": "P", "y": "P"}, weights={"x": 1, "y": 4})
+    assert out3["y"] == "P" and out3["x"] == "P~2"
+
+
+def test_overlapping_tracklets_are_cannot_linked_per_sequence():
+    spans = {"s1/1": ("s1", 0, 10), "s1/2": ("s1", 10, 20), "s1/3": ("s1", 21, 30),
+             "s2/1": ("s2", 0, 30), "crop": (None, None, None)}
+    links = overlapping(spans)
+    assert {(ln.a, ln.b) for ln in links} == {("s1/1", "s1/2")}
+    assert all(not ln.same and ln.source == "frame" for ln in links)
+
+
+def test_link_sources_are_checked():
+    with pytest.raises(ValueError):
+        Link("a", "b", True, source="guess")
+
+
+# ---- pair selection ------------------------------------------------------------------------
+
+def test_component_vectors_and_candidates_skip_blocked_pairs():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    comp = np.repeat(np.arange(10), 4)
+    cv = ps.component_vectors(x, comp)
+    assert cv.shape == (10, 8) and np.allclose(np.linalg.norm(cv, axis=1), 1, atol=1e-5)
+    blocked = {(0, 1), (2, 3)}
+    a, b, cos = ps.candidates(cv, 3, lambda i, j: (i, j) in blocked)
+    assert len(a) and (a < b).all() and not ({*zip(a.tolist(), b.tolist())} & blocked)
+    assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
+    assert np.all(np.diff(cos) <= 1e-6)  # most similar first
+    sim = cv @ cv.T
+    assert np.allclose(cos, sim[a, b], atol=1e-5)
+
+
+def test_calibrator_prior_then_fit():
+    cal = ps.PairCalibrator(threshold=0.6).fit([], [])
+    assert not cal.fitted_ and cal.predict(np.array([0.6]))[0] == pytest.approx(0.5)
+    cos = [0.9, 0.85, 0.8, 0.75, 0.3, 0.35, 0.4, 0.45]
+    same = [True] * 4 + [False] * 4
+    cal = ps.PairCalibrator(threshold=0.6).fit(cos, same)
+    p = cal.predict(np.array([0.95, 0.2]))
+    assert cal.fitted_ and p[0] > 0.8 and p[1] < 0.2
+    assert ps.operating_threshold(np.linspace(0, 1, 101), np.array([])) == pytest.approx(0.99)
+    assert ps.operating_threshold(np.array([]), np.array([0.2, 0.4, 0.9])) == pytest.approx(0.4)
+
+
+def test_order_prefers_uncertain_pairs_and_spreads_over_people():
+    rng = np.random.default_rng(0)
+    # pairs 0..3 all involve component 0 and sit at the boundary; pair 4 is a bit less uncertain
+    a = np.array([0, 0, 0, 0, 5, 7])
+    b = np.array([1, 2, 3, 4, 6, 8])
+    p = np.array([0.5, 0.5, 0.5, 0.5, 0.4, 0.99])
+    top = ps.order(p, None, a, b, 2, rng)
+    assert top[0] in (0, 1, 2, 3) and top[1] == 4  # diversity: not a second question on component 0
+    assert 5 not in ps.order(p, None, a, b, 5, rng)  # the near-certain pair comes last
+    boosted = ps.order(p, np.array([1, 1, 1, 1, 1, 200.0]), a, b, 1, rng)
+    assert boosted[0] == 5
+    r = ps.order(p, None, a, b, 6, np.random.default_rng(1), strategy="random")
+    assert sorted(r.tolist()) == list(range(6))
+    with pytest.raises(ValueError):
+        ps.order(p, None, a, b, 2, rng, strategy="nope")
