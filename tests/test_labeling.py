@@ -315,7 +315,9 @@ def test_bulk_decision_is_checked_logged_and_undone_as_one_step(ds, monkeypatch)
     before = {s: labeling.sample_state(ds, s) for s in sel}
     tags_before = {s: t for s, t in zip(sel, store.get_dataset(ds).select(sel, ordered=True).values("tags"))}
     # another operator labels sel[5] between the bulk action's read and its write
-    raced, real_state = [], labeling._state
+    from core.labeling import decision as labeling_decision  # where bulk_decide looks _state up
+
+    raced, real_state = [], labeling_decision._state
 
     def racing_state(doc):
         if doc and str(doc.get("_id")) == sel[5] and not raced:
@@ -323,10 +325,10 @@ def test_bulk_decision_is_checked_logged_and_undone_as_one_step(ds, monkeypatch)
             labeling.decide(ds, "bob-tab", sel[5], "bob", label="animal")
         return real_state(doc)
 
-    monkeypatch.setattr(labeling, "_state", racing_state)
+    monkeypatch.setattr(labeling_decision, "_state", racing_state)
     r = labeling.bulk_decide(ds, "map", [*sel, "0" * 24], "alice", label="vehicle", identity="id-bulk",
                              tags_add=["shadow"])
-    monkeypatch.setattr(labeling, "_state", real_state)
+    monkeypatch.setattr(labeling_decision, "_state", real_state)
     assert raced and r.conflicts == [sel[5]] and r.missing == ["0" * 24]
     assert r.changed == [s for s in sel if s != sel[5]] and r.id
     assert _state(ds, sel[5])["label"] == "animal" and _state(ds, sel[5])["labelled_by"] == "bob"
