@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from core.identity_graph import IdentityGraph, Link, build, component_names, overlapping, tally
-from core import pair_select as ps
+from core.labeling.graph import IdentityGraph, Link, build, component_names, overlapping, tally
+from core.labeling import pair_select as ps
 
 
 def test_merge_chains_and_conflicts_keep_both_sides():
@@ -123,12 +123,12 @@ def test_order_prefers_uncertain_pairs_and_spreads_over_people():
     a = np.array([0, 0, 0, 0, 5, 7])
     b = np.array([1, 2, 3, 4, 6, 8])
     p = np.array([0.5, 0.5, 0.5, 0.5, 0.4, 0.99])
-    top = ps.order(p, None, a, b, 2, rng)
+    top = ps.order_pairs(p, None, a, b, 2, rng)
     assert top[0] in (0, 1, 2, 3) and top[1] == 4  # diversity: not a second question on component 0
-    assert 5 not in ps.order(p, None, a, b, 5, rng)  # the near-certain pair comes last
-    boosted = ps.order(p, np.array([1, 1, 1, 1, 1, 200.0]), a, b, 1, rng)
+    assert 5 not in ps.order_pairs(p, None, a, b, 5, rng)  # the near-certain pair comes last
+    boosted = ps.order_pairs(p, np.array([1, 1, 1, 1, 1, 200.0]), a, b, 1, rng)
     assert boosted[0] == 5
-    r = ps.order(p, None, a, b, 6, np.random.default_rng(1), strategy="random")
+    r = ps.order_pairs(p, None, a, b, 6, np.random.default_rng(1), strategy="random")
     assert sorted(r.tolist()) == list(range(6))
     with pytest.raises(ValueError):
-        ps.order(p, None, a, b, 2, rng, strategy="nope")
+        ps.order_pairs(p, None, a, b, 2, rng, strategy="nope")

@@ -59,6 +59,8 @@ from core.labeling.decision import (UNDOABLE, BulkResult, Decision, bulk_decide,
 from core.labeling.stats import agreement_series, progress
 from core.labeling.strips import tracklet_path, tracklet_strip
 from core.labeling.cli import add_commands, cmd_query
+# the identity graph (pure: graph, pair_select) and its pair questions
+from core.labeling import graph, identity, pair_select, pairs  # noqa: E402
 
 # The private helpers of the former single module, for callers that read them. Each module looks
 # names up in its own namespace: to patch one, patch it where it is used (e.g. decision._state).

@@ -12,8 +12,8 @@ from typing import Any
 
 from core import store
 
-QUEUES, ITEMS, LEASES, DECISIONS, COUNTERS = (
-    "vigil_queues", "vigil_queue", "vigil_leases", "vigil_decisions", "vigil_counters")
+QUEUES, ITEMS, LEASES, DECISIONS, COUNTERS, PAIRS = (
+    "vigil_queues", "vigil_queue", "vigil_leases", "vigil_decisions", "vigil_counters", "vigil_pairs")
 CONDITION_TAGS = ("night", "shadow", "occluded", "blur")
 TO_LABEL = "to-label"  # tag the Map page puts on samples it sends to the queue (served first)
 

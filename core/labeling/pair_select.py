@@ -7,7 +7,7 @@ a one-feature logistic fit on the pairs decided so far, and before there are eno
 logistic step at the operating threshold (the cosine that 1 % of guaranteed negatives, the
 cannot-linked pairs, exceed; a candidate quantile when there are none).
 
-Orders (one signature: ``order(p, boost, a, b, k, rng) -> indices``):
+Orders (one signature: ``order_pairs(p, boost, a, b, k, rng) -> indices``):
 
 ``uncertainty`` (default)  closeness to the decision boundary, 1 - |2 P(same) - 1|, times the
                            night / shadow / flagged boost, picked greedily with a diversity
@@ -16,7 +16,8 @@ Orders (one signature: ``order(p, boost, a, b, k, rng) -> indices``):
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -25,6 +26,8 @@ DEFAULT_PAIR_ORDER = "uncertainty"
 PRIOR_SCALE = 0.05  # cosine width of the prior's step (P from 0.27 to 0.73 across +-0.05)
 MIN_FIT = 3  # decided pairs of each answer needed before the logistic fit replaces the prior
 DIVERSITY = 0.35  # a component already asked about in this batch scales its next pairs by this
+NEIGHBOURS = 8  # nearest identities per identity that become candidates
+CROSS_CAMERA = 1.5  # pairs of identities seen by different cameras weigh this much more
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -133,7 +136,7 @@ def _greedy(scores: np.ndarray, a: np.ndarray, b: np.ndarray, k: int, diversity:
     return np.array(out, np.int64)
 
 
-def order(p: np.ndarray, boost: np.ndarray | None, a: np.ndarray, b: np.ndarray, k: int,
+def order_pairs(p: np.ndarray, boost: np.ndarray | None, a: np.ndarray, b: np.ndarray, k: int,
           rng: np.random.Generator, strategy: str = DEFAULT_PAIR_ORDER,
           diversity: float = DIVERSITY) -> np.ndarray:
     """Indices of the ``k`` candidate pairs to ask first (see the module docstring)."""
@@ -145,3 +148,82 @@ def order(p: np.ndarray, boost: np.ndarray | None, a: np.ndarray, b: np.ndarray,
     s = uncertainty(p) * (1.0 if boost is None else np.asarray(boost, np.float64))
     s = s + 1e-9 * rng.random(n)  # ties in random order
     return _greedy(s, a, b, k, diversity)
+
+
+@dataclass
+class CropMeta:
+    """Per-crop columns the order looks at (aligned with the rows the graph's nodes index)."""
+
+    camera: Sequence[Any]
+    flagged: Sequence[bool]
+    night: Sequence[bool]
+    shadow: Sequence[bool]
+
+
+def representative(members: Sequence[str], rows: Mapping[str, Sequence[int]]) -> str:
+    """The node of a component a pair answer links: its largest tracklet (then the name)."""
+    return max(members, key=lambda n: (len(rows.get(n, ())), n))
+
+
+def plan_pairs(graph, rows: Mapping[str, Sequence[int]], vectors: Sequence[Any], meta: CropMeta,
+               answered: set, decided: Sequence[tuple[float, bool]], order: str = DEFAULT_PAIR_ORDER,
+               k: int = 20, rng: np.random.Generator | None = None, exclude: set = frozenset(),
+               boost: bool = True) -> list[dict[str, Any]]:
+    """The next ``k`` pair questions over ``graph`` (a :class:`core.labeling.graph.IdentityGraph`).
+
+    ``rows``: node -> row indices into ``vectors`` (one vector or None per crop) and ``meta``;
+    ``answered``: component-root pairs (sorted tuples) an operator already answered;
+    ``decided``: (cosine, same?) of the answered pairs under this model, for the calibration.
+    Returns dicts ``a``, ``b`` (representative nodes), ``cosine``, ``p_same``, ``score``,
+    ``reason``, best first. The boost: a component with a flagged crop weighs 2x, its night
+    and shadow shares add up to 0.5 each; a pair of identities seen by disjoint cameras weighs
+    :data:`CROSS_CAMERA` more ("other cameras first")."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    comps = [m for m in graph.components() if any(vectors[r] is not None for n in m for r in rows.get(n, ()))]
+    if len(comps) < 2:
+        return []
+    x_rows, comp_of = [], []
+    for ci, members in enumerate(comps):
+        for n in members:
+            x_rows.extend(r for r in rows.get(n, ()) if vectors[r] is not None)
+            comp_of.extend(ci for r in rows.get(n, ()) if vectors[r] is not None)
+    comp_of = np.asarray(comp_of)
+    cv = component_vectors(np.stack([np.asarray(vectors[r], np.float32) for r in x_rows]), comp_of, len(comps))
+    rep = [representative(m, rows) for m in comps]
+    root = [graph.find(m[0]) for m in comps]
+    pos = {r: i for i, r in enumerate(root)}
+
+    def blocked(i: int, j: int) -> bool:
+        ri, rj = root[i], root[j]
+        return (graph.separated(rep[i], rep[j]) is not None or ((ri, rj) if ri < rj else (rj, ri)) in answered
+                or "|".join(sorted((rep[i], rep[j]))) in exclude)
+
+    a, b, cos = candidates(cv, NEIGHBOURS, blocked)
+    if not len(a):
+        return []
+    neg = [float(cv[pos[ra]] @ cv[pos[rb]]) for ra, rb in graph.cannot_pairs() if ra in pos and rb in pos]
+    cal = PairCalibrator(operating_threshold(np.array(neg), cos)).fit([d[0] for d in decided], [d[1] for d in decided])
+    p = cal.predict(cos)
+    size = np.bincount(comp_of, minlength=len(comps)).astype(float)
+    flags, night, shadow = (np.zeros(len(comps)) for _ in range(3))
+    cams: list[set] = [set() for _ in comps]
+    for r, c in zip(x_rows, comp_of):
+        flags[c] = max(flags[c], float(bool(meta.flagged[r])))
+        night[c] += float(bool(meta.night[r]))
+        shadow[c] += float(bool(meta.shadow[r]))
+        if meta.camera[r] is not None:
+            cams[c].add(meta.camera[r])
+    cboost = 1.0 + flags + 0.5 * night / size + 0.5 * shadow / size
+    cross = np.array([CROSS_CAMERA if cams[i] and cams[j] and not (cams[i] & cams[j]) else 1.0 for i, j in zip(a, b)])
+    pb = (np.maximum(cboost[a], cboost[b]) if boost else np.ones(len(a))) * cross
+    out = []
+    for t in order_pairs(p, pb, a, b, k, rng, strategy=order):
+        i, j = int(a[t]), int(b[t])
+        why = [f"P(same) {p[t]:.2f}", f"cosine {cos[t]:.2f}"]
+        if cross[t] > 1:
+            why.append("other camera")
+        if boost and pb[t] / cross[t] > 1:
+            why.append("night / shadow / flagged")
+        out.append({"a": rep[i], "b": rep[j], "cosine": float(cos[t]), "p_same": float(p[t]),
+                    "score": float(uncertainty(p[t]) * pb[t]), "reason": ", ".join(why)})
+    return out

@@ -1,0 +1,221 @@
+"""The pair queue: "same person?" questions over the identity graph, with leases per tab.
+
+A batch is computed from the graph as it stands (:func:`core.labeling.identity.load`) and the
+active model's vectors: each identity (component) meets its nearest identities, never a pair
+inside one identity, held apart by a cannot-link or already answered between the two
+identities; the order is :func:`core.labeling.pair_select.order_pairs` (uncertainty x diversity x the night /
+shadow / flagged boost by default, ``random`` the control). Items live in ``vigil_pairs``; a
+served pair is leased to one session (``vigil_leases``, key ``pair:<a>|<b>``), so two operators
+never get the same pair at once, whichever order they use. A pair that an answer elsewhere has
+made implied meanwhile is dropped when its turn comes.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from core import store
+import core.labeling.pair_select as pair_select
+from core.labeling.base import LEASES, PAIRS, LabelingError, _coll, _now
+import core.labeling.identity as identity
+from core.labeling.identity import close_pair, pair_key, reopen_pair  # noqa: F401 (part of the queue's API)
+from core.labeling.leases import _claim_sample
+
+log = logging.getLogger(__name__)
+
+SHOWN = 6  # crops shown per side
+
+
+@dataclass
+class Side:
+    """One identity of a pair: its representative ``node`` (the one the answer links), its
+    current ``identity`` name, and what the page shows."""
+
+    node: str
+    identity: str | None
+    crops: int
+    tracklets: int
+    cameras: list[str]
+    sequences: list[str]
+    frames: tuple[int, int] | None
+    low_light: float
+    sample_ids: list[str] = field(default_factory=list)
+    filepaths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PairItem:
+    a: Side
+    b: Side
+    cosine: float
+    p_same: float
+    score: float
+    reason: str
+    order: str
+    model_version: str | None
+    lease_until: datetime
+    rank: int
+
+    @property
+    def key(self) -> str:
+        return pair_key(self.a.node, self.b.node)
+
+
+def _doc_id(name: str, order: str, a: str, b: str) -> str:
+    return f"{name}|{order}|{pair_key(a, b)}"
+
+
+def _side(state, node: str) -> Side:
+    g, cols = state.graph, state.cols
+    members = g.component(node)
+    ks = [k for n in members for k in state.rows.get(n, ())]
+    cams = sorted({str(cols["camera"][k]) for k in ks if cols["camera"][k] is not None})
+    seqs = sorted({str(cols["sequence"][k]) for k in ks if cols["sequence"][k] is not None})
+    fr = [cols["frame"][k] for k in ks if cols["frame"][k] is not None]
+    low = float(np.mean([bool(cols["low_light"][k]) for k in ks])) if ks else 0.0
+    # a few crops spread over the identity's tracklets: the representative's first
+    own = state.rows.get(node, [])
+    order = own + [k for k in ks if k not in set(own)]
+    pick = [order[int(i)] for i in np.linspace(0, len(order) - 1, min(SHOWN, len(order)))] if order else []
+    return Side(node, state.names.get(node), len(ks), len(members), cams, seqs,
+                (int(min(fr)), int(max(fr))) if fr else None, low,
+                [cols["id"][k] for k in pick], [cols["filepath"][k] for k in pick])
+
+
+def _answered(state) -> set[tuple[str, str]]:
+    """Component-root pairs an operator has answered (same, different or not sure)."""
+    g = state.graph
+    out = set()
+    for e in state.pairs:
+        if e["a"] in g and e["b"] in g:
+            ra, rb = g.find(e["a"]), g.find(e["b"])
+            out.add((ra, rb) if ra < rb else (rb, ra))
+    return out
+
+
+def implied(state, a: str, b: str, answered: set | None = None) -> bool:
+    """True when the graph already says whether ``a`` and ``b`` are one person, or an operator
+    answered about their two identities."""
+    g = state.graph
+    if a not in g or b not in g or g.same(a, b) or g.separated(a, b) is not None:
+        return True
+    ra, rb = g.find(a), g.find(b)
+    return ((ra, rb) if ra < rb else (rb, ra)) in (answered if answered is not None else _answered(state))
+
+
+def compute_pairs(name: str, state=None, order: str = pair_select.DEFAULT_PAIR_ORDER, k: int = 20,
+                  rng: np.random.Generator | int | None = None, exclude: set[str] = frozenset(),
+                  boost: bool = True) -> list[dict[str, Any]]:
+    """The next ``k`` questions of the dataset (:func:`core.labeling.pair_select.plan_pairs` on its graph
+    and the active model's vectors). ``exclude``: pair keys not to ask (queued elsewhere)."""
+    state = state or identity.load(name)
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    version = store.active_model(name)
+    if not version:
+        raise LabelingError(f"dataset {name!r} has no embeddings yet: embed it first (Map or Annotate page)")
+    ef = store.embedding_field(version)
+    vec_col = store.view_columns(name, [ef])[ef]
+    if not any(vec_col[k_] is not None for ks in state.rows.values() for k_ in ks):
+        raise LabelingError("no person crop has vectors of the active model yet: wait for the embedding job")
+    cols = state.cols
+    decided = [(float(e["cosine"]), e["answer"] == "same") for e in state.pairs
+               if e.get("answer") in ("same", "different") and e.get("cosine") is not None
+               and e.get("model_version") == version]  # cosines of this model only
+    meta = pair_select.CropMeta(
+        camera=cols["camera"], flagged=[bool(f) for f in cols["flagged"]],
+        night=[bool(lo) or "night" in (t or ()) for lo, t in zip(cols["low_light"], cols["tags"])],
+        shadow=["shadow" in (t or ()) for t in cols["tags"]])
+    out = pair_select.plan_pairs(state.graph, state.rows, vec_col, meta, _answered(state), decided,
+                                 order=order, k=k, rng=rng, exclude=exclude, boost=boost)
+    for c in out:
+        c["model_version"] = version
+    return out
+
+
+def _queue(name: str, order: str, k: int, rng, state) -> int:
+    """Append a batch to the queue of ``order``; returns how many pairs it added."""
+    coll = _coll(PAIRS)
+    coll.create_index([("dataset", 1), ("order", 1), ("status", 1), ("rank", 1)])
+    busy = {d["key"] for d in coll.find({"dataset": name, "status": {"$in": ["pending", "leased"]}}, {"key": 1})}
+    last = coll.find_one({"dataset": name, "order": order}, sort=[("batch", -1)])
+    batch = int(last["batch"]) + 1 if last else 0
+    added = 0
+    for i, c in enumerate(compute_pairs(name, state, order, k, rng, exclude=busy)):
+        key = pair_key(c["a"], c["b"])
+        res = coll.update_one({"_id": _doc_id(name, order, c["a"], c["b"]), "status": {"$nin": ["pending", "leased"]}},
+                              {"$set": {**c, "dataset": name, "order": order, "key": key, "status": "pending",
+                                        "batch": batch, "rank": batch * 10_000 + i, "leased_by": None}},
+                              upsert=False)
+        if res.matched_count == 0:
+            from pymongo.errors import DuplicateKeyError
+
+            try:
+                coll.insert_one({**c, "_id": _doc_id(name, order, c["a"], c["b"]), "dataset": name, "order": order,
+                                 "key": key, "status": "pending", "batch": batch, "rank": batch * 10_000 + i,
+                                 "leased_by": None})
+            except DuplicateKeyError:  # queued meanwhile by another session
+                continue
+        added += 1
+    return added
+
+
+def next_pair(name: str, session_id: str, order: str = pair_select.DEFAULT_PAIR_ORDER, lease_s: float = 120,
+              k: int = 20, rng: np.random.Generator | int | None = None, boost: bool = True) -> PairItem | None:
+    """Lease the next pair question to ``session_id`` (its own leased pair first); None when the
+    graph leaves nothing to ask. Recomputes a batch when the queue runs dry."""
+    if order not in pair_select.PAIR_ORDERS:
+        raise LabelingError(f"unknown pair order {order!r}; use one of {pair_select.PAIR_ORDERS}")
+    coll = _coll(PAIRS)
+    state = identity.load(name)
+    for attempt in range(2):
+        answered = _answered(state)
+        now = _now()
+        mine = list(coll.find({"dataset": name, "order": order, "status": "leased", "leased_by": session_id},
+                              sort=[("rank", 1)]))
+        rest = coll.find({"dataset": name, "order": order, "$or": [
+            {"status": "pending"}, {"status": "leased", "lease_until": {"$lt": now}}]}, sort=[("rank", 1)])
+        for d in [*mine, *rest]:
+            if implied(state, d["a"], d["b"], answered):
+                coll.update_one({"_id": d["_id"], "status": d["status"]}, {"$set": {"status": "implied"}})
+                continue
+            until = _now() + timedelta(seconds=lease_s)
+            if not _claim_sample(name, "pair:" + d["key"], session_id, until):
+                continue  # another tab holds this pair (from another order's queue)
+            res = coll.update_one({"_id": d["_id"], "$or": [
+                {"status": "pending"}, {"status": "leased", "leased_by": session_id},
+                {"status": "leased", "lease_until": {"$lt": now}}]},
+                {"$set": {"status": "leased", "leased_by": session_id, "lease_until": until}})
+            if res.matched_count == 0:
+                _coll(LEASES).delete_one({"_id": f"{name}|pair:{d['key']}", "session": session_id})
+                continue
+            return PairItem(_side(state, d["a"]), _side(state, d["b"]), d["cosine"], d["p_same"], d["score"],
+                            d["reason"], order, d.get("model_version"), until, d["rank"])
+        if attempt == 0 and _queue(name, order, k, rng, state) == 0:
+            return None
+    return None
+
+
+def renew_pair(name: str, session_id: str, a: str, b: str, lease_s: float = 120) -> bool:
+    until = _now() + timedelta(seconds=lease_s)
+    key = pair_key(a, b)
+    if not _claim_sample(name, "pair:" + key, session_id, until):
+        return False
+    _coll(PAIRS).update_many({"dataset": name, "key": key, "status": "leased", "leased_by": session_id},
+                             {"$set": {"lease_until": until}})
+    return True
+
+
+def release_pairs(name: str, session_id: str) -> int:
+    """Give this session's leased pairs back to the queue."""
+    n = _coll(PAIRS).update_many({"dataset": name, "status": "leased", "leased_by": session_id},
+                                 {"$set": {"status": "pending", "leased_by": None}}).modified_count
+    _coll(LEASES).delete_many({"dataset": name, "session": session_id, "sample_id": {"$regex": "^pair:"}})
+    return n
+
+
+def clear_pairs(name: str) -> int:
+    return _coll(PAIRS).delete_many({"dataset": name, "status": {"$in": ["pending", "leased", "implied"]}}).deleted_count
