@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,13 +57,26 @@ def _scorable(query: list[int], gallery: list[int], ident: list, key: list) -> l
     return [k for k in query if keys_of.get(ident[k], set()) - {key[k]}]
 
 
+def _identities(cols: dict[str, list]) -> list[str | None]:
+    """Each sample's training identity from the identity graph: its identity, else its own
+    tracklet (a lone tracklet is one person), else None; non-person crops and images: None."""
+    from core.labeling.identity import is_person, training_identity
+
+    return [training_identity(i, tr) if is_person(lb, kd) else None
+            for i, tr, lb, kd in zip(cols["identity"], cols["tracklet"], cols["label"], cols["kind"])]
+
+
 def eval_split(name: str) -> EvalSplit:
     """query/gallery tags when the dataset has them (re-ID folders); otherwise identities held out
     by a stable hash, each tracklet's middle crop a query and the identity's other crops the
-    gallery. Either way a query is scored only against crops outside its own tracklet, and only
-    when its identity has such a crop (see :class:`EvalSplit`)."""
-    cols = store.view_columns(name, ["identity", "tags", "tracklet", "frame"])
-    ids, ident = cols["id"], cols["identity"]
+    gallery. Held out are identities seen in more than one tracklet (or crop) when at least
+    MIN_HELD_OUT + 3 are, else any. When no held-out identity spans two tracklets (lone
+    tracklets, before any pair answer), each held-out tracklet of 4+ crops is cut in two halves
+    by frame that find each other ("within tracklet": tracklets alone make a round). Either way a query is scored only against crops outside its
+    own tracklet (half), and only when its identity has such a crop (see :class:`EvalSplit`)."""
+    cols = store.view_columns(name, ["identity", "tags", "tracklet", "frame", "label", "kind"])
+    ids = cols["id"]
+    ident = _identities(cols)
     key = [tr or sid for tr, sid in zip(cols["tracklet"], ids)]
     tags = [set(t or ()) for t in cols["tags"]]
 
@@ -78,10 +92,16 @@ def eval_split(name: str) -> EvalSplit:
         return split(q, g, held, "query/gallery tags",
                      "no query crop has a gallery crop of its identity outside its own tracklet: tag "
                      "gallery crops of the query identities (other files, other tracklets)")
-    known = sorted({i for i in ident if i})
-    held_list = [i for i in known if _held_out(i, HELD_OUT_SHARE)]
+    keys_of: dict[str, set] = {}
+    for i, kk in zip(ident, key):
+        if i:
+            keys_of.setdefault(i, set()).add(kk)
+    known = sorted(keys_of)
+    multi = [i for i in known if len(keys_of[i]) > 1]
+    pool = multi if len(multi) >= MIN_HELD_OUT + 3 else known
+    held_list = [i for i in pool if _held_out(i, HELD_OUT_SHARE)]
     if len(held_list) < MIN_HELD_OUT:
-        held_list = known[:MIN_HELD_OUT] if len(known) > MIN_HELD_OUT + 2 else []
+        held_list = pool[:MIN_HELD_OUT] if len(pool) > MIN_HELD_OUT + 2 else []
     held = set(held_list)
     if not held:
         return EvalSplit([], [], held, "none", problem=(
@@ -91,30 +111,46 @@ def eval_split(name: str) -> EvalSplit:
     for k in range(len(ids)):
         if ident[k] in held:
             by_track.setdefault((ident[k], key[k]), []).append(k)
+    halves = not any(len(keys_of[i]) > 1 for i in held)
+    if halves:  # lone tracklets only: each held-out tracklet's two halves find each other
+        for (i, kk), ks in list(by_track.items()):
+            if len(ks) >= 4:
+                ks.sort(key=lambda k: cols["frame"][k] or 0)
+                del by_track[(i, kk)]
+                for part, sub in (("#1", ks[:len(ks) // 2]), ("#2", ks[len(ks) // 2:])):
+                    for k in sub:
+                        key[k] = f"{kk}{part}"
+                    by_track[(i, key[sub[0]])] = sub
     query, gallery = [], []
     for ks in by_track.values():
         ks.sort(key=lambda k: cols["frame"][k] or 0)
         qk = ks[len(ks) // 2]
         query.append(qk)
         gallery.extend(k for k in ks if k != qk)
-    return split(query, gallery, held, f"{len(held)} identities held out by hash",
+    protocol = (f"{len(held)} tracklets held out by hash, within tracklet: each half finds the other (no "
+                "held-out identity is seen in two tracklets yet)" if halves
+                else f"{len(held)} identities held out by hash")
+    return split(query, gallery, held, protocol,
                  f"none of the {len(held)} held-out identities ({', '.join(sorted(held)[:5])}) is seen in "
-                 "more than one tracklet, so a query would have only its own tracklet to find: label the "
-                 "same person in another tracklet or camera (Annotate page, identity), or tag query and "
+                 "more than one tracklet, and their tracklets are too short (under 4 crops) to split in "
+                 "halves, so a query would have only its own tracklet to find: label the "
+                 "same person in another tracklet or camera (Annotate page, pairs), or tag query and "
                  "gallery crops")
 
 
 def training_samples(name: str, exclude_identities: set[str]) -> list[tuple[str, str, str | None, float]]:
-    """(path, identity, camera, weight) of labelled person crops outside the evaluation
-    identities; flagged samples weigh 3x, misclustered/uncertain ones up to 2x more."""
-    cols = store.view_columns(name, ["filepath", "identity", "camera", "label", "flagged", "mis_score",
+    """(path, identity, camera, weight) of person crops outside the evaluation identities, one
+    training identity per component of the identity graph with at least two crops (an unnamed
+    lone tracklet trains as itself, see :func:`_identities`); flagged samples weigh 3x,
+    misclustered/uncertain ones up to 2x more."""
+    cols = store.view_columns(name, ["filepath", "identity", "tracklet", "camera", "label", "flagged", "mis_score",
                                      "uncertainty", "embed_error", "kind"])
+    ident_of = _identities(cols)
+    n_of = Counter(i for i in ident_of if i)
     out = []
     for k in range(len(cols["id"])):
-        ident = cols["identity"][k]
-        if not ident or ident in exclude_identities or cols["embed_error"][k] or cols["kind"][k] == "image":
-            continue
-        if cols["label"][k] not in (None, "person"):
+        ident = ident_of[k]
+        if not ident or ident in exclude_identities or cols["embed_error"][k] or n_of[ident] < 2:
             continue
         w = 1.0 + min(1.0, float(cols["mis_score"][k] or 0.0)) + 0.5 * float(cols["uncertainty"][k] or 0.0)
         if cols["flagged"][k]:

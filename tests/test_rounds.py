@@ -49,7 +49,8 @@ def test_hold_out_leaves_the_query_tracklet_out_of_its_gallery(tmp_path, dsname)
 def test_round_refuses_a_split_with_nothing_to_find_before_training(tmp_path, dsname):
     from core import jobs, train
 
-    rows = [(f"p{i}", f"seq/{i}", f, ()) for i in range(6) for f in range(0, 50, 10)]
+    # lone tracklets of 3 crops: too short to find one half from the other
+    rows = [(f"p{i}", f"seq/{i}", f, ()) for i in range(6) for f in range(0, 30, 10)]
     store.add_records(dsname, _records(tmp_path, rows))
     split = rounds.eval_split(dsname)
     assert not split.query and "tracklet" in split.problem
@@ -66,10 +67,32 @@ def test_round_refuses_a_split_with_nothing_to_find_before_training(tmp_path, ds
 def test_evaluate_cli_says_why_there_is_nothing_to_evaluate(tmp_path, dsname, capsys):
     from core.__main__ import main
 
-    rows = [(f"p{i}", f"seq/{i}", f, ()) for i in range(6) for f in range(0, 50, 10)]
+    rows = [(f"p{i}", f"seq/{i}", f, ()) for i in range(6) for f in range(0, 30, 10)]
     store.add_records(dsname, _records(tmp_path, rows))
     assert main(["evaluate", "--dataset", dsname, "--version", "base"]) == 2
     assert "label the same person in another tracklet" in capsys.readouterr().err
+
+
+def test_lone_tracklets_make_a_within_tracklet_split_and_train_as_themselves(tmp_path, dsname):
+    """No identity spans two tracklets and nobody named the tracklets: each held-out tracklet's
+    halves find each other, and the others train as one identity each."""
+    rows = [(None, f"seq/{i}", f, ()) for i in range(8) for f in range(0, 60, 10)]
+    rows += [(None, None, None, ())]  # a lone crop nobody named: neither query nor training
+    store.add_records(dsname, _records(tmp_path, rows))
+    split = rounds.eval_split(dsname)
+    assert split.problem is None and split.query and "within tracklet" in split.protocol
+    cols = store.view_columns(dsname, ["tracklet", "frame"])
+    frame = dict(zip(cols["id"], cols["frame"]))
+    track = dict(zip(cols["id"], cols["tracklet"]))
+    for q, qk in zip(split.query, split.q_keys):
+        assert qk.startswith(track[q]) and qk[-2:] in ("#1", "#2")
+        others = [g for g, gk in zip(split.gallery, split.g_keys) if track[g] == track[q] and gk != qk]
+        assert others  # the other half is there to find
+        half = sorted(frame[g] for g, gk in zip(split.gallery, split.g_keys) if gk == qk) + [frame[q]]
+        assert max(half) < min(frame[g] for g in others) or min(half) > max(frame[g] for g in others)
+    train = rounds.training_samples(dsname, split.identities)
+    assert {s[1] for s in train} == {f"~seq/{i}" for i in range(8)} - split.identities
+    assert all(s[1] not in split.identities for s in train) and len(train) == 6 * (8 - len(split.identities))
 
 
 def test_too_few_identities_say_how_many_to_label(tmp_path, dsname):
