@@ -1,6 +1,7 @@
-"""Annotate page: the labelling queue. Each tab leases one item at a time (a heartbeat keeps the
-lease while the tab is open), shows it large with its tracklet context, and writes each decision
-to FiftyOne at once. UI only: core.labeling does the work."""
+"""Annotate page, two modes. Pairs (pages/annotate_pairs.py): "same person?" questions over the
+identity graph. Crops: the labelling queue; each tab leases one item at a time (a heartbeat keeps
+the lease while the tab is open), shows it large with its tracklet context, and writes each
+decision to FiftyOne at once. UI only: core.labeling does the work."""
 from __future__ import annotations
 
 import uuid
@@ -10,18 +11,40 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import jobs, labeling, strategies
+from core.labeling import pairs
+from pages import annotate_pairs
 from pages.common import db_ok, job_status, require_dataset, show_error, sidebar, user_name
 
 LEASE_S = 120
 HEARTBEAT_S = 30
 CLASS_KEYS = "123456789"
 IDENTITY_KEYS = "QWETY"
+MODES = {"pairs": "Pairs: same person?", "crops": "Crops: class & identity"}
 
 sidebar()
 st.title("Annotate")
 name = require_dataset()
 sid = st.session_state.setdefault("annotate_session", uuid.uuid4().hex)
 user = user_name()
+
+# ---------------------------------------------------------------- mode: pairs or crops
+if "ann_mode" not in st.session_state:  # pairs first where there are identities to compare
+    try:
+        st.session_state["ann_mode"] = "pairs" if annotate_pairs.has_pairs(name) else "crops"
+    except Exception as exc:  # noqa: BLE001 - the crop view still works; say why pairs were not offered first
+        show_error(exc, "reading the identity graph", "The crop view is shown; reload the page to try again.")
+        st.session_state["ann_mode"] = "crops"
+mode = st.radio("Mode", list(MODES), format_func=MODES.get, horizontal=True, key="ann_mode",
+                label_visibility="collapsed")
+if st.session_state.get("ann_mode_prev") not in (None, mode):  # switched: give the other mode's lease back
+    try:
+        if mode == "crops":
+            pairs.release_pairs(name, sid)
+        else:
+            labeling.release(name, sid)
+    except Exception as exc:  # noqa: BLE001 - an unreleased lease expires by itself
+        show_error(exc, "giving the other mode's item back", "It goes back to the queue when its lease expires.")
+st.session_state["ann_mode_prev"] = mode
 
 try:
     emb = labeling.embedding_status(name)
@@ -46,6 +69,10 @@ if emb["embedded"] == 0:
 if emb["embedded"] < emb["total"]:
     st.caption(f"{emb['embedded']} of {emb['total']} samples embedded with **{emb['version']}**; "
                "only embedded samples are queued.")
+
+if mode == "pairs":
+    annotate_pairs.render(name, sid, user)
+    st.stop()
 
 # ---------------------------------------------------------------- queue settings
 names = list(strategies.STRATEGIES)

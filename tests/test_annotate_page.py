@@ -34,6 +34,7 @@ def page_dataset():
 def _open(name: str) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=60)
     at.session_state["dataset"] = name
+    at.session_state["ann_mode"] = "crops"  # the per-crop view (pairs come first with tracklets)
     at.run()
     at.switch_page("pages/annotate.py").run()
     assert not at.exception, [e.value for e in at.exception]

@@ -37,9 +37,11 @@ def small_dataset():
     store.delete_dataset(name)
 
 
-def _open(name: str, page: str | None = None) -> AppTest:
+def _open(name: str, page: str | None = None, **state) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=90)
     at.session_state["dataset"] = name
+    for key, value in state.items():
+        at.session_state[key] = value
     at.run()
     if page:
         at.switch_page(page).run()
@@ -78,7 +80,7 @@ def test_map_page_draws_the_embedded_map(small_dataset):
 def test_annotate_page_serves_an_embedded_item(small_dataset):
     from core import store
 
-    at = _open(small_dataset, "pages/annotate.py")
+    at = _open(small_dataset, "pages/annotate.py", ann_mode="crops")
     assert not any("no embeddings yet" in i.value for i in at.info)
     sid = at.session_state["annotate_item"]
     assert sid in store.get_dataset(small_dataset).values("id")
@@ -124,6 +126,7 @@ def test_map_bulk_action_is_logged_and_undone(small_dataset):
     ("pages/map.py", "core.registry.list_versions", "Reading the dataset's models"),
     ("pages/annotate.py", "core.labeling.embedding_status", "Reading the dataset's embeddings"),
     ("pages/annotate.py", "core.labeling.next_item", "Getting the next item to label"),
+    ("pages/annotate.py", "core.labeling.pairs.next_pair", "Getting the next pair"),
     ("pages/train.py", "core.registry.list_versions", "Reading the model versions"),
 ])
 def test_a_bug_is_not_reported_as_a_database_outage(page, target, doing, small_dataset, monkeypatch):
@@ -133,6 +136,8 @@ def test_a_bug_is_not_reported_as_a_database_outage(page, target, doing, small_d
     broken.__name__ = target.rsplit(".", 1)[1]
     at = AppTest.from_file(str(APP), default_timeout=90)
     at.session_state["dataset"] = small_dataset
+    if target == "core.labeling.next_item":  # the crop view's queue (TUD-Campus opens on pairs)
+        at.session_state["ann_mode"] = "crops"
     at.run()
     monkeypatch.setattr(target, broken)
     (at.switch_page(page) if page else at).run()
