@@ -73,6 +73,9 @@ def test_component_names_majority_duplicates_and_unnamed():
     g2 = IdentityGraph(["x", "y"])
     out3 = component_names(g2, {"x": "P", "y": "P"}, weights={"x": 1, "y": 4})
     assert out3["y"] == "P" and out3["x"] == "P~2"
+    # a typed name outvotes any number of crops that came with another
+    out4 = component_names(g, names, weights={"a": 1, "b": 5, "c": 3}, strong={"a": "Typed"})
+    assert out4["a"] == out4["b"] == "Typed" and out4["c"] == "P1"
 
 
 def test_overlapping_tracklets_are_cannot_linked_per_sequence():

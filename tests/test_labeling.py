@@ -74,8 +74,10 @@ def _label_all(name, session, spec, out, stop_after=None, pause=0.0):
         if it is None:
             return
         out.append(it.sample_id)
+        # a behaviour, not an identity: an identity names the crop's whole tracklet (the identity
+        # graph, tests/test_identity.py), so two sessions on one tracklet would rightly conflict
         labeling.decide(name, session, it.sample_id, session, label="person",
-                        identity=f"{session}:{it.identity}", expected_version=it.token)
+                        behaviour=f"{session}:{it.sample_id}", expected_version=it.token)
         if pause:
             time.sleep(pause)
         if stop_after and len(out) >= stop_after:
@@ -93,7 +95,7 @@ def _check_all_present(name, served: dict[str, list[str]]):
                 assert not set(served[a]) & set(served[b])
     # every decision is in FiftyOne, by the session that made it, and in the log
     ds = store.get_dataset(name)
-    by, ident = dict(zip(ds.values("id"), ds.values("labelled_by"))), dict(zip(ds.values("id"), ds.values("identity")))
+    by, ident = dict(zip(ds.values("id"), ds.values("labelled_by"))), dict(zip(ds.values("id"), ds.values("behaviour")))
     for session, sids in served.items():
         for s in sids:
             assert by[s] == session
@@ -142,7 +144,7 @@ while True:
         break
     out.append(it.sample_id)
     labeling.decide(name, session, it.sample_id, session, label="person",
-                    identity=session + ":" + str(it.identity), expected_version=it.token)
+                    behaviour=session + ":" + it.sample_id, expected_version=it.token)
 print(json.dumps(out), flush=True)
 """
 
@@ -166,7 +168,7 @@ def test_two_processes_never_get_the_same_item(ds):
                 break
             mine.append(it.sample_id)
             labeling.decide(ds, "proc1", it.sample_id, "proc1", label="person",
-                            identity=f"proc1:{it.identity}", expected_version=it.token)
+                            behaviour=f"proc1:{it.sample_id}", expected_version=it.token)
         theirs = json.loads(proc.stdout.readline())
         assert proc.wait(60) == 0
     finally:

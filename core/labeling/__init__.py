@@ -69,6 +69,7 @@ from core.labeling.base import (_ENSURE_LOCK, _ENSURED, _EXTRA_FIELDS, _aware, _
 from core.labeling.vectors import _labelled_vectors, _load, _vector
 from core.labeling.queue import _REFILLS, _decided, _queued_ids, _refill, _refill_in_background
 from core.labeling.leases import _claim_sample, _close_item, _make_item
-from core.labeling.decision import (_BULK_CHUNK, _as_decision, _log, _restore, _undo_bulk,
+from core.labeling.base import _log
+from core.labeling.decision import (_BULK_CHUNK, _as_decision, _restore, _undo_bulk,
                                     _version_filter)
 from core.labeling.strips import _tracklet_boxes

@@ -7,6 +7,7 @@ import hashlib
 import json
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -23,6 +24,8 @@ _EXTRA_FIELDS = {  # sample fields the labelling loop writes (declared so FiftyO
     "behaviour": "StringField", "attributes": "DictField", "labelled_by": "StringField",
     "labelled_at": "StringField", "label_round": "IntField", "label_version": "IntField",
     "flagged": "BooleanField", "flag_reason": "StringField",
+    # written by the identity graph (core.labeling.identity): the name it wrote, what was there before
+    "graph_identity": "StringField", "identity_base": "StringField",
 }
 
 
@@ -113,6 +116,15 @@ def _oid(sample_id: str):
     from bson import ObjectId
 
     return ObjectId(sample_id)
+
+
+def _log(doc: dict[str, Any]) -> str:
+    """Append one entry to the decision log; returns its id."""
+    doc.setdefault("_id", uuid.uuid4().hex)
+    doc.setdefault("seq", _seq())
+    doc.setdefault("undone", False)
+    _coll(DECISIONS).insert_one(doc)
+    return doc["_id"]
 
 
 def _seq() -> int:

@@ -12,7 +12,8 @@ from typing import Any, Iterable, Sequence
 from core import store
 from core.labeling.base import (CONDITION_TAGS, COUNTERS, DECISIONS, ITEMS, LABEL_FIELDS, TO_LABEL,
                                 LabelConflict, LabelingError, _aware, _cas_filter, _coll, _iso, _now, _oid,
-                                _read, _samples, _seq, _state, _token)
+                                _log, _read, _samples, _seq, _state, _token)
+import core.labeling.identity as graph_identity
 from core.labeling.leases import _claim_sample, _close_item
 from core.labeling.schema import current_round, label_schema
 from core.labeling.suggestions import predict
@@ -33,14 +34,6 @@ class Decision:
     predicted: Any = None
     model_agreed: bool | None = None
     not_restored: list[str] | None = None  # set by undo of a merge / bulk: samples changed since
-
-
-def _log(doc: dict[str, Any]) -> str:
-    doc.setdefault("_id", uuid.uuid4().hex)
-    doc.setdefault("seq", _seq())
-    doc.setdefault("undone", False)
-    _coll(DECISIONS).insert_one(doc)
-    return doc["_id"]
 
 
 def _as_decision(d: dict[str, Any]) -> Decision:
@@ -116,6 +109,8 @@ def decide(name: str, session_id: str, sample_id: str, user: str, label: str | N
                         "token_after": _token(after), "predicted": predicted, "model_agreed": agreed,
                         "target": target, "round": rnd})
             _close_item(name, sample_id, session_id, "done")
+            if identity is not None and identity != before["identity"]:
+                graph_identity.sync(name)  # the crop's tracklet (and whoever it is linked to) follows
             return Decision(did, sample_id, "label", user, session_id, at, before, after, predicted, agreed)
         # raced with another writer between read and write: re-read and re-check
         if expected_version is None:
@@ -224,6 +219,8 @@ def bulk_decide(name: str, session_id: str, ids: Sequence[str], user: str, label
         _coll(DECISIONS).delete_one({"_id": bid})
     log.info("%s: bulk decision by %s: %d changed, %d unchanged, %d conflicts, %d missing", name, user,
              len(out.changed), len(out.unchanged), len(out.conflicts), len(out.missing))
+    if identity is not None and out.changed:
+        graph_identity.sync(name)
     return out
 
 
@@ -330,6 +327,8 @@ def undo(name: str, session_id: str, user: str | None = None,
             _coll(ITEMS).update_many(closed,
                                      {"$set": {"status": "leased", "leased_by": session_id, "lease_until": until,
                                                "served_token": extra.get("token_after") or d.get("token_after")}})
+    if d["kind"] in ("merge", "bulk") or (d["kind"] == "label" and d.get("target") == "identity"):
+        graph_identity.sync(name)
     out = _as_decision(d)
     out.not_restored = extra.get("not_restored")
     return out
@@ -397,6 +396,7 @@ def merge_identities(name: str, a: str, b: str, user: str, session_id: str | Non
                 "at": now, "before": {"identity": b}, "after": {"identity": a}, "sample_ids": moved,
                 "versions": {s: versions[s] for s in moved}})
     log.info("%s: merged identity %s into %s (%d samples) by %s", name, b, a, len(moved), user)
+    graph_identity.sync(name)
     return Decision(did, None, "merge", user, session_id or user, now, {"identity": b}, {"identity": a})
 
 

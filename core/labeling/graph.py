@@ -227,30 +227,32 @@ def build(nodes: Iterable[str], free: Sequence[Link] = (), operator_names: Mappi
 
 
 def component_names(g: IdentityGraph, names: Mapping[str, str], weights: Mapping[str, int] | None = None,
-                    prefix: str = "g-") -> dict[str, str | None]:
+                    prefix: str = "g-", strong: Mapping[str, str] | None = None) -> dict[str, str | None]:
     """Node -> the identity name of its component.
 
-    A component takes the name most of its crops carry (``names``: node -> name; ``weights``:
-    node -> crops, default 1); a name wanted by several components goes to the one with most
-    crops of it, the others get ``<name>~2``, ``~3`` ... A component without names gets
-    ``<prefix><hash of its first member>`` when it joins several nodes, and None when it is a
-    lone node (nobody said who it is)."""
-    weights = weights or {}
-    wants: list[tuple[int, str, str, list[str]]] = []  # (-votes, name, first member, members)
+    A component takes the name most of its crops carry (``names``: node -> name, e.g. what came
+    with the data; ``strong``: node -> name that outvotes any number of ``names``, e.g. what an
+    operator typed; ``weights``: node -> crops, default 1); a name wanted by several
+    components goes to the one with most crops of it, the others get ``<name>~2``, ``~3`` ... A
+    component without names gets ``<prefix><hash of its first member>`` when it joins several
+    nodes, and None when it is a lone node (nobody said who it is)."""
+    weights, strong = weights or {}, strong or {}
+    wants: list[tuple[tuple[int, int], str, list[str]]] = []  # (-votes, name, members)
     unnamed: list[list[str]] = []
     for members in g.components():
-        votes: Counter = Counter()
+        votes: dict[str, list[int]] = {}
         for n in members:
-            if names.get(n):
-                votes[str(names[n])] += int(weights.get(n, 1))
+            for nm, tier in ((strong.get(n), 0), (names.get(n), 1)):
+                if nm:
+                    votes.setdefault(str(nm), [0, 0])[tier] += int(weights.get(n, 1))
         if votes:
-            nm, v = min(votes.items(), key=lambda kv: (-kv[1], kv[0]))
-            wants.append((-v, nm, members[0], members))
+            nm, v = min(votes.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))
+            wants.append(((-v[0], -v[1]), nm, members))
         else:
             unnamed.append(members)
     out: dict[str, str | None] = {}
     taken: set[str] = set()
-    for _v, nm, _first, members in sorted(wants):
+    for _v, nm, members in sorted(wants, key=lambda w: (w[0], w[1], w[2][0])):
         final, k = nm, 2
         while final in taken:
             final, k = f"{nm}~{k}", k + 1

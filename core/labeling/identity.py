@@ -6,7 +6,8 @@ shadow and other non-person crops and whole images are not nodes. Links:
 
 - must: same tracklet (a node is one tracklet), identities that came with the data
   ("ingested": trusted or to be verified as the schema's mode says, see
-  :func:`core.labeling.graph.build`), identities an operator typed on a crop, an operator's
+  :func:`core.labeling.graph.build`), identities an operator typed on a crop (the latest
+  typed on a tracklet names it, and outvotes names that came with the data), an operator's
   "same" for a pair;
 - cannot: two tracklets seen in the same frame of one sequence (free), an operator's "different".
 
@@ -30,17 +31,15 @@ from typing import Any, Sequence
 
 from core import store
 from core.labeling.graph import Conflict, IdentityGraph, Link, build, component_names, overlapping
-from core.labeling.base import DECISIONS, LEASES, PAIRS, LabelingError, _coll, _now, _oid, _samples
+from core.labeling.base import DECISIONS, LEASES, PAIRS, LabelingError, _coll, _log, _now, _oid, _samples
 from core.labeling.leases import _claim_sample
-from core.labeling.decision import _log
 from core.labeling.schema import label_schema
 
 log = logging.getLogger(__name__)
 
 ANSWERS = ("same", "different", "unsure")
 LOCKS = "vigil_locks"
-GRAPH_FIELDS = {"graph_identity": "StringField", "identity_base": "StringField"}
-_COLUMNS = ["identity", "identity_base", "graph_identity", "labelled_by", "tracklet", "sequence", "frame",
+_COLUMNS = ["identity", "identity_base", "graph_identity", "labelled_by", "labelled_at", "tracklet", "sequence", "frame",
             "frame_first", "frame_last", "camera", "label", "kind", "filepath", "low_light", "tags", "flagged"]
 
 
@@ -94,19 +93,6 @@ def _input_name(cols: dict[str, list], k: int) -> str | None:
     return ident
 
 
-def _ensure_fields(name: str) -> None:
-    import fiftyone as fo
-
-    ds = store.get_dataset(name)
-    schema = ds.get_field_schema()
-    for f, ftype in GRAPH_FIELDS.items():
-        if f not in schema:
-            try:
-                ds.add_sample_field(f, getattr(fo, ftype))
-            except ValueError:  # another process added it meanwhile
-                ds.reload()
-
-
 def pair_entries(name: str) -> list[dict[str, Any]]:
     """The pair answers of the log that stand (not undone), in log order."""
     return list(_coll(DECISIONS).find({"dataset": name, "kind": "pair", "undone": False}, sort=[("seq", 1)]))
@@ -114,11 +100,11 @@ def pair_entries(name: str) -> list[dict[str, Any]]:
 
 def load(name: str) -> GraphState:
     """Replay the graph from the samples and the decision log (see the module docstring)."""
-    _ensure_fields(name)
+    _samples(name)  # the graph's fields declared
     cols = store.view_columns(name, _COLUMNS)
     rows: dict[str, list[int]] = {}
     ingested: dict[str, Counter] = {}
-    typed: dict[str, Counter] = {}
+    typed: dict[str, tuple] = {}  # node -> (labelled_at, name): the latest typed name wins
     spans: dict[str, tuple] = {}
     for k, sid in enumerate(cols["id"]):
         if not is_person(cols["label"][k], cols["kind"][k]):
@@ -127,8 +113,11 @@ def load(name: str) -> GraphState:
         node = node_of(tr, sid)
         rows.setdefault(node, []).append(k)
         nm = _input_name(cols, k)
-        if nm:
-            (typed if cols["labelled_by"][k] else ingested).setdefault(node, Counter())[nm] += 1
+        if nm and cols["labelled_by"][k]:
+            mark = (str(cols["labelled_at"][k] or ""), nm)
+            typed[node] = max(typed.get(node, mark), mark)
+        elif nm:
+            ingested.setdefault(node, Counter())[nm] += 1
         if tr and cols["sequence"][k] is not None:
             f0 = cols["frame_first"][k] if cols["frame_first"][k] is not None else cols["frame"][k]
             f1 = cols["frame_last"][k] if cols["frame_last"][k] is not None else cols["frame"][k]
@@ -136,15 +125,14 @@ def load(name: str) -> GraphState:
                 seq, a, b = spans.get(node, (cols["sequence"][k], f0, f1))
                 spans[node] = (seq, min(a, f0), max(b, f1))
     top = {n: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for n, c in ingested.items()}
-    mine = {n: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for n, c in typed.items()}
+    mine = {n: mark[1] for n, mark in typed.items()}
     entries = pair_entries(name)
     links = [Link(e["a"], e["b"], e["answer"] == "same", "operator", e["_id"]) for e in entries
              if e.get("answer") in ("same", "different") and e["a"] in rows and e["b"] in rows]
     trust = label_schema(name).mode == "trust"
     g = build(rows, free=overlapping(spans), operator_names=mine, ingested_names=top, decisions=links,
               trust_ingested=trust)
-    names_in = {**top, **mine}
-    names = component_names(g, names_in, {n: len(r) for n, r in rows.items()})
+    names = component_names(g, top, {n: len(r) for n, r in rows.items()}, strong=mine)
     return GraphState(g, cols, rows, names, entries, trust)
 
 

@@ -1,0 +1,176 @@
+"""The identity graph on a real dataset (TUD-Campus, MOT15 tracks, in the test database): pair
+answers through merge, conflict, cannot-link and undo, two operators at once, per-crop
+identities joining the graph, and the pair queue's leases. After every step the decision log,
+the graph replayed from it and the sample fields must agree."""
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from tests.conftest import need_shared
+from tests.test_labeling import fake_embeddings
+
+# TUD-Campus (every 10th frame): 8 tracks; only 1/8, 6/7 and 6/8 are never seen in one frame
+T1, T6, T7, T8 = (f"t:TUD-Campus/{k}" for k in (1, 6, 7, 8))
+
+
+@pytest.fixture(scope="module")
+def campus():
+    from core import store
+    from core.ingest import ingest
+
+    name = "graph_base_" + uuid.uuid4().hex[:6]
+    ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
+    fake_embeddings(name)
+    yield name
+    store.delete_dataset(name)
+
+
+@pytest.fixture
+def ds(campus, dsname):
+    from core import store
+
+    store.get_dataset(campus).clone(dsname, persistent=True)
+    store.set_active_model(dsname, "base")
+    return dsname
+
+
+def agree(name: str):
+    """The sample fields say what the graph replayed from the log says; returns the state."""
+    from core import store
+    from core.labeling import identity
+
+    st = identity.load(name)
+    cols = store.view_columns(name, ["identity", "graph_identity", "identity_base"])
+    by_id = {sid: (i, gi, b) for sid, i, gi, b in zip(cols["id"], cols["identity"], cols["graph_identity"],
+                                                     cols["identity_base"])}
+    for node, ks in st.rows.items():
+        want = st.names[node]
+        for k in ks:
+            ident, gi, base = by_id[st.cols["id"][k]]
+            assert ident == (want if want is not None else base if gi else ident), (node, ident, want)
+            if want is not None:
+                assert ident == want
+    # every standing pair answer is in the graph, or listed as a conflict
+    applied = {ln.ref for ln in st.graph.applied if ln.ref}
+    refused = {c.link.ref for c in st.graph.conflicts}
+    for e in st.pairs:
+        if e["answer"] != "unsure":
+            assert e["_id"] in applied | refused
+    return st
+
+
+def identities_of(name: str, node: str) -> set:
+    from core import store
+
+    cols = store.view_columns(name, ["identity", "tracklet"])
+    return {i for i, tr in zip(cols["identity"], cols["tracklet"]) if f"t:{tr}" == node}
+
+
+def test_free_constraints_and_nothing_written_on_a_fresh_dataset(ds):
+    from core.labeling import identity
+
+    st = agree(ds)
+    assert len(st.rows) == 8 and st.graph.separated(T1, T6) is not None  # seen in one frame
+    assert st.graph.separated(T1, T8) is None
+    assert identity.sync(ds)[1] == []  # ingested identities already say what the graph says
+
+
+def test_merge_conflict_cannot_link_and_undo_keep_log_and_samples_agreeing(ds):
+    from core.labeling import base, identity
+
+    before8 = identities_of(ds, T8)
+    # cannot-link from an operator: 6 and 7 are two people; a later "same" is refused
+    identity.decide_pair(ds, "s2", T6, T7, "different", "bob")
+    assert agree(ds).graph.separated(T6, T7) is not None
+    with pytest.raises(identity.PairConflict) as exc:
+        identity.decide_pair(ds, "s1", T7, T6, "same", "ann")
+    assert exc.value.conflict.blocking[0].source == "operator"
+    # merge: 6 and 8 are one person; the smaller side's crops take the larger's identity
+    r = identity.decide_pair(ds, "s1", T6, T8, "same", "ann", model_version="base", p_same=0.5, cosine=0.4)
+    assert r.identity and identities_of(ds, T6) == identities_of(ds, T8) == {r.identity}
+    assert r.labelled > 0 and r.component_crops == agree(ds).component_crops(T6)
+    # conflict: 1 is seen with 6 in one frame, so 1 = 8 would put one person in two places
+    with pytest.raises(identity.PairConflict) as exc:
+        identity.decide_pair(ds, "s1", T1, T8, "same", "ann")
+    assert exc.value.conflict.blocking[0].source == "frame"
+    assert set(exc.value.conflict.b_side) == {T6, T8}
+    assert identities_of(ds, T1) == {"TUD-Campus:1"}
+    assert base._coll(base.DECISIONS).count_documents({"dataset": ds, "kind": "pair_conflict"}) == 2
+    agree(ds)
+    # undo is a log entry: s1's merge goes (8 gets its own identity back), then s2's "different"
+    assert identity.undo_pair(ds, "s1")["answer"] == "same"
+    st = agree(ds)
+    assert not st.graph.same(T6, T8) and identities_of(ds, T8) == before8
+    assert identity.undo_pair(ds, "s2")["answer"] == "different"
+    assert agree(ds).graph.separated(T6, T7) is None
+    assert identity.undo_pair(ds, "s1") is None
+    kinds = [d["kind"] for d in base._coll(base.DECISIONS).find({"dataset": ds}, sort=[("seq", 1)])]
+    assert kinds.count("pair") == 2 and kinds.count("undo") == 2  # nothing is deleted
+
+
+def test_two_operators_answering_at_once_end_in_the_state_of_the_whole_log(ds):
+    from core.labeling import identity
+
+    errors, results = [], []
+    barrier = threading.Barrier(3)
+
+    def answer(session, a, b, ans):
+        barrier.wait()
+        try:
+            results.append(identity.decide_pair(ds, session, a, b, ans, session))
+        except identity.PairConflict as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=answer, args=args) for args in
+               (("s1", T6, T8, "same"), ("s2", T1, T8, "same"), ("s3", T6, T7, "different"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    st = agree(ds)
+    # 6 = 8 and 1 = 8 cannot both stand (1 and 6 share a frame): exactly one of them is applied
+    assert st.graph.same(T6, T8) != st.graph.same(T1, T8)
+    refused = len(errors) + len(st.graph.conflicts)
+    assert refused == 1 and len(results) + len(errors) == 3
+    assert st.graph.separated(T6, T7) is not None
+
+
+def test_a_typed_identity_names_its_whole_tracklet(ds):
+    from core import store
+    from core.labeling import decide
+
+    cols = store.view_columns(ds, ["tracklet"])
+    crop = next(sid for sid, tr in zip(cols["id"], cols["tracklet"]) if f"t:{tr}" == T7)
+    decide(ds, "s1", crop, "ann", identity="Alice")
+    assert identities_of(ds, T7) == {"Alice"}
+    agree(ds)
+
+
+def test_the_pair_queue_leases_each_pair_to_one_tab_and_never_asks_what_is_known(ds):
+    from core.labeling import identity, pairs
+
+    a = pairs.next_pair(ds, "tab1", k=5)
+    b = pairs.next_pair(ds, "tab2", k=5)
+    assert a is not None and b is not None and a.key != b.key
+    assert pairs.next_pair(ds, "tab1", k=5).key == a.key  # a tab keeps its own pair
+    st = identity.load(ds)
+    for it in (a, b):
+        assert not st.graph.same(it.a.node, it.b.node) and st.graph.separated(it.a.node, it.b.node) is None
+        assert it.a.sample_ids and it.a.crops == st.component_crops(it.a.node)
+    identity.decide_pair(ds, "tab1", a.a.node, a.b.node, "unsure", "ann")
+    seen = set()
+    while (it := pairs.next_pair(ds, "tab1", k=5)) is not None:
+        assert it.key not in seen and it.key != a.key
+        seen.add(it.key)
+        identity.decide_pair(ds, "tab1", it.a.node, it.b.node, "different", "ann")
+    assert b.key not in seen  # leased to the other tab all along
+    pairs.release_pairs(ds, "tab2")
+    it = pairs.next_pair(ds, "tab1", k=5)
+    assert it is not None and it.key == b.key
+    identity.decide_pair(ds, "tab1", it.a.node, it.b.node, "different", "ann")
+    # every pair of identities is now answered or held apart: nothing is left to ask
+    assert pairs.next_pair(ds, "tab1", k=5) is None and pairs.next_pair(ds, "tab2", k=5) is None
+    agree(ds)
