@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from core import analysis, registry, store
+from core.labeling import identity as graph_identity
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,7 @@ def _scorable(query: list[int], gallery: list[int], ident: list, key: list) -> l
 def _identities(cols: dict[str, list]) -> list[str | None]:
     """Each sample's training identity from the identity graph: its identity, else its own
     tracklet (a lone tracklet is one person), else None; non-person crops and images: None."""
-    from core.labeling.identity import is_person, training_identity
-
-    return [training_identity(i, tr) if is_person(lb, kd) else None
+    return [graph_identity.training_identity(i, tr) if graph_identity.is_person(lb, kd) else None
             for i, tr, lb, kd in zip(cols["identity"], cols["tracklet"], cols["label"], cols["kind"])]
 
 
@@ -281,8 +280,9 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
             reporter.progress(0.7 * step / total, f"training step {step}/{total}, loss {loss:.3f}", **details)
 
         out_dir = embed.version_dir(version)
+        cannot = graph_identity.cannot_identities(graph_identity.load(name))  # guaranteed negatives
         result = train.train_round(samples, cfg, init_version=parent, out_dir=out_dir, progress=on_step,
-                                   should_stop=reporter.should_stop, resume=bool(resume))
+                                   should_stop=reporter.should_stop, resume=bool(resume), cannot=cannot)
         reporter.check()
         reporter.progress(0.7, "exporting ONNX", force=True)
         embed.onnx_path(version)

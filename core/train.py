@@ -182,9 +182,15 @@ class WeightedIdentitySampler:
     An identity's chance is proportional to the sum of its crops' weights; within an identity,
     crops are drawn proportionally to their weights, without replacement while it has K or more
     (with replacement otherwise). Weighted variant of pytorch-metric-learning's MPerClassSampler.
+
+    ``partners``: class -> classes known to be other people (cannot-links of the identity graph:
+    tracklets seen in one frame, an operator's "different"). Every second identity of a batch
+    is a partner of the one before it when it has one, so guaranteed negatives (often the
+    hardest: same place, same light) meet in a batch for the triplet miner.
     """
 
-    def __init__(self, labels: Sequence[int], weights: Sequence[float], p: int, k: int):
+    def __init__(self, labels: Sequence[int], weights: Sequence[float], p: int, k: int,
+                 partners: dict[int, Sequence[int]] | None = None):
         labels = np.asarray(labels)
         w = np.clip(np.asarray(weights, np.float64), 1e-6, None)
         self.k = k
@@ -194,10 +200,17 @@ class WeightedIdentitySampler:
         self.member_p = [w[m] / w[m].sum() for m in self.members]
         cw = np.array([w[m].sum() for m in self.members])
         self.class_p = cw / cw.sum()
+        pos = {int(c): i for i, c in enumerate(self.classes)}
+        self.partners = {pos[int(c)]: [pos[int(o)] for o in others if int(o) in pos and int(o) != int(c)]
+                         for c, others in (partners or {}).items() if int(c) in pos}
 
     def batch(self, rng: np.random.Generator) -> np.ndarray:
         """Indices [P * K] into the labels, grouped by identity."""
         chosen = rng.choice(len(self.classes), size=self.p, replace=False, p=self.class_p)
+        for slot in range(1, len(chosen), 2):
+            free = [o for o in self.partners.get(int(chosen[slot - 1]), ()) if o not in chosen]
+            if free:
+                chosen[slot] = free[int(rng.integers(len(free)))]
         out = []
         for c in chosen:
             m = self.members[c]
@@ -342,8 +355,12 @@ def train_round(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
+    cannot: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """Fine-tune ``init_version`` on ``samples`` and write ``out_dir/checkpoint.pt``.
+
+    ``cannot``: pairs of identities known to be two people (the identity graph's cannot-links),
+    put in the same batches as guaranteed negatives (:class:`WeightedIdentitySampler`).
 
     ``samples``: (path, identity, camera or None, weight) per crop; identities with a single crop
     are dropped. ``progress(step, total_steps, loss, metrics)`` after every step (``metrics`` the
@@ -450,7 +467,13 @@ def train_round(
         y_tr = np.array([lab_map[x] for x in idents[tr_idx]])
         y_va = idents[va_idx].astype(str)
         c_va = None if cams is None else cams[va_idx].astype(str)
-        sampler = WeightedIdentitySampler(y_tr, weights[tr_idx], config.ids_per_batch, config.samples_per_id)
+        partners: dict[int, list[int]] = {}
+        for a, b in cannot:
+            if a in lab_map and b in lab_map:
+                partners.setdefault(lab_map[a], []).append(lab_map[b])
+                partners.setdefault(lab_map[b], []).append(lab_map[a])
+        sampler = WeightedIdentitySampler(y_tr, weights[tr_idx], config.ids_per_batch, config.samples_per_id,
+                                          partners)
 
         def validate() -> dict[str, float] | None:
             if len(va_idx) == 0:

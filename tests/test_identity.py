@@ -174,3 +174,30 @@ def test_the_pair_queue_leases_each_pair_to_one_tab_and_never_asks_what_is_known
     # every pair of identities is now answered or held apart: nothing is left to ask
     assert pairs.next_pair(ds, "tab1", k=5) is None and pairs.next_pair(ds, "tab2", k=5) is None
     agree(ds)
+
+
+def test_cannot_links_become_guaranteed_negatives_in_training_batches(ds):
+    """The graph's cannot-links reach the sampler: partners meet in batches far more often."""
+    import numpy as np
+
+    from core.labeling import identity
+    from core.train import WeightedIdentitySampler
+
+    pairs_ = identity.cannot_identities(identity.load(ds))
+    assert ("TUD-Campus:1", "TUD-Campus:6") in {tuple(sorted(p)) for p in pairs_}  # seen in one frame
+    labels = np.repeat(np.arange(40), 4)
+    partners = {0: [1]}  # of 40 people, 0 and 1 are known to be two
+    with_p = WeightedIdentitySampler(labels, np.ones(len(labels)), 8, 4, partners)
+    without = WeightedIdentitySampler(labels, np.ones(len(labels)), 8, 4)
+
+    def together(s):
+        rng = np.random.default_rng(0)
+        n = 0
+        for _ in range(400):
+            got = set(labels[s.batch(rng)].tolist())
+            n += {0, 1} <= got
+        return n
+
+    assert together(with_p) > 3 * together(without) > 0
+    b = with_p.batch(np.random.default_rng(1))
+    assert len(b) == 32 and len(set(labels[b].tolist())) == 8  # still P distinct identities x K

@@ -283,6 +283,23 @@ def conflicts(name: str) -> list[Conflict]:
     return load(name).graph.conflicts
 
 
+def cannot_identities(state: GraphState) -> list[tuple[str, str]]:
+    """The graph's cannot-links as pairs of training identities (see :func:`training_identity`;
+    components that do not train, lone crops nobody named, are left out)."""
+    def train_name(root: str) -> str | None:
+        nm = state.names.get(root)
+        if nm is None and root.startswith("t:") and len(state.graph.component(root)) == 1:
+            return training_identity(None, root[2:])
+        return nm
+
+    out = []
+    for ra, rb in state.graph.cannot_pairs():
+        a, b = train_name(ra), train_name(rb)
+        if a and b and a != b:
+            out.append((a, b))
+    return out
+
+
 def training_identity(identity: str | None, tracklet: str | None) -> str | None:
     """The identity a crop trains as: its (graph-written) identity, else its own tracklet (a
     lone tracklet is one person), else none (a lone crop nobody named teaches nothing)."""
