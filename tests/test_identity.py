@@ -201,3 +201,30 @@ def test_cannot_links_become_guaranteed_negatives_in_training_batches(ds):
     assert together(with_p) > 3 * together(without) > 0
     b = with_p.batch(np.random.default_rng(1))
     assert len(b) == 32 and len(set(labels[b].tolist())) == 8  # still P distinct identities x K
+
+
+@pytest.mark.parametrize("mode", ["verify", "trust"])
+def test_ingested_identities_are_verified_or_trusted_as_the_switch_says(ds, mode):
+    """Two tracklets the data calls one person: to be verified, the queue may ask and a
+    'different' splits them (the second keeps the name told apart); trusted, 'different' is a
+    conflict with the data and nothing changes."""
+    from core import labeling, store
+    from core.labeling import identity, pairs
+
+    labeling.set_label_schema(ds, {**vars(labeling.label_schema(ds)), "mode": mode})
+    cols = store.view_columns(ds, ["tracklet"])
+    store.set_values(ds, "identity", {sid: "P" for sid, tr in zip(cols["id"], cols["tracklet"])
+                                      if f"t:{tr}" in (T6, T8)})
+    st = identity.load(ds)
+    assert st.graph.same(T6, T8)  # the data's link, either way
+    assert st.confirmed.same(T6, T8) == (mode == "trust")
+    assert pairs.implied(st, T6, T8) == (mode == "trust")  # only to be verified is it asked
+    if mode == "trust":
+        with pytest.raises(identity.PairConflict):
+            identity.decide_pair(ds, "s1", T6, T8, "different", "ann")
+        assert identities_of(ds, T6) == identities_of(ds, T8) == {"P"}
+    else:
+        identity.decide_pair(ds, "s1", T6, T8, "different", "ann")
+        st = agree(ds)
+        assert not st.graph.same(T6, T8)
+        assert {*identities_of(ds, T6), *identities_of(ds, T8)} == {"P", "P~2"}

@@ -65,7 +65,11 @@ def is_person(label: Any, kind: Any) -> bool:
 class GraphState:
     """The graph of a dataset as the log stood when it was loaded. ``rows``: node -> row
     indices into ``cols`` (the person crops' columns); ``names``: node -> identity written
-    from the graph (None: a lone node nobody named); ``pairs``: the applied pair entries."""
+    from the graph (None: a lone node nobody named); ``pairs``: the applied pair entries.
+    ``confirmed``: the graph the operator is asked about and answers are checked against: the
+    same graph when ingested identities are trusted, else the graph without them (free
+    constraints, typed identities and answers only), so the queue asks to confirm what the
+    data says and a "different" overrides it."""
 
     graph: IdentityGraph
     cols: dict[str, list]
@@ -73,6 +77,11 @@ class GraphState:
     names: dict[str, str | None]
     pairs: list[dict[str, Any]] = field(default_factory=list)
     trust_ingested: bool = True
+    confirmed: IdentityGraph | None = None  # without ingested links when they are to be verified
+
+    def __post_init__(self) -> None:
+        if self.confirmed is None:
+            self.confirmed = self.graph
 
     def node_of_row(self, k: int) -> str:
         return node_of(self.cols["tracklet"][k], self.cols["id"][k])
@@ -133,7 +142,8 @@ def load(name: str) -> GraphState:
     g = build(rows, free=overlapping(spans), operator_names=mine, ingested_names=top, decisions=links,
               trust_ingested=trust)
     names = component_names(g, top, {n: len(r) for n, r in rows.items()}, strong=mine)
-    return GraphState(g, cols, rows, names, entries, trust)
+    confirmed = g if trust or not top else build(rows, free=overlapping(spans), operator_names=mine, decisions=links)
+    return GraphState(g, cols, rows, names, entries, trust, confirmed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +255,7 @@ def decide_pair(name: str, session_id: str, a: str, b: str, answer: str, user: s
            "p_same": None if p_same is None else float(p_same), "cosine": None if cosine is None else float(cosine),
            "before": {"a": state.names.get(a), "b": state.names.get(b)}, "after": {"answer": answer}}
     if answer != "unsure":
-        conflict = state.graph.check(Link(a, b, answer == "same", "operator"))
+        conflict = state.confirmed.check(Link(a, b, answer == "same", "operator"))
         if conflict is not None:
             _log({**doc, "kind": "pair_conflict", "blocking": [vars(x) for x in conflict.blocking]})
             close_pair(name, session_id, a, b, "conflict")
@@ -280,7 +290,7 @@ def undo_pair(name: str, session_id: str, user: str | None = None) -> dict[str, 
 def conflicts(name: str) -> list[Conflict]:
     """Operator answers the graph could not apply as the log stands (two operators answering at
     once can make one), newest last: shown to the operator, never applied silently."""
-    return load(name).graph.conflicts
+    return load(name).confirmed.conflicts
 
 
 def cannot_identities(state: GraphState) -> list[tuple[str, str]]:

@@ -70,7 +70,7 @@ def _doc_id(name: str, order: str, a: str, b: str) -> str:
 
 
 def _side(state, node: str) -> Side:
-    g, cols = state.graph, state.cols
+    g, cols = state.confirmed, state.cols
     members = g.component(node)
     ks = [k for n in members for k in state.rows.get(n, ())]
     cams = sorted({str(cols["camera"][k]) for k in ks if cols["camera"][k] is not None})
@@ -87,8 +87,8 @@ def _side(state, node: str) -> Side:
 
 
 def _answered(state) -> set[tuple[str, str]]:
-    """Component-root pairs an operator has answered (same, different or not sure)."""
-    g = state.graph
+    """Component-root pairs (of the confirmed graph) an operator has answered."""
+    g = state.confirmed
     out = set()
     for e in state.pairs:
         if e["a"] in g and e["b"] in g:
@@ -99,8 +99,9 @@ def _answered(state) -> set[tuple[str, str]]:
 
 def implied(state, a: str, b: str, answered: set | None = None) -> bool:
     """True when the graph already says whether ``a`` and ``b`` are one person, or an operator
-    answered about their two identities."""
-    g = state.graph
+    answered about their two identities (in the confirmed graph: with ingested identities to be
+    verified, a pair the data joins is still asked)."""
+    g = state.confirmed
     if a not in g or b not in g or g.same(a, b) or g.separated(a, b) is not None:
         return True
     ra, rb = g.find(a), g.find(b)
@@ -129,7 +130,7 @@ def compute_pairs(name: str, state=None, order: str = pair_select.DEFAULT_PAIR_O
         camera=cols["camera"], flagged=[bool(f) for f in cols["flagged"]],
         night=[bool(lo) or "night" in (t or ()) for lo, t in zip(cols["low_light"], cols["tags"])],
         shadow=["shadow" in (t or ()) for t in cols["tags"]])
-    out = pair_select.plan_pairs(state.graph, state.rows, vec_col, meta, _answered(state), decided,
+    out = pair_select.plan_pairs(state.confirmed, state.rows, vec_col, meta, _answered(state), decided,
                                  order=order, k=k, rng=rng, exclude=exclude, boost=boost)
     for c in out:
         c["model_version"] = version
