@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import jobs, registry, rounds, store
+from core.labeling import identity as graph_identity
 from core.train import ID_LOSSES, TrainConfig
 from pages.common import db_ok, require_dataset, show_error, sidebar
 
@@ -86,14 +87,21 @@ if not active:
 
 # ---------------------------------------------------------------- what Retrain does, the button
 n_ids, n_crops = len({s[1] for s in samples}), len(samples)
+n_lone = len({s[1] for s in samples if graph_identity.is_lone(s[1])})
+lone = f", {n_lone} of them lone tracklets nobody has joined yet" if n_lone else ""
 with st.form("round"):
-    st.markdown(f"**Retrain** starts from model **{active or registry.BASE}**, trains on **{n_ids} labelled "
-                f"identities** ({n_crops} crops), holds out **{len(split.identities)} other identities** to "
-                "evaluate the model before and after, and runs in the background: keep labelling, activate "
-                "the new version when its numbers are better.")
+    st.markdown(f"**Retrain** starts from model **{active or registry.BASE}**, trains on **{n_ids} identities** "
+                f"of the identity graph ({n_crops} crops{lone}), holds out **{len(split.identities)} other "
+                f"identities** to evaluate the model before and after ({split.protocol}), and runs in the "
+                "background: keep labelling, activate the new version when its numbers are better.")
+    need = TrainConfig().min_val_ids + 2  # what core.rounds.run_round requires
     if split.problem:
         st.warning(f"Retrain needs held-out identities to judge the round: {split.problem}.")
-    go_train = st.form_submit_button("Retrain", type="primary", disabled=not active or bool(split.problem))
+    elif n_ids < need:
+        st.warning(f"Retrain needs at least {need} identities to train on, besides the held-out ones; the "
+                   f"graph has {n_ids}: answer pairs (Annotate page) or ingest more footage.")
+    go_train = st.form_submit_button("Retrain", type="primary",
+                                     disabled=not active or bool(split.problem) or n_ids < need)
     d = TrainConfig()
     values: dict = {}
     with st.expander("Advanced: steps, learning rate, batch (P × K), frozen blocks, losses, model head"):

@@ -178,10 +178,13 @@ def _campus_small(name: str, tmp_path: Path, n_train: int) -> str:
 
 
 def test_train_page_refuses_a_round_nothing_could_judge(small_dataset):
-    """TUD-Campus alone: every identity is one tracklet, so no held-out query has anything but its
-    own tracklet to find; the page says so and Retrain is off."""
+    """TUD-Campus alone: every identity is one tracklet, so the held-out tracklets' halves judge
+    the round (within tracklet), but only 4 tracklets are left to train on; the page says both and
+    Retrain is off."""
     at = _open(small_dataset, "pages/train.py")
-    assert "label the same person in another tracklet" in _texts(at)
+    says = " ".join(m.value for m in at.markdown)
+    assert "within tracklet" in says and "trains on **4 identities**" in says, says
+    assert "needs at least 5 identities to train on" in _texts(at)
     assert at.form_submit_button[0].label == "Retrain" and at.form_submit_button[0].disabled
 
 
@@ -200,7 +203,7 @@ def test_train_page_one_retrain_button_knobs_under_advanced(dsname, tmp_path):
     n_train = len({s[1] for s in rounds.training_samples(name, split.identities)})
     assert 2 <= n_train < 8 and len(split.identities) >= 3
     says = " ".join(m.value for m in at.markdown)
-    assert re.search(rf"starts from model \*\*base\*\*, trains on \*\*{n_train} labelled identities\*\*", says), says
+    assert re.search(rf"starts from model \*\*base\*\*, trains on \*\*{n_train} identities\*\*", says), says
     assert f"holds out **{len(split.identities)} other identities**" in says and "in the background" in says
     # every knob is under Advanced, none in the operator's way
     adv = next(e for e in at.expander if e.label.startswith("Advanced"))

@@ -299,7 +299,7 @@ def cannot_identities(state: GraphState) -> list[tuple[str, str]]:
     def train_name(root: str) -> str | None:
         nm = state.names.get(root)
         if nm is None and root.startswith("t:") and len(state.graph.component(root)) == 1:
-            return training_identity(None, root[2:])
+            return training_identity(None, root[len("t:"):])
         return nm
 
     out = []
@@ -310,10 +310,18 @@ def cannot_identities(state: GraphState) -> list[tuple[str, str]]:
     return out
 
 
+LONE = "~"  # training identities of lone tracklets: "~<tracklet>"
+
+
 def training_identity(identity: str | None, tracklet: str | None) -> str | None:
     """The identity a crop trains as: its (graph-written) identity, else its own tracklet (a
     lone tracklet is one person), else none (a lone crop nobody named teaches nothing)."""
-    return identity or (f"~{tracklet}" if tracklet else None)
+    return identity or (f"{LONE}{tracklet}" if tracklet else None)
+
+
+def is_lone(training_name: str) -> bool:
+    """True for the training identity of a lone tracklet nobody has named or joined."""
+    return training_name.startswith(LONE)
 
 
 # --------------------------------------------------------------------------------------------
