@@ -131,6 +131,8 @@ def test_order_prefers_uncertain_pairs_and_spreads_over_people():
     assert 5 not in ps.order_pairs(p, None, a, b, 5, rng)  # the near-certain pair comes last
     boosted = ps.order_pairs(p, np.array([1, 1, 1, 1, 1, 200.0]), a, b, 1, rng)
     assert boosted[0] == 5
+    likely = ps.order_pairs(p, None, a, b, 2, rng, strategy="likely")
+    assert likely[0] == 5  # the near-certain "same" first
     r = ps.order_pairs(p, None, a, b, 6, np.random.default_rng(1), strategy="random")
     assert sorted(r.tolist()) == list(range(6))
     with pytest.raises(ValueError):
