@@ -220,6 +220,7 @@ def plan_pairs(graph, rows: Mapping[str, Sequence[int]], vectors: Sequence[Any],
     cboost = 1.0 + flags + 0.5 * night / size + 0.5 * shadow / size
     cross = np.array([CROSS_CAMERA if cams[i] and cams[j] and not (cams[i] & cams[j]) else 1.0 for i, j in zip(a, b)])
     pb = (np.maximum(cboost[a], cboost[b]) if boost else np.ones(len(a))) * cross
+    value = {"uncertainty": uncertainty(p), "likely": p}.get(order, np.ones(len(p)))
     out = []
     for t in order_pairs(p, pb, a, b, k, rng, strategy=order):
         i, j = int(a[t]), int(b[t])
@@ -229,5 +230,5 @@ def plan_pairs(graph, rows: Mapping[str, Sequence[int]], vectors: Sequence[Any],
         if boost and pb[t] / cross[t] > 1:
             why.append("night / shadow / flagged")
         out.append({"a": rep[i], "b": rep[j], "cosine": float(cos[t]), "p_same": float(p[t]),
-                    "score": float(uncertainty(p[t]) * pb[t]), "reason": ", ".join(why)})
+                    "score": float(value[t] * pb[t]), "reason": ", ".join(why)})
     return out
