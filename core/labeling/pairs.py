@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
+from pymongo.errors import DuplicateKeyError
 
 from core import store
 import core.labeling.pair_select as pair_select
@@ -137,7 +138,7 @@ def compute_pairs(name: str, state=None, order: str = pair_select.DEFAULT_PAIR_O
     return out
 
 
-def _queue(name: str, order: str, k: int, rng, state) -> int:
+def _queue(name: str, order: str, k: int, rng, state, boost: bool = True) -> int:
     """Append a batch to the queue of ``order``; returns how many pairs it added."""
     coll = _coll(PAIRS)
     coll.create_index([("dataset", 1), ("order", 1), ("status", 1), ("rank", 1)])
@@ -145,21 +146,14 @@ def _queue(name: str, order: str, k: int, rng, state) -> int:
     last = coll.find_one({"dataset": name, "order": order}, sort=[("batch", -1)])
     batch = int(last["batch"]) + 1 if last else 0
     added = 0
-    for i, c in enumerate(compute_pairs(name, state, order, k, rng, exclude=busy)):
-        key = pair_key(c["a"], c["b"])
-        res = coll.update_one({"_id": _doc_id(name, order, c["a"], c["b"]), "status": {"$nin": ["pending", "leased"]}},
-                              {"$set": {**c, "dataset": name, "order": order, "key": key, "status": "pending",
-                                        "batch": batch, "rank": batch * 10_000 + i, "leased_by": None}},
-                              upsert=False)
-        if res.matched_count == 0:
-            from pymongo.errors import DuplicateKeyError
-
-            try:
-                coll.insert_one({**c, "_id": _doc_id(name, order, c["a"], c["b"]), "dataset": name, "order": order,
-                                 "key": key, "status": "pending", "batch": batch, "rank": batch * 10_000 + i,
-                                 "leased_by": None})
-            except DuplicateKeyError:  # queued meanwhile by another session
-                continue
+    for i, c in enumerate(compute_pairs(name, state, order, k, rng, exclude=busy, boost=boost)):
+        doc = {**c, "dataset": name, "order": order, "key": pair_key(c["a"], c["b"]), "status": "pending",
+               "batch": batch, "rank": batch * 10_000 + i, "leased_by": None}
+        try:  # a closed item of the same pair is reused; a pending or leased one is left alone
+            coll.update_one({"_id": _doc_id(name, order, c["a"], c["b"]), "status": {"$nin": ["pending", "leased"]}},
+                            {"$set": doc}, upsert=True)
+        except DuplicateKeyError:  # queued meanwhile by another session
+            continue
         added += 1
     return added
 
@@ -195,7 +189,7 @@ def next_pair(name: str, session_id: str, order: str = pair_select.DEFAULT_PAIR_
                 continue
             return PairItem(_side(state, d["a"]), _side(state, d["b"]), d["cosine"], d["p_same"], d["score"],
                             d["reason"], order, d.get("model_version"), until, d["rank"])
-        if attempt == 0 and _queue(name, order, k, rng, state) == 0:
+        if attempt == 0 and _queue(name, order, k, rng, state, boost) == 0:
             return None
     return None
 
