@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core import embed, jobs, registry, store
+from core import embed, jobs, registry, store, tasks
 from core.ingest import ingest
 from tests.conftest import need_shared
 
@@ -50,6 +50,11 @@ def _wait_for_step(job_id: str, timeout: float = 300) -> dict:
     raise TimeoutError(jobs.get(job_id))
 
 
+# A round that would run for long, but reaches its first step soon: small crops, most blocks
+# frozen (these tests kill it at its first step; what they check does not depend on its size).
+LONG_ROUND = {"config": {"steps": 5000, "eval_every": 1000, "crop_size": [64, 32], "frozen_blocks": 17}}
+
+
 def test_training_process_killed_mid_round(worker, demo):
     from core import labeling
 
@@ -58,7 +63,7 @@ def test_training_process_killed_mid_round(worker, demo):
         labeling.decide(demo, "op1", i, "alice", label="person")
     before = _labelled(demo)
     active = store.active_model(demo)
-    job = jobs.submit(demo, "train", {"config": {"steps": 5000, "eval_every": 1000}})
+    job = jobs.submit(demo, "train", LONG_ROUND)
     rec = _wait_for_step(job)
     os.kill(rec["pid"], signal.SIGKILL)
     end = jobs.wait(job, timeout=60)
@@ -77,7 +82,7 @@ def test_worker_killed_and_restarted(worker, demo):
     """The worker machine dies during a job (worker and job process killed): on restart the job
     is reported failed, not running, and the next job runs. (Killing only the worker leaves the
     job's own process running to completion: FiftyOne runs each job in its own process group.)"""
-    job = jobs.submit(demo, "train", {"config": {"steps": 5000, "eval_every": 1000}})
+    job = jobs.submit(demo, "train", LONG_ROUND)
     rec = _wait_for_step(job)
     n_before = len(store.get_dataset(demo))
     worker.kill()
@@ -86,7 +91,8 @@ def test_worker_killed_and_restarted(worker, demo):
     worker.start()  # a new worker marks the orphan failed at start
     end = jobs.get(job)
     assert end["state"] == "failed" and "died" in end["error"], end
-    nxt = jobs.submit(demo, "layout", {})
+    # the next job: a dataset export (a layout job would spend its time compiling UMAP)
+    nxt = tasks.submit_export_dataset(demo, "manifest", f"after-restart-{time.time_ns()}")
     done = jobs.wait(nxt, timeout=300)
     assert done["state"] == "completed", done
     assert len(store.get_dataset(demo)) == n_before
@@ -115,7 +121,9 @@ print(json.dumps(done), flush=True)
 
 
 def test_three_sessions_label_concurrently(demo):
-    seconds = float(os.environ.get("VIGIL_FAULT_SECONDS", "30"))
+    # 10 s: over a hundred decisions by three sessions on one queue (30 s gave 371, and never
+    # another outcome); VIGIL_FAULT_SECONDS=30 or more for a longer soak
+    seconds = float(os.environ.get("VIGIL_FAULT_SECONDS", "10"))
     procs = [subprocess.Popen([sys.executable, "-c", SESSION, demo, f"s{i}", str(seconds)], cwd=REPO,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(3)]
     try:
