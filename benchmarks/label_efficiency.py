@@ -7,7 +7,8 @@ every arm), whose model is scored by retrieval mAP on identities the round never
 Sets (../shared/data, real data only):
 
   campus62  ``reid/campus62/train/`` ingested (core.ingest, re-ID folders) as per-camera tracklets:
-            one tracklet = one identity seen by one camera (124 tracklets, 992 crops), identities
+            one tracklet = one identity seen by one camera (124 tracklets, 991 crops: one of the 992
+            files is a byte-identical copy, skipped by the ingest), identities
             hidden (moved to a ``true_identity`` field, ``identity`` None). No time stamps, so no
             free cannot-links. Evaluated cross-camera on ``val/``: val/query against val/gallery,
             same-identity same-camera gallery crops removed, a query never its own file (content
