@@ -28,6 +28,12 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)"),
 ]
 
+_T0 = [time.time()]  # when make run started: the loop prints where its time goes
+
+
+def _mark(what: str) -> None:
+    print(f"[{time.time() - _T0[0]:6.1f} s] {what}", flush=True)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -36,26 +42,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(data_root):
+def make_run(data_root):
+    """``make run`` on a free port, on this session's data root and database. Streamlit's file
+    watcher is off: it would put inotify watches on the whole checkout (the virtual environment
+    too) and compete with the job worker for the two cores; nothing here edits the app's source."""
     from core import store
 
     store.dataset_names()  # this process brings up the shared MongoDB first
     port = _free_port()
+    _T0[0] = time.time()
     log = open(data_root / "make-run.log", "w")
     proc = subprocess.Popen(["make", "run", f"PORT={port}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError("make run did not serve the app:\n" + (data_root / "make-run.log").read_text()[-3000:])
-        time.sleep(1)
-    yield url
+                            start_new_session=True,
+                            env={**os.environ, "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none"})
+    yield proc, f"http://127.0.0.1:{port}"
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(20)
@@ -65,7 +65,25 @@ def app(data_root):
 
 
 @pytest.fixture(scope="module")
-def page(app):
+def app(make_run, data_root):
+    """The app's address once it serves (the browser starts meanwhile: see ``page``)."""
+    proc, url = make_run
+    deadline = time.time() + 300
+    while True:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError("make run did not serve the app:\n" + (data_root / "make-run.log").read_text()[-3000:])
+        time.sleep(0.5)
+    return url
+
+
+@pytest.fixture(scope="module")
+def page(make_run):
+    """Chromium, launched while ``make run`` generates the demo and starts its worker."""
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -103,14 +121,17 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-def test_operator_loop(app, page):
-    from core import registry, store
+def test_operator_loop(page, app):  # page first: Chromium starts while make run works
+    from core import jobs, registry, store
+
+    _mark("app served, browser up")
 
     # Data page: the default dataset
     _goto(page, app, "")
     page.get_by_text("Samples per camera").wait_for()
     assert "demo" in store.dataset_names()
     _shot(page, "01-data")
+    _mark("data page")
 
     # Map page: `make run` queued the demo's embedding (core.demo); the map appears when it is
     # done, without a click
@@ -119,6 +140,7 @@ def test_operator_loop(app, page):
     _settle(page, "drawing the map")
     assert store.active_model("demo") == "base"
     _shot(page, "02-map")
+    _mark("map drawn")
 
     # a box selection over the middle of the map tags the selected samples
     plot = page.locator(".js-plotly-plot .nsewdrag").first
@@ -144,9 +166,13 @@ def test_operator_loop(app, page):
     page.get_by_text(re.compile(r"Tagged \d+ samples with shadow")).wait_for()
     assert store.tag_counts("demo").get("shadow") == n_sel
     _shot(page, "03-map-selection")
+    _mark("tagged")
 
     # Annotate page: label a few queue items
     _goto(page, app, "annotate")
+    # the demo's tracklets open the pair view first; the per-crop view labels class and identity
+    page.get_by_text("Crops: class & identity").click()
+    _settle(page, "opening the crop view")
     decided = 0
     for _ in range(3):
         page.get_by_role("button", name=re.compile(r"^person")).first.click()
@@ -155,24 +181,37 @@ def test_operator_loop(app, page):
     labelled = len(store.get_dataset("demo").exists("labelled_by"))
     assert labelled >= decided
     _shot(page, "04-annotate")
+    _mark("labelled")
     page.get_by_text("More like this").click()  # the re-ranked neighbours of the current crop
     page.get_by_text(re.compile(r" · cam .* · \d\.\d\d")).first.wait_for(timeout=60_000)
     _settle(page, "showing More like this")
     _shot(page, "04b-more-like-this")
+    _mark("more like this")
 
     # Train page: a short round in the background, its progress, then activate it; the knobs
     # are under Advanced (the operator sees one Retrain button)
     _goto(page, app, "train")
     page.locator("[data-testid='stExpander'] summary").filter(has_text="Advanced").click()
-    steps = page.get_by_role("spinbutton", name="Steps")  # its label also names a help button
-    steps.fill("30")
-    steps.press("Enter")
+    # a small round (the fewest steps the page allows, 4 x 4 crops a batch, the early blocks
+    # frozen): this checks the round's behaviour, not its quality (tests/test_train.py does)
+    knobs = {"Steps": 20, "Identities per batch (P)": 4, "Crops per identity (K)": 4,
+             "Frozen early blocks (of 19)": 16}
+    for label, value in knobs.items():
+        box = page.get_by_role("spinbutton", name=label)  # a label may also name a help button
+        box.fill(str(value))
+        box.press("Tab")  # commits the value; Enter would submit the form: a second round
     page.get_by_role("button", name="Retrain").click()
     page.get_by_text(re.compile(r"Latest round: (queued|running)")).wait_for(timeout=60_000)
+    (job,) = jobs.list_jobs("demo", kind="train")  # one click, one round, with the knobs' values
+    cfg = job["args"]["config"]
+    assert [cfg["steps"], cfg["ids_per_batch"], cfg["samples_per_id"], cfg["frozen_blocks"]] == \
+        list(knobs.values()), cfg
     _shot(page, "05-train-running")
+    _mark("round queued")
     # .first: while the page reruns at the round's end, the old heading can still be there too
     page.get_by_text("Latest round: completed").first.wait_for(timeout=600_000)
     _settle(page, "the round's end")
+    assert [j["id"] for j in jobs.list_jobs("demo", kind="train")] == [job["id"]]
     versions = [v for v in registry.list_versions("demo") if v["version"] != "base"]
     assert versions and versions[-1]["status"] == "ready"
     new = versions[-1]["version"]
@@ -183,12 +222,14 @@ def test_operator_loop(app, page):
     _settle(page, "activating the new version")
     assert store.active_model("demo") == new
     _shot(page, "06-train-done")
+    _mark("round done, activated")
 
     # Export page: the dataset and the ONNX model
     _goto(page, app, "export")
     page.get_by_role("button", name="Export dataset").click()
     page.get_by_text(re.compile(r"[Ee]xported|[Ww]rote")).first.wait_for(timeout=300_000)
     page.get_by_text("Also int8").click()  # fp32 only here: tests/test_export.py covers int8
+    _mark("dataset exported")
     page.get_by_role("button", name="Export and verify model").click()
     page.get_by_text(re.compile(r"max abs", re.I)).first.wait_for(timeout=300_000)
     _settle(page, "exporting the model")
@@ -196,6 +237,7 @@ def test_operator_loop(app, page):
     assert any(p.suffix == ".onnx" for p in exports), exports
     assert any(p.name in ("metadata.json", "samples.json", "manifest.csv") for p in exports), exports
     _shot(page, "07-export")
+    _mark("model exported")
 
 
 def store_exports() -> list[Path]:
