@@ -137,3 +137,28 @@ def test_order_prefers_uncertain_pairs_and_spreads_over_people():
     assert sorted(r.tolist()) == list(range(6))
     with pytest.raises(ValueError):
         ps.order_pairs(p, None, a, b, 2, rng, strategy="nope")
+
+
+def test_camera_centring_finds_other_camera_partners_a_camera_bias_hides():
+    rng = np.random.default_rng(0)
+    people = rng.normal(size=(20, 32))
+    bias = {"c1": 4 * rng.normal(size=32), "c2": 4 * rng.normal(size=32)}
+    x, cams, who = [], [], []
+    for cam in bias:
+        for pid in range(20):
+            for _ in range(3):
+                x.append(people[pid] + bias[cam] + 0.3 * rng.normal(size=32))
+                cams.append(cam)
+                who.append(pid)
+    x, who = np.array(x), np.array(who)
+
+    def partner_hits(v):
+        v = ps.unit(v)
+        c1 = np.array(cams) == "c1"
+        sim = v[c1] @ v[~c1].T
+        return float((who[~c1][sim.argmax(1)] == who[c1]).mean())
+
+    assert partner_hits(ps.camera_centred(x, cams)) > partner_hits(x) + 0.3
+    assert partner_hits(ps.camera_centred(x, cams)) > 0.9
+    out = ps.camera_centred(x[:7], ["c1"] * 6 + [None])
+    assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)  # no camera of one crop left at zero
