@@ -282,7 +282,8 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
         out_dir = embed.version_dir(version)
         cannot = graph_identity.cannot_identities(graph_identity.load(name))  # guaranteed negatives
         result = train.train_round(samples, cfg, init_version=parent, out_dir=out_dir, progress=on_step,
-                                   should_stop=reporter.should_stop, resume=bool(resume), cannot=cannot)
+                                   should_stop=reporter.should_stop, resume=bool(resume), cannot=cannot,
+                                   open_identities=[s[1] for s in samples if graph_identity.is_lone(s[1])])
         reporter.check()
         reporter.progress(0.7, "exporting ONNX", force=True)
         embed.onnx_path(version)

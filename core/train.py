@@ -274,6 +274,55 @@ def _loss_and_miner(config: TrainConfig):
     return loss, miner
 
 
+class KnownNegativesMiner:
+    """Batch-hard triplets (hardest positive, hardest negative per anchor, as
+    pytorch-metric-learning's BatchHardMiner) whose negative is *known* to be another person:
+    ``allowed`` [C, C] bool over the labels. Lone tracklets nobody has joined are one person
+    each, but two of them seen by different cameras may well be one person: such pairs are not
+    negatives (in one camera, or cannot-linked, they are). Anchors without an allowed negative
+    in the batch are left out."""
+
+    def __init__(self, allowed) -> None:
+        import torch
+
+        self.allowed = torch.as_tensor(allowed, dtype=torch.bool)
+
+    def __call__(self, emb, labels):
+        import torch
+        import torch.nn.functional as F
+
+        x = F.normalize(emb.detach(), dim=1)
+        d = torch.cdist(x, x)
+        same = labels[:, None] == labels[None, :]
+        eye = torch.eye(len(labels), dtype=torch.bool)
+        pos_d = d.masked_fill(~same | eye, float("-inf"))
+        neg_d = d.masked_fill(same | ~self.allowed[labels][:, labels], float("inf"))
+        p, n = pos_d.argmax(1), neg_d.argmin(1)
+        ok = torch.isfinite(pos_d.max(1).values) & torch.isfinite(neg_d.min(1).values)
+        a = torch.arange(len(labels))
+        return a[ok], p[ok], n[ok]
+
+
+def known_negatives(train_ids: Sequence[str], cams_of: dict[str, set], open_ids: set[str],
+                    cannot: Sequence[tuple[str, str]] = ()) -> np.ndarray | None:
+    """[C, C] bool: which identities may serve as each other's negatives (see
+    :class:`KnownNegativesMiner`); None when all may (nothing is open)."""
+    idx = {x: i for i, x in enumerate(train_ids)}
+    is_open = np.array([x in open_ids for x in train_ids])
+    if not is_open.any():
+        return None
+    n = len(train_ids)
+    allowed = np.ones((n, n), bool)
+    for i, x in enumerate(train_ids):
+        for j in range(n):
+            if (is_open[i] or is_open[j]) and not (cams_of.get(x, set()) & cams_of.get(train_ids[j], set())):
+                allowed[i, j] = False
+    for a, b in cannot:
+        if a in idx and b in idx:
+            allowed[idx[a], idx[b]] = allowed[idx[b], idx[a]] = True
+    return allowed
+
+
 def _id_loss(config: TrainConfig, n_classes: int, emb_dim: int):
     """pytorch-metric-learning's classification loss over the training identities (its class
     centres are trained with the round and dropped after: the model itself is unchanged)."""
@@ -356,11 +405,15 @@ def train_round(
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
     cannot: Sequence[tuple[str, str]] = (),
+    open_identities: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Fine-tune ``init_version`` on ``samples`` and write ``out_dir/checkpoint.pt``.
 
     ``cannot``: pairs of identities known to be two people (the identity graph's cannot-links),
     put in the same batches as guaranteed negatives (:class:`WeightedIdentitySampler`).
+    ``open_identities``: identities that may be another one seen by another camera (lone
+    tracklets): with the batch-hard miner, they are negatives only within their cameras and
+    across cannot-links (:class:`KnownNegativesMiner`).
 
     ``samples``: (path, identity, camera or None, weight) per crop; identities with a single crop
     are dropped. ``progress(step, total_steps, loss, metrics)`` after every step (``metrics`` the
@@ -474,6 +527,13 @@ def train_round(
                 partners.setdefault(lab_map[b], []).append(lab_map[a])
         sampler = WeightedIdentitySampler(y_tr, weights[tr_idx], config.ids_per_batch, config.samples_per_id,
                                           partners)
+        if config.miner == "batch_hard" and open_identities:
+            cams_of: dict[str, set] = {}
+            for x, c in zip(idents, cams_raw):
+                cams_of.setdefault(str(x), set()).add(None if c is None else str(c))
+            allowed = known_negatives(train_ids, cams_of, set(open_identities), cannot)
+            if allowed is not None:
+                miner = KnownNegativesMiner(allowed)
 
         def validate() -> dict[str, float] | None:
             if len(va_idx) == 0:

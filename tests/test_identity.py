@@ -228,3 +228,25 @@ def test_ingested_identities_are_verified_or_trusted_as_the_switch_says(ds, mode
         st = agree(ds)
         assert not st.graph.same(T6, T8)
         assert {*identities_of(ds, T6), *identities_of(ds, T8)} == {"P", "P~2"}
+
+
+def test_lone_tracklets_are_negatives_only_where_they_are_known_to_be_other_people():
+    """Two lone tracklets of different cameras may be one person: the miner never uses one as the
+    other's negative; in one camera, or across a cannot-link, it does."""
+    import torch
+
+    from core.train import KnownNegativesMiner, known_negatives
+
+    ids = ["~c1/1", "~c1/2", "~c2/1", "P"]
+    cams = {"~c1/1": {"c1"}, "~c1/2": {"c1"}, "~c2/1": {"c2"}, "P": {"c1", "c2"}}
+    allowed = known_negatives(ids, cams, {i for i in ids if i.startswith("~")}, cannot=[("~c1/2", "~c2/1")])
+    assert allowed[0, 1] and not allowed[0, 2] and allowed[1, 2]  # same camera / other camera / cannot-link
+    assert allowed[0, 3] and allowed[2, 3]  # a named identity seen by their camera too
+    assert known_negatives(["A", "B"], {"A": {"c1"}, "B": {"c2"}}, set()) is None  # named: all negatives
+    # embeddings: ~c2/1 sits right next to ~c1/1 (same person?), ~c1/2 further away
+    emb = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [0.98, 0.2], [0.97, 0.25]])
+    labels = torch.tensor([1, 1, 2, 2, 0, 0])  # ~c1/2, ~c2/1, ~c1/1
+    a, p, n = KnownNegativesMiner(allowed)(emb, labels)
+    neg_of = dict(zip(a.tolist(), labels[n].tolist()))
+    assert neg_of[4] == 1 and neg_of[5] == 1  # ~c1/1's negative: never the close ~c2/1 (label 2)
+    assert set(neg_of) == set(range(6))
