@@ -243,7 +243,8 @@ def test_train_page_resumes_a_cancelled_round(worker, dsname, tmp_path):
     from core import jobs, registry
 
     _campus_small(dsname, tmp_path, n_train=8)
-    cfg = {"steps": 400, "eval_every": 5, "ids_per_batch": 4, "samples_per_id": 4, "min_val_ids": 3}
+    cfg = {"steps": 400, "eval_every": 5, "ids_per_batch": 4, "samples_per_id": 4, "min_val_ids": 3,
+           "crop_size": [64, 32], "frozen_blocks": 16}  # small and quick: it is cancelled at step 7
     job = jobs.submit(dsname, "train", {"config": cfg})
     end = time.time() + 300
     while not any(h.get("step", 0) >= 7 for h in jobs.get(job)["history"]):  # past its first evaluation
