@@ -121,8 +121,9 @@ def render(name: str, sid: str, user: str) -> None:
     orders = list(pair_select.PAIR_ORDERS)
     c1, c2 = st.columns([2, 5])
     order = c1.radio("Order", orders, index=orders.index(pair_select.DEFAULT_PAIR_ORDER), horizontal=True,
-                     key="pair_order", help="uncertainty: pairs the model is least sure of, spread over "
-                                            "identities (the default); random is the control")
+                     key="pair_order", help="likely: the pairs most probably one person first (each Same labels both "
+                                            "identities; the default); uncertainty: those the model is least sure of; "
+                                            "random: the control")
     if st.session_state.get("pair_order_prev") not in (None, order):
         _call("giving the pair back", pairs.release_pairs, name, sid)  # order changed: give the old pair back
     st.session_state["pair_order_prev"] = order

@@ -126,13 +126,13 @@ def test_order_prefers_uncertain_pairs_and_spreads_over_people():
     a = np.array([0, 0, 0, 0, 5, 7])
     b = np.array([1, 2, 3, 4, 6, 8])
     p = np.array([0.5, 0.5, 0.5, 0.5, 0.4, 0.99])
-    top = ps.order_pairs(p, None, a, b, 2, rng)
+    top = ps.order_pairs(p, None, a, b, 2, rng, strategy="uncertainty")
     assert top[0] in (0, 1, 2, 3) and top[1] == 4  # diversity: not a second question on component 0
-    assert 5 not in ps.order_pairs(p, None, a, b, 5, rng)  # the near-certain pair comes last
-    boosted = ps.order_pairs(p, np.array([1, 1, 1, 1, 1, 200.0]), a, b, 1, rng)
+    assert 5 not in ps.order_pairs(p, None, a, b, 5, rng, strategy="uncertainty")  # the near-certain last
+    boosted = ps.order_pairs(p, np.array([1, 1, 1, 1, 1, 200.0]), a, b, 1, rng, strategy="uncertainty")
     assert boosted[0] == 5
-    likely = ps.order_pairs(p, None, a, b, 2, rng, strategy="likely")
-    assert likely[0] == 5  # the near-certain "same" first
+    likely = ps.order_pairs(p, None, a, b, 2, rng)
+    assert ps.DEFAULT_PAIR_ORDER == "likely" and likely[0] == 5  # the near-certain "same" first
     r = ps.order_pairs(p, None, a, b, 6, np.random.default_rng(1), strategy="random")
     assert sorted(r.tolist()) == list(range(6))
     with pytest.raises(ValueError):

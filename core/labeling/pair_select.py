@@ -2,20 +2,28 @@
 
 Candidates are each component's nearest components by the active model (a component's vector
 is the mean of its crops' unit vectors, each camera's mean removed first), those seen by other
-cameras first, never a pair already inside one component or held apart by a cannot-link. The answer's value is estimated from a calibrated P(same | cosine):
-a one-feature logistic fit on the pairs decided so far, and before there are enough of them a
-logistic step at the operating threshold (the cosine that 1 % of guaranteed negatives, the
+cameras first, never a pair already inside one component or held apart by a cannot-link. The
+answer's value is estimated from a calibrated P(same | cosine): a one-feature logistic fit on
+the pairs decided so far, and before there are enough of them a logistic step at the operating
+threshold (the cosine that 1 % of guaranteed negatives, the
 cannot-linked pairs, exceed; a candidate quantile when there are none).
 
-Orders (one signature: ``order_pairs(p, boost, a, b, k, rng) -> indices``):
+Orders (one signature: ``order_pairs(p, boost, a, b, k, rng) -> indices``), each times the
+night / shadow / flagged boost and picked greedily with a diversity factor so one batch does
+not ask many questions about one person:
 
-``uncertainty`` (default)  closeness to the decision boundary, 1 - |2 P(same) - 1|, times the
-                           night / shadow / flagged boost, picked greedily with a diversity
-                           factor so one batch does not ask many questions about one person
-``likely``                 the most probable "same" first (P(same) x boost, the same diversity):
-                           every "same" merges two identities, so it labels the most crops per
-                           answer while merges are still to be found
-``random``                 the same candidates in random order (the control)
+``likely`` (default)  the most probable "same" first: every "same" merges two identities and
+                      labels all their crops, so it pays most while merges are still to be found
+``uncertainty``       closeness to the decision boundary, 1 - |2 P(same) - 1|
+``random``            the same candidates in random order (the control; no boost, no diversity)
+
+Evidence for the default (benchmarks/label_efficiency.py's simulated operator on the training
+pools only, never their evaluation sets; share of the true merges found after 25 / 50 / 100
+answers, base model): campus62 per-camera tracklets likely 27 / 61 / 100 %, uncertainty
+0 / 0 / 5 %, random 0-3 / 6-8 / 11-15 %; PETS09 + TUD fragments likely 18 / 33 / 58 %,
+uncertainty 9 / 18 / 51 %, random 5-8 / 9-10 / 15-19 %. Before answers calibrate P(same), the
+boundary sits at a guess (the median candidate without cannot-links), and the pairs there are
+mostly two people.
 """
 from __future__ import annotations
 
@@ -24,8 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-PAIR_ORDERS = ("uncertainty", "likely", "random")
-DEFAULT_PAIR_ORDER = "uncertainty"
+PAIR_ORDERS = ("likely", "uncertainty", "random")
+DEFAULT_PAIR_ORDER = "likely"  # evidence in the module docstring
 PRIOR_SCALE = 0.05  # cosine width of the prior's step (P from 0.27 to 0.73 across +-0.05)
 MIN_FIT = 3  # decided pairs of each answer needed before the logistic fit replaces the prior
 DIVERSITY = 0.35  # a component already asked about in this batch scales its next pairs by this
