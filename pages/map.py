@@ -158,6 +158,10 @@ def bulk(ids: list[str], verb: str, **change) -> None:
     if r.conflicts:
         _flash("warning", f"{len(r.conflicts)} samples were changed by someone else while this ran and were "
                           "left as they are: select them again to apply.")
+    if r.not_joined:
+        _flash("warning", f"Not one person: {len(r.not_joined)} of the selected tracklets are seen together in "
+                          f"one frame (or kept apart by an answer), so the graph keeps them as separate identities "
+                          f"(the name with ~2, ~3…). First: {r.not_joined[0]}")
     load_map.clear()
     st.rerun()
 

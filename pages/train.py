@@ -89,7 +89,7 @@ if not active:
 n_ids, n_crops = len({s[1] for s in samples}), len(samples)
 n_lone = len({s[1] for s in samples if graph_identity.is_lone(s[1])})
 lone = f", {n_lone} of them lone tracklets nobody has joined yet" if n_lone else ""
-with st.form("round"):
+with st.form("round", enter_to_submit=False):  # Enter in a knob must not queue a round
     st.markdown(f"**Retrain** starts from model **{active or registry.BASE}**, trains on **{n_ids} identities** "
                 f"of the identity graph ({n_crops} crops{lone}), holds out **{len(split.identities)} other "
                 f"identities** to evaluate the model before and after ({split.protocol}), and runs in the "

@@ -96,8 +96,11 @@ def test_map_bulk_action_is_logged_and_undone(small_dataset):
 
     name = small_dataset
     ds = store.get_dataset(name)
-    sel = ds.values("id")[:5]
-    before = {s: labeling.sample_state(name, s)[1] for s in sel}
+    ids, tracks = ds.values(["id", "tracklet"])
+    sel = [i for i, t in zip(ids, tracks) if t == "TUD-Campus/4"][:5]  # one person's crops
+    others = [i for i, t in zip(ids, tracks) if t == "TUD-Campus/4" and i not in sel]
+    assert len(sel) == 5 and others
+    before = {s: labeling.sample_state(name, s)[1] for s in sel + others}
     at = AppTest.from_file(str(APP), default_timeout=90)
     at.session_state["dataset"] = name
     at.session_state[f"sel_{name}"] = sel
@@ -112,12 +115,13 @@ def test_map_bulk_action_is_logged_and_undone(small_dataset):
     got = dict(zip(*ds.select(sel).values(["id", "identity"])))
     assert set(got.values()) == {"id-from-map"}
     assert set(ds.select(sel).values("labelled_by")) == {"operator"}
+    assert set(ds.select(others).values("identity")) == {"id-from-map"}  # the tracklet is one person
     head = labeling.decisions(name, limit=1)[0]
     assert head.kind == "bulk" and head.session_id == at.session_state["annotate_session"]
     at.button(key="bulk_undo").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("Undid the bulk action" in s.value for s in at.success)
-    assert {s: labeling.sample_state(name, s)[1] for s in sel} == before
+    assert {s: labeling.sample_state(name, s)[1] for s in sel + others} == before
 
 
 # ---------------------------------------------------------------- failures say what failed

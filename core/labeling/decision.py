@@ -130,6 +130,7 @@ class BulkResult:
     unchanged: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    not_joined: list[str] = field(default_factory=list)  # identity graph conflicts the identity made
 
 
 _BULK_CHUNK = 1000  # samples read per query in bulk decisions and their undo
@@ -220,7 +221,12 @@ def bulk_decide(name: str, session_id: str, ids: Sequence[str], user: str, label
     log.info("%s: bulk decision by %s: %d changed, %d unchanged, %d conflicts, %d missing", name, user,
              len(out.changed), len(out.unchanged), len(out.conflicts), len(out.missing))
     if identity is not None and out.changed:
-        graph_identity.sync(name)
+        # one identity on tracklets seen in one frame would put one person in two places: the
+        # graph keeps them apart (the others get "<identity>~2"...) and says so
+        state, _ = graph_identity.sync(name)
+        nodes = {state.node_of_row(k) for k, sid in enumerate(state.cols["id"]) if sid in set(out.changed)}
+        out.not_joined = [c.describe() for c in state.confirmed.conflicts
+                          if c.link.ref is None and c.link.source == "operator" and {c.link.a, c.link.b} & nodes]
     return out
 
 
