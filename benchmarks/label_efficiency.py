@@ -27,7 +27,7 @@ Sets (../shared/data, real data only):
 
 Arms (all rounds: the same TrainConfig, from the packaged base model, seed = the run's seed):
 
-  default   the pair queue's default order (core.labeling.pair_select.plan_pairs, "uncertainty"),
+  default   the pair queue's default order (core.labeling.pair_select.plan_pairs, "likely"),
             batches of 20, re-planned on the current graph after each batch; a pair the answers
             before it made implied is dropped unanswered (as core.labeling.pairs.next_pair does)
   random    the same candidates in random order ("random")
@@ -44,7 +44,9 @@ plan_pairs, implied, name_links, component_names), because the database-backed q
 0.5 s per answer. A budget's graph becomes training samples as core.rounds.training_samples does:
 a crop trains as its component's name (component_names), else as its own tracklet "~<tracklet>"
 (core.labeling.identity.training_identity), identities with under 2 crops skipped; weights are 1
-(no crop is flagged or scored here). Budget 0 (tracklets alone) is one round per seed shared by
+(no crop is flagged or scored here); the graph's cannot-links and the lone tracklets reach
+train_round as core.rounds.run_round passes them (guaranteed negatives; lone tracklets are
+negatives only within a camera). Budget 0 (tracklets alone) is one round per seed shared by
 every arm; a budget whose training samples equal an earlier round's (the same seed) reuses it.
 
 ``answers_to_90``: the fewest answers (of the budgets) whose mean mAP over seeds reaches 90 % of
@@ -88,7 +90,7 @@ from core.embed import embed_dataset  # noqa: E402
 from core.ingest import IngestReport, ingest, parse_gt  # noqa: E402
 from core.labeling import identity  # noqa: E402
 from core.labeling.graph import Link, component_names, name_links  # noqa: E402
-from core.labeling.pair_select import CropMeta, plan_pairs  # noqa: E402
+from core.labeling.pair_select import DEFAULT_PAIR_ORDER, PAIR_ORDERS, CropMeta, plan_pairs  # noqa: E402
 from core.labeling.pairs import implied  # noqa: E402
 from core.train import TrainConfig, TrainingError, load_crops, train_round  # noqa: E402
 from retrain_quality import embed_arrays  # noqa: E402  (the same embedding of a round's model)
@@ -97,7 +99,7 @@ log = logging.getLogger("label_efficiency")
 
 OUT = REPO / "benchmarks" / "out"
 ARMS = ("default", "random", "per_crop")
-PAIR_ORDER = {"default": "uncertainty", "random": "random"}
+PAIR_ORDER = {"default": DEFAULT_PAIR_ORDER, "random": "random"}
 BUDGETS = (0, 25, 50, 100, 200, 400)
 BATCH = 20  # questions per planned batch (pair queue and per-crop queue alike)
 EVERY_N = 5  # MOT: every 5th frame of each track becomes a crop
@@ -308,10 +310,11 @@ def build_mot() -> PoolSet:
 # ------------------------------------------------------------------------------------ simulation
 
 
-def training_samples(S: PoolSet, g, names_in: dict[str, str]) -> list[tuple[str, str, Any, float]]:
-    """What core.rounds.training_samples makes of graph ``g``: (path, identity, camera, 1.0)."""
+def training_samples(S: PoolSet, g, names_in: dict[str, str]) -> tuple[list, list]:
+    """What core.rounds makes of graph ``g``: (path, identity, camera, 1.0) per crop as
+    training_samples does, and the cannot-linked identity pairs (identity.cannot_identities)."""
     cols = S.state.cols
-    comp = component_names(g, names_in, {n: len(r) for n, r in S.state.rows.items()})
+    comp = component_names(g, {}, {n: len(r) for n, r in S.state.rows.items()}, strong=names_in)
     ident = [None] * len(cols["id"])
     for node, ks in S.state.rows.items():
         for k in ks:
@@ -320,8 +323,9 @@ def training_samples(S: PoolSet, g, names_in: dict[str, str]) -> list[tuple[str,
     for i in ident:
         if i:
             n_of[i] = n_of.get(i, 0) + 1
-    return [(cols["filepath"][k], ident[k], cols["camera"][k], 1.0) for k in range(len(ident))
-            if ident[k] and n_of[ident[k]] >= 2]
+    samples = [(cols["filepath"][k], ident[k], cols["camera"][k], 1.0) for k in range(len(ident))
+               if ident[k] and n_of[ident[k]] >= 2]
+    return samples, identity.cannot_identities(SimpleNamespace(graph=g, names=comp))
 
 
 def full_graph(S: PoolSet):
@@ -346,7 +350,7 @@ def simulate_pairs(S: PoolSet, arm: str, seed: int, budgets: list[int]):
     answered_log: list[tuple[str, str]] = []
     decided: list[tuple[float, bool]] = []
     pending: list[dict] = []
-    view = SimpleNamespace(graph=g)
+    view = SimpleNamespace(graph=g, confirmed=g)
     n, exhausted = 0, False
 
     def answered() -> set:  # as core.labeling.pairs._answered: current roots of each answered pair
@@ -425,8 +429,9 @@ class Rounds:
         self.seconds: list[float] = []
         self.n = 0
 
-    def map_of(self, samples, seed: int, label: str) -> float | None:
-        key = _tag(seed, json.dumps(sorted((p, i) for p, i, _c, _w in samples)))
+    def map_of(self, trained, seed: int, label: str) -> float | None:
+        samples, cannot = trained
+        key = _tag(seed, json.dumps(sorted((p, i) for p, i, _c, _w in samples)), json.dumps(sorted(cannot)))
         if key not in self.cache:
             t0 = time.perf_counter()
             self.n += 1
@@ -434,7 +439,8 @@ class Rounds:
             out_dir = settings().models_dir / version
             self.bar.set_postfix_str(f"{label}: {len({s[1] for s in samples})} ids")
             try:
-                train_round(samples, round_config(self.steps, seed), init_version="base", out_dir=out_dir)
+                train_round(samples, round_config(self.steps, seed), init_version="base", out_dir=out_dir,
+                            cannot=cannot, open_identities=[i for _p, i, _c, _w in samples if identity.is_lone(i)])
                 self.cache[key] = self.S.evaluate(version)
             except TrainingError as exc:
                 log.warning("%s: no round (%s)", label, exc)
@@ -443,6 +449,22 @@ class Rounds:
             self.seconds.append(time.perf_counter() - t0)
         self.bar.update(1)
         return self.cache[key]
+
+
+def merge_curves(S: PoolSet, seeds: list[int], budgets: list[int]) -> dict[str, dict[str, list]]:
+    """Share of the pool's true merges found after each budget, per pair order (every order of
+    core.labeling.pair_select, not only the trained arms) and per-crop labelling: simulation
+    only, no round (the evidence for the default order, from the training pool's truth)."""
+    start, n_ids = len(S.state.graph.components()), n_true(S)
+    out: dict[str, dict[str, list]] = {}
+    for order in (*PAIR_ORDERS, "per_crop"):
+        PAIR_ORDER.setdefault(order, order)
+        out[order] = {str(b): [] for b in budgets}
+        for seed in seeds:
+            gen = simulate_per_crop(S, seed, budgets) if order == "per_crop" else simulate_pairs(S, order, seed, budgets)
+            for budget, _n, g, _names in gen:
+                out[order][str(budget)].append((start - len(g.components())) / max(1, start - n_ids))
+    return out
 
 
 def run_set(S: PoolSet, seeds: list[int], budgets: list[int], steps: int) -> dict[str, Any]:
@@ -481,7 +503,8 @@ def run_set(S: PoolSet, seeds: list[int], budgets: list[int], steps: int) -> dic
             if vals and len(vals) == len(curves[arm][str(b)]) and np.mean(vals) >= 0.9 * full_map:
                 need[arm] = int(b)
                 break
-    return {"title": S.title, "pool": S.describe, "evaluation": S.eval_note, "crops": S.crops,
+    merges = merge_curves(S, seeds, positive)
+    return {"merges_found": merges, "title": S.title, "pool": S.describe, "evaluation": S.eval_note, "crops": S.crops,
             "tracklets": len(S.state.rows), "identities": n_true(S), "base_map": base_map,
             "full_map": full_map, "full_map_per_seed": fulls, "answers_to_90": need, "curves": curves,
             "answers_given": answers, "rounds_trained": R.n, "round_seconds_mean": float(np.mean(R.seconds)) if R.seconds else None,
@@ -549,6 +572,11 @@ def print_set(name: str, res: dict[str, Any], budgets: list[int]) -> None:
     print(f"   target 2 (default >= 40 % fewer answers than random): "
           f"{'MET' if t['default_40_percent_fewer_than_random'] else 'NOT MET'} (default {d}, random {r}: {rel})"
           + (f"; {t['note']}" if t["note"] else ""))
+    mc = res["merges_found"]
+    print("   true merges found (share of the pool's; simulation only, no round), per order:")
+    print(f"   {'answers':>8s}" + "".join(f"{o:>13s}" for o in mc))
+    for b in [b for b in budgets if b > 0]:
+        print(f"   {b:>8d}" + "".join(f"{100 * np.mean(mc[o][str(b)]):>12.0f}%" for o in mc))
     print(f"   {res['rounds_trained']} rounds trained (others reused: same samples, same seed), "
           f"{res['round_seconds_mean']:.0f} s per round with its evaluation; simulation "
           f"{res['simulation_seconds']:.1f} s; set total {res['seconds']:.0f} s")
