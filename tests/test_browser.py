@@ -7,6 +7,7 @@ test checks each step in FiftyOne itself.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -41,6 +42,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(proc, url: str, log_path: Path, what: str, timeout: float = 300) -> None:
+    """Poll Streamlit's health endpoint until it answers; the log's tail when it never does."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"{what} did not serve the app:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.5)
+
+
+def stop_server(proc, log) -> None:
+    """Stop a server started in its own session (its process group), then close its log."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@contextlib.contextmanager
+def chromium_page():
+    """A page of headless Debian Chromium (the flags of the design guide), 1400 x 1000."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(60_000)
+        yield pg
+        browser.close()
+
+
 @pytest.fixture(scope="module")
 def make_run(data_root):
     """``make run`` on a free port, on this session's data root and database. Streamlit's file
@@ -56,45 +97,22 @@ def make_run(data_root):
                             start_new_session=True,
                             env={**os.environ, "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none"})
     yield proc, f"http://127.0.0.1:{port}"
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    stop_server(proc, log)
 
 
 @pytest.fixture(scope="module")
 def app(make_run, data_root):
     """The app's address once it serves (the browser starts meanwhile: see ``page``)."""
     proc, url = make_run
-    deadline = time.time() + 300
-    while True:
-        try:
-            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError("make run did not serve the app:\n" + (data_root / "make-run.log").read_text()[-3000:])
-        time.sleep(0.5)
+    wait_until_serving(proc, url, data_root / "make-run.log", "make run")
     return url
 
 
 @pytest.fixture(scope="module")
 def page(make_run):
     """Chromium, launched while ``make run`` generates the demo and starts its worker."""
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update"])
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(60_000)
+    with chromium_page() as pg:
         yield pg
-        browser.close()
 
 
 def _goto(page, app, path: str) -> None:

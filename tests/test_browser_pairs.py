@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import need_shared
-from tests.test_browser import CHROMIUM, SHOTS, _free_port, _settle
+from tests.test_browser import CHROMIUM, SHOTS, _free_port, _settle, chromium_page, stop_server, wait_until_serving
 from tests.test_labeling import fake_embeddings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,39 +53,15 @@ def app(data_root, pairs_dataset):
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            tail = (data_root / "streamlit-pairs.log").read_text()[-3000:]
-            raise RuntimeError("streamlit did not serve the app:\n" + tail)
-        time.sleep(0.5)
+    wait_until_serving(proc, url, data_root / "streamlit-pairs.log", "streamlit", timeout=120)
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    stop_server(proc, log)
 
 
 @pytest.fixture(scope="module")
 def page(app):
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update"])
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(60_000)
+    with chromium_page() as pg:
         yield pg
-        browser.close()
 
 
 def test_pair_questions_merge_tracklets(app, page, pairs_dataset):

@@ -139,10 +139,10 @@ def load(name: str) -> GraphState:
     links = [Link(e["a"], e["b"], e["answer"] == "same", "operator", e["_id"]) for e in entries
              if e.get("answer") in ("same", "different") and e["a"] in rows and e["b"] in rows]
     trust = label_schema(name).mode == "trust"
-    g = build(rows, free=overlapping(spans), operator_names=mine, ingested_names=top, decisions=links,
-              trust_ingested=trust)
+    free = overlapping(spans)
+    g = build(rows, free=free, operator_names=mine, ingested_names=top, decisions=links, trust_ingested=trust)
     names = component_names(g, top, {n: len(r) for n, r in rows.items()}, strong=mine)
-    confirmed = g if trust or not top else build(rows, free=overlapping(spans), operator_names=mine, decisions=links)
+    confirmed = g if trust or not top else build(rows, free=free, operator_names=mine, decisions=links)
     return GraphState(g, cols, rows, names, entries, trust, confirmed)
 
 
