@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from core import augment as aug
+from core.batches import KnownNegativesMiner, WeightedIdentitySampler, known_negatives
 from core import evaluate as ev
 
 log = logging.getLogger(__name__)
@@ -176,48 +177,6 @@ def load_crops(paths: Sequence[str], size: tuple[int, int], threads: int = 2) ->
     return np.stack(imgs)
 
 
-class WeightedIdentitySampler:
-    """Identity-balanced batches: P identities x K crops, drawn by weight.
-
-    An identity's chance is proportional to the sum of its crops' weights; within an identity,
-    crops are drawn proportionally to their weights, without replacement while it has K or more
-    (with replacement otherwise). Weighted variant of pytorch-metric-learning's MPerClassSampler.
-
-    ``partners``: class -> classes known to be other people (cannot-links of the identity graph:
-    tracklets seen in one frame, an operator's "different"). Every second identity of a batch
-    is a partner of the one before it when it has one, so guaranteed negatives (often the
-    hardest: same place, same light) meet in a batch for the triplet miner.
-    """
-
-    def __init__(self, labels: Sequence[int], weights: Sequence[float], p: int, k: int,
-                 partners: dict[int, Sequence[int]] | None = None):
-        labels = np.asarray(labels)
-        w = np.clip(np.asarray(weights, np.float64), 1e-6, None)
-        self.k = k
-        self.classes = np.unique(labels)
-        self.p = min(p, len(self.classes))
-        self.members = [np.nonzero(labels == c)[0] for c in self.classes]
-        self.member_p = [w[m] / w[m].sum() for m in self.members]
-        cw = np.array([w[m].sum() for m in self.members])
-        self.class_p = cw / cw.sum()
-        pos = {int(c): i for i, c in enumerate(self.classes)}
-        self.partners = {pos[int(c)]: [pos[int(o)] for o in others if int(o) in pos and int(o) != int(c)]
-                         for c, others in (partners or {}).items() if int(c) in pos}
-
-    def batch(self, rng: np.random.Generator) -> np.ndarray:
-        """Indices [P * K] into the labels, grouped by identity."""
-        chosen = rng.choice(len(self.classes), size=self.p, replace=False, p=self.class_p)
-        for slot in range(1, len(chosen), 2):
-            free = [o for o in self.partners.get(int(chosen[slot - 1]), ()) if o not in chosen]
-            if free:
-                chosen[slot] = free[int(rng.integers(len(free)))]
-        out = []
-        for c in chosen:
-            m = self.members[c]
-            out.append(rng.choice(m, size=self.k, replace=len(m) < self.k, p=self.member_p[c]))
-        return np.concatenate(out)
-
-
 # --- model helpers -------------------------------------------------------------------------------
 
 def _embed_array(model, x: np.ndarray, batch: int = 128) -> np.ndarray:
@@ -272,55 +231,6 @@ def _loss_and_miner(config: TrainConfig):
     else:
         miner = miners.TripletMarginMiner(margin=config.margin, type_of_triplets=config.miner)
     return loss, miner
-
-
-class KnownNegativesMiner:
-    """Batch-hard triplets (hardest positive, hardest negative per anchor, as
-    pytorch-metric-learning's BatchHardMiner) whose negative is *known* to be another person:
-    ``allowed`` [C, C] bool over the labels. Lone tracklets nobody has joined are one person
-    each, but two of them seen by different cameras may well be one person: such pairs are not
-    negatives (in one camera, or cannot-linked, they are). Anchors without an allowed negative
-    in the batch are left out."""
-
-    def __init__(self, allowed) -> None:
-        import torch
-
-        self.allowed = torch.as_tensor(allowed, dtype=torch.bool)
-
-    def __call__(self, emb, labels):
-        import torch
-        import torch.nn.functional as F
-
-        x = F.normalize(emb.detach(), dim=1)
-        d = torch.cdist(x, x)
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool)
-        pos_d = d.masked_fill(~same | eye, float("-inf"))
-        neg_d = d.masked_fill(same | ~self.allowed[labels][:, labels], float("inf"))
-        p, n = pos_d.argmax(1), neg_d.argmin(1)
-        ok = torch.isfinite(pos_d.max(1).values) & torch.isfinite(neg_d.min(1).values)
-        a = torch.arange(len(labels))
-        return a[ok], p[ok], n[ok]
-
-
-def known_negatives(train_ids: Sequence[str], cams_of: dict[str, set], open_ids: set[str],
-                    cannot: Sequence[tuple[str, str]] = ()) -> np.ndarray | None:
-    """[C, C] bool: which identities may serve as each other's negatives (see
-    :class:`KnownNegativesMiner`); None when all may (nothing is open)."""
-    idx = {x: i for i, x in enumerate(train_ids)}
-    is_open = np.array([x in open_ids for x in train_ids])
-    if not is_open.any():
-        return None
-    n = len(train_ids)
-    allowed = np.ones((n, n), bool)
-    for i, x in enumerate(train_ids):
-        for j in range(n):
-            if (is_open[i] or is_open[j]) and not (cams_of.get(x, set()) & cams_of.get(train_ids[j], set())):
-                allowed[i, j] = False
-    for a, b in cannot:
-        if a in idx and b in idx:
-            allowed[idx[a], idx[b]] = allowed[idx[b], idx[a]] = True
-    return allowed
 
 
 def _id_loss(config: TrainConfig, n_classes: int, emb_dim: int):

@@ -181,7 +181,7 @@ def test_cannot_links_become_guaranteed_negatives_in_training_batches(ds):
     import numpy as np
 
     from core.labeling import identity
-    from core.train import WeightedIdentitySampler
+    from core.batches import WeightedIdentitySampler
 
     pairs_ = identity.cannot_identities(identity.load(ds))
     assert ("TUD-Campus:1", "TUD-Campus:6") in {tuple(sorted(p)) for p in pairs_}  # seen in one frame
@@ -235,7 +235,7 @@ def test_lone_tracklets_are_negatives_only_where_they_are_known_to_be_other_peop
     other's negative; in one camera, or across a cannot-link, it does."""
     import torch
 
-    from core.train import KnownNegativesMiner, known_negatives
+    from core.batches import KnownNegativesMiner, known_negatives
 
     ids = ["~c1/1", "~c1/2", "~c2/1", "P"]
     cams = {"~c1/1": {"c1"}, "~c1/2": {"c1"}, "~c2/1": {"c2"}, "P": {"c1", "c2"}}
