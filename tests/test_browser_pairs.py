@@ -76,7 +76,7 @@ def test_pair_questions_merge_tracklets(app, page, pairs_dataset):
     _settle(page, "opening the app")
     page.goto(f"{app}/annotate")
     page.wait_for_selector("[data-testid='stAppViewContainer']")
-    page.get_by_text("Same person?").wait_for()  # pairs first: the dataset has tracklets to compare
+    page.get_by_text("Same person?", exact=True).wait_for()  # pairs first: the dataset has tracklets to compare
     _settle(page, "opening the pair view")
     page.get_by_text(re.compile(r"Why this pair: P\(same\)")).wait_for()
     SHOTS.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,8 @@ def _side(state, node: str) -> Side:
     low = float(np.mean([bool(cols["low_light"][k]) for k in ks])) if ks else 0.0
     # a few crops spread over the identity's tracklets: the representative's first
     own = state.rows.get(node, [])
-    order = own + [k for k in ks if k not in set(own)]
+    mine = set(own)
+    order = own + [k for k in ks if k not in mine]
     pick = [order[int(i)] for i in np.linspace(0, len(order) - 1, min(SHOWN, len(order)))] if order else []
     return Side(node, state.names.get(node), len(ks), len(members), cams, seqs,
                 (int(min(fr)), int(max(fr))) if fr else None, low,
@@ -120,7 +121,9 @@ def compute_pairs(name: str, state=None, order: str = pair_select.DEFAULT_PAIR_O
     if not version:
         raise LabelingError(f"dataset {name!r} has no embeddings yet: embed it first (Map or Annotate page)")
     ef = store.embedding_field(version)
-    vec_col = store.view_columns(name, [ef])[ef]
+    vc = store.view_columns(name, [ef])
+    by_id = dict(zip(vc["id"], vc[ef]))  # by id: a sample ingested since the graph was read is not in it
+    vec_col = [by_id.get(sid) for sid in state.cols["id"]]
     if not any(vec_col[k_] is not None for ks in state.rows.values() for k_ in ks):
         raise LabelingError("no person crop has vectors of the active model yet: wait for the embedding job")
     cols = state.cols
