@@ -74,6 +74,48 @@ def dsname(request) -> str:
     store.delete_dataset(name)
 
 
+def fake_embeddings(name: str, dim: int = 16, noise: float = 0.35, seed: int = 0) -> None:
+    """Unit vectors clustered by identity into ``emb_base``; activates model "base"."""
+    import numpy as np
+
+    from core import store
+
+    ds = store.get_dataset(name)
+    ids, idents = ds.values(["id", "identity"])
+    rng = np.random.default_rng(seed)
+    centres = {i: rng.normal(size=dim) for i in sorted(set(idents), key=str)}
+    vecs = {}
+    for sid, ident in zip(ids, idents):
+        v = centres[ident] + noise * rng.normal(size=dim) * np.sqrt(dim) / 4
+        vecs[sid] = (v / np.linalg.norm(v)).astype(np.float32)
+    store.set_values(name, store.embedding_field("base"), vecs)
+    store.set_active_model(name, "base")
+
+
+@pytest.fixture(scope="session")
+def tud_campus():
+    """TUD-Campus (every 10th frame, MOT15 identities) with synthetic embeddings (identity
+    centroid + noise): ingested once per session, never written; tests work on ``tud_clone``."""
+    from core import store
+    from core.ingest import ingest
+
+    name = "tud_base_" + uuid.uuid4().hex[:6]
+    ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
+    fake_embeddings(name)
+    yield name
+    store.delete_dataset(name)
+
+
+@pytest.fixture
+def tud_clone(tud_campus, dsname) -> str:
+    """A fresh clone of ``tud_campus`` per test, model "base" active (deleted by ``dsname``)."""
+    from core import store
+
+    store.get_dataset(tud_campus).clone(dsname, persistent=True)
+    store.set_active_model(dsname, "base")
+    return dsname
+
+
 class Worker:
     """A real job worker process (``python -m core worker``) on the test database."""
 

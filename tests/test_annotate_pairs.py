@@ -1,46 +1,27 @@
 """The Annotate page's pair view through streamlit.testing AppTest on real TUD-Campus tracklets
-(MOT15 identities) with synthetic embeddings (identity centroid + noise, as in
-tests/test_labeling.py): a pair is shown, Same merges the two tracklets into one identity and
+(MOT15 identities) with synthetic embeddings (identity centroid + noise: conftest's
+tud_campus): a pair is shown, Same merges the two tracklets into one identity and
 says which and how many crops it labelled, Undo splits them again, Different is never asked
 again, a contradicting answer is shown with both sides, switching to the crop view gives the
 pair back."""
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import need_shared
-from tests.test_labeling import fake_embeddings
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
-@pytest.fixture(scope="module")
-def pair_base():
-    from core import store
-    from core.ingest import ingest
-
-    name = "pairs_base_" + uuid.uuid4().hex[:6]
-    ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
-    fake_embeddings(name)
-    yield name
-    store.delete_dataset(name)
-
-
 @pytest.fixture
-def ds(pair_base, dsname):
+def ds(tud_clone):
     """A fresh clone per test: answers change the graph (deleted by ``dsname``)."""
-    from core import store
-
-    store.get_dataset(pair_base).clone(dsname, persistent=True)
-    store.set_active_model(dsname, "base")
-    yield dsname
+    yield tud_clone
     from core.labeling import pairs
 
-    pairs.clear_pairs(dsname)
+    pairs.clear_pairs(tud_clone)
 
 
 def _open(name: str) -> AppTest:

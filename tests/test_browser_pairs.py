@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need_shared
+from tests.conftest import fake_embeddings, need_shared
 from tests.test_browser import CHROMIUM, SHOTS, _free_port, _settle, chromium_page, stop_server, wait_until_serving
-from tests.test_labeling import fake_embeddings
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,36 +5,17 @@ the graph replayed from it and the sample fields must agree."""
 from __future__ import annotations
 
 import threading
-import uuid
 
 import pytest
 
-from tests.conftest import need_shared
-from tests.test_labeling import fake_embeddings
 
 # TUD-Campus (every 10th frame): 8 tracks; only 1/8, 6/7 and 6/8 are never seen in one frame
 T1, T6, T7, T8 = (f"t:TUD-Campus/{k}" for k in (1, 6, 7, 8))
 
 
-@pytest.fixture(scope="module")
-def campus():
-    from core import store
-    from core.ingest import ingest
-
-    name = "graph_base_" + uuid.uuid4().hex[:6]
-    ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
-    fake_embeddings(name)
-    yield name
-    store.delete_dataset(name)
-
-
 @pytest.fixture
-def ds(campus, dsname):
-    from core import store
-
-    store.get_dataset(campus).clone(dsname, persistent=True)
-    store.set_active_model(dsname, "base")
-    return dsname
+def ds(tud_clone):
+    return tud_clone
 
 
 def agree(name: str):

@@ -7,57 +7,23 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import need_shared
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fake_embeddings(name: str, dim: int = 16, noise: float = 0.35, seed: int = 0) -> None:
-    """Unit vectors clustered by identity into ``emb_base``; activates model "base"."""
-    from core import store
-
-    ds = store.get_dataset(name)
-    ids, idents = ds.values(["id", "identity"])
-    rng = np.random.default_rng(seed)
-    centres = {i: rng.normal(size=dim) for i in sorted(set(idents), key=str)}
-    vecs = {}
-    for sid, ident in zip(ids, idents):
-        v = centres[ident] + noise * rng.normal(size=dim) * np.sqrt(dim) / 4
-        vecs[sid] = (v / np.linalg.norm(v)).astype(np.float32)
-    store.set_values(name, store.embedding_field("base"), vecs)
-    store.set_active_model(name, "base")
-
-
-@pytest.fixture(scope="module")
-def base_dataset():
-    from core import store
-    from core.ingest import ingest
-
-    name = "lab_base_" + uuid.uuid4().hex[:6]
-    ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
-    fake_embeddings(name)
-    yield name
-    store.delete_dataset(name)
-
-
 @pytest.fixture
-def ds(base_dataset, dsname):
-    """A fresh clone of the ingested, embedded dataset per test (deleted by ``dsname``)."""
-    from core import store
-
-    store.get_dataset(base_dataset).clone(dsname, persistent=True)
-    store.set_active_model(dsname, "base")
-    yield dsname
+def ds(tud_clone):
+    """conftest's TUD-Campus clone, its queues cleared afterwards."""
+    yield tud_clone
     from core import labeling
 
     labeling.wait_for_refills()
-    labeling.clear_queue(dsname)
+    labeling.clear_queue(tud_clone)
 
 
 def _state(name, sid):
