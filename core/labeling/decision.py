@@ -224,7 +224,8 @@ def bulk_decide(name: str, session_id: str, ids: Sequence[str], user: str, label
         # one identity on tracklets seen in one frame would put one person in two places: the
         # graph keeps them apart (the others get "<identity>~2"...) and says so
         state, _ = graph_identity.sync(name)
-        nodes = {state.node_of_row(k) for k, sid in enumerate(state.cols["id"]) if sid in set(out.changed)}
+        changed = set(out.changed)
+        nodes = {state.node_of_row(k) for k, sid in enumerate(state.cols["id"]) if sid in changed}
         out.not_joined = [c.describe() for c in state.confirmed.conflicts
                           if c.link.ref is None and c.link.source == "operator" and {c.link.a, c.link.b} & nodes]
     return out
