@@ -84,17 +84,38 @@ def cmd_jobs(a) -> int:
     return 0
 
 
+def train_config_args(a) -> dict:
+    """The job config of ``train``'s flags: the preset's fields, then --steps / --frozen /
+    --device / --unsupervised / --supervised (unset flags: TrainConfig's defaults, the mode auto)."""
+    from core import train
+
+    over = {k: v for k, v in (("steps", a.steps), ("frozen_blocks", a.frozen), ("device", a.device),
+                              ("unsupervised", a.unsupervised)) if v is not None}
+    cfg = train.preset_config(a.preset or "default", **over).to_dict()  # checks the preset and the fields
+    return {k: cfg[k] for k in {**train.PRESETS[a.preset or "default"], **over}}
+
+
 def cmd_train(a) -> int:
-    from core import jobs, registry, rounds, train
+    from core import device, jobs, registry, rounds, train
 
     if a.resume:
-        if a.steps is not None or a.frozen is not None:
-            print("error: a resumed round keeps the config it started with: drop --steps/--frozen", file=sys.stderr)
+        given = [f for f, v in (("--steps", a.steps), ("--frozen", a.frozen), ("--device", a.device),
+                                ("--preset", a.preset),
+                                ("--unsupervised" if a.unsupervised else "--supervised", a.unsupervised))
+                 if v is not None]
+        if given:
+            print(f"error: a resumed round keeps the config it started with: drop {'/'.join(given)}", file=sys.stderr)
             return 2
         registry.resumable(a.dataset, a.resume)  # refused here, before queuing, when it cannot be
         args = {"resume_version": a.resume}
     else:
-        args = {"config": {k: v for k, v in (("steps", a.steps), ("frozen_blocks", a.frozen)) if v is not None}}
+        where = device.select(None if a.device in (None, "auto") else a.device)
+        if (a.preset or "default") not in train.presets_for(where):
+            print(f"error: the {a.preset} preset needs a GPU (CUDA): rounds here run on {where}, where one of "
+                  f"its steps costs several default steps; use --preset default, or run it on a machine "
+                  f"with a GPU", file=sys.stderr)
+            return 2
+        args = {"config": train_config_args(a)}
     if a.background:
         job = jobs.submit(a.dataset, "train", args)
         print(f"queued {'resumed ' if a.resume else ''}round as job {job}; follow it with `python -m core jobs`")
@@ -112,6 +133,10 @@ def cmd_train(a) -> int:
     print(f"{res['version']}: rank-1 {res['rank1_before']:.3f} -> {res['rank1_after']:.3f}, "
           f"mAP {res['mAP_before']:.3f} -> {res['mAP_after']:.3f} in {res['seconds']:.0f} s (not activated: "
           "python -m core models --dataset NAME --activate VERSION)")
+    mode = (f"unsupervised (pseudo-identities: {res.get('pseudo') or 'no re-clustering'}; "
+            f"{res.get('proposals', 0)} proposed merges for the pair queue)" if res.get("unsupervised")
+            else "supervised (labels)")
+    print(f"  device {res.get('device') or '?'}, {mode}")
     return 0
 
 
@@ -190,6 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int)
     s.add_argument("--frozen", type=int, help="early MobileNetV2 blocks kept frozen")
     s.add_argument("--background", action="store_true", help="queue it for the worker instead")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where it trains (default auto: CUDA when torch sees a GPU, else the CPU; VIGIL_DEVICE)")
+    s.add_argument("--preset", choices=["default", "quality"],
+                   help="starting config: default, or quality (256x128 crops, more steps; needs a GPU)")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--unsupervised", dest="unsupervised", action="store_const", const=True,
+                      help="learn from unlabelled footage: cluster tracklets across cameras into "
+                           "pseudo-identities (default: on when no identity is verified)")
+    mode.add_argument("--supervised", dest="unsupervised", action="store_const", const=False,
+                      help="train on the identity graph's identities only (no pseudo-identities)")
     s.add_argument("--resume", metavar="VERSION", help="continue a failed or cancelled round from its last "
                    "evaluation, in its own version and with its own config")
     s.set_defaults(fn=cmd_train)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from core import analysis, registry, store
+from core import analysis, device, registry, store
 from core.labeling import identity as graph_identity
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,57 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def pseudo_summary(pseudo: dict[str, Any] | None) -> str | None:
+    """One line on a round's pseudo-identities (``train_round``'s ``pseudo``): its last
+    re-clustering, e.g. ``"last re-clustering (step 400): 120 tracklets -> 45 pseudo-identities,
+    80 merged"``; None for a round trained on labels alone."""
+    if not pseudo:
+        return None
+    runs = pseudo.get("reclusters") or []
+    if not runs:
+        return "no re-clustering ran (the round ended before its first)"
+    r = runs[-1]
+    return (f"last re-clustering (step {r.get('step')}): {r.get('nodes')} tracklets -> {r.get('clusters')} "
+            f"pseudo-identities, {r.get('merged_nodes')} merged")
+
+
+def proposal_nodes(state: graph_identity.GraphState, proposals: Any) -> list[dict[str, Any]]:
+    """A round's proposed merges (``[[identity_a, identity_b, distance], ...]`` of training
+    identities, most confident first) as ``{"a": node, "b": node, "distance": d}`` of the identity
+    graph in ``state``: a lone tracklet's ``"~<tracklet>"`` is its node, a named identity the
+    node of its component with most crops. Pairs the graph already joins or keeps apart, and
+    names it no longer has, are left out."""
+    by_name: dict[str, str] = {}
+    for node, nm in sorted(state.names.items()):
+        if nm is not None and (nm not in by_name or state.crops(node) > state.crops(by_name[nm])):
+            by_name[nm] = node
+
+    def node(ident: str) -> str | None:
+        if graph_identity.is_lone(ident):
+            n = graph_identity.node_of(ident[len(graph_identity.LONE):], "")
+            return n if n in state.graph else None
+        return by_name.get(ident)
+
+    out, seen = [], set()
+    for item in proposals or ():
+        try:
+            ia, ib, dist = item
+            dist = float(dist)
+        except (TypeError, ValueError):
+            dist = float("nan")
+        if not np.isfinite(dist):
+            log.warning("ignoring a malformed merge proposal %r", item)
+            continue
+        a, b = node(str(ia)), node(str(ib))
+        if a is None or b is None or state.graph.same(a, b) or state.graph.separated(a, b):
+            continue
+        key = graph_identity.pair_key(a, b)
+        if key not in seen:
+            seen.add(key)
+            out.append({"a": a, "b": b, "distance": dist})
+    return out
+
+
 def write_report(version_dir, report: dict[str, Any]) -> None:
     from core import evaluate
 
@@ -221,6 +272,10 @@ def write_report(version_dir, report: dict[str, Any]) -> None:
              f"Trained from **{report['parent']}** on {report['train']['n_train']} crops in "
              f"{report['train']['seconds']:.0f} s ({report['train']['steps_run']} steps, best step "
              f"{report['train']['best_step']}). Evaluation: {report['after']['protocol']}.", "",
+             f"Device: {report['train'].get('device') or 'unknown'}. Identities: "
+             + (f"pseudo-identities, {report['train'].get('pseudo_summary')}; "
+                f"{len(report.get('proposals') or [])} proposed merges go to the pair queue."
+                if report["train"].get("unsupervised") else "labels (no pseudo-identities)."), "",
              "| metric | before | after | change |", "|---|---|---|---|"]
     for r in rows:
         b, a = r.get("before"), r.get("after")
@@ -304,17 +359,27 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
         after = evaluate_version(name, version, split)
         train_summary = {k: result.get(k) for k in ("best_step", "steps_run", "stopped_early", "n_train", "n_val",
                                                    "seconds", "init_metrics", "best_metrics", "resumed_from")}
+        used = result.get("device") or device.select(cfg.device)  # a round from before devices were kept: where it ran now
+        pseudo = result.get("pseudo") if result.get("unsupervised") else None
+        train_summary.update(device=device.describe(used), device_kind=used,
+                             unsupervised=bool(result.get("unsupervised")), pseudo_summary=pseudo_summary(pseudo),
+                             reclusters=(pseudo or {}).get("reclusters"))
+        # the graph as it stands now (the operator kept answering while the round trained)
+        proposals = proposal_nodes(graph_identity.load(name), (pseudo or {}).get("proposals")) if pseudo else []
         report = _plain({"version": version, "parent": parent, "dataset": name, "before": before, "after": after,
                          "train": train_summary, "config": cfg.to_dict(), "map": refresh, "onnx_check": onnx_check,
-                         "seconds": time.time() - t0})
+                         "proposals": proposals, "seconds": time.time() - t0})
         write_report(out_dir, report)
         registry.finish(name, version, report["after"], before=report["before"], train=report["train"],
                         report=str(out_dir / "report.md"), checkpoint=str(embed.checkpoint_path(version)),
-                        onnx=str(embed.onnx_path(version)), onnx_check=report["onnx_check"])
+                        onnx=str(embed.onnx_path(version)), onnx_check=report["onnx_check"],
+                        proposals=report["proposals"])
         a, b = report["after"]["all"], report["before"]["all"]
         return {"version": version, "rank1_before": b.get("rank1"), "rank1_after": a.get("rank1"),
                 "mAP_before": b.get("mAP"), "mAP_after": a.get("mAP"), "seconds": round(time.time() - t0, 1),
-                "resumed_from": result.get("resumed_from")}
+                "resumed_from": result.get("resumed_from"), "device": train_summary["device"],
+                "unsupervised": train_summary["unsupervised"], "pseudo": train_summary["pseudo_summary"],
+                "proposals": len(proposals)}
     except (JobCancelled, train.TrainingCancelled) as exc:
         registry.fail(name, version, "cancelled by operator", cancelled=True)
         raise JobCancelled(str(exc)) from exc

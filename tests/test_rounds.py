@@ -118,3 +118,27 @@ def test_a_file_tagged_query_and_gallery_never_finds_itself(tmp_path, dsname):
     assert res["all"]["n_queries"] == 1
     assert res["all"]["rank1"] == 0.0 and res["all"]["mAP"] == pytest.approx(0.5)
     assert res["reranked"]["rank1"] == 0.0
+
+
+def test_merge_proposals_become_graph_nodes_and_the_summary_one_line(tmp_path, dsname):
+    """A round's proposals name training identities ("~<tracklet>" or a name): the registry gets
+    graph nodes, a named identity as its component's node with most crops; names the graph lacks,
+    pairs it already joins and the malformed are left out; order (most confident first) kept."""
+    from core.labeling import identity as graph_identity
+
+    rows = [(None, f"seq/{i}", f, ()) for i in range(3) for f in range(0, 30, 10)]
+    rows += [("ann", "seq/a1", f, ()) for f in range(0, 30, 10)] + [("ann", "seq/a2", 40, ())]
+    store.add_records(dsname, _records(tmp_path, rows))
+    state = graph_identity.load(dsname)
+    assert state.graph.same("t:seq/a1", "t:seq/a2")
+    props = [["~seq/0", "ann", 0.1], ["~seq/1", "~seq/2", 0.2], ["ann", "ann", 0.25], ["~seq/9", "~seq/0", 0.3],
+             ["bob", "~seq/0", 0.4], ["~seq/2", "~seq/1", 0.5], ["~seq/0", "~seq/1", "far"], ["~seq/0"]]
+    assert rounds.proposal_nodes(state, props) == [
+        {"a": "t:seq/0", "b": "t:seq/a1", "distance": 0.1},  # seq/a1: 3 of ann's 4 crops
+        {"a": "t:seq/1", "b": "t:seq/2", "distance": 0.2}]
+    assert rounds.proposal_nodes(state, None) == []
+    pseudo = {"reclusters": [{"step": 0, "nodes": 9, "clusters": 9, "merged_nodes": 0},
+                             {"step": 200, "nodes": 9, "clusters": 5, "merged_nodes": 6}], "proposals": props}
+    assert rounds.pseudo_summary(pseudo) == ("last re-clustering (step 200): 9 tracklets -> 5 pseudo-identities, "
+                                             "6 merged")
+    assert rounds.pseudo_summary(None) is None
