@@ -9,9 +9,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import jobs, registry, rounds, store
+from core import device, jobs, registry, rounds, store
 from core.labeling import identity as graph_identity
-from core.train import ID_LOSSES, TrainConfig
+from core.train import ID_LOSSES, PRESETS, TrainConfig, preset_config, presets_for
 from pages.common import db_ok, require_dataset, show_error, sidebar
 
 # The Advanced knobs, one per TrainConfig field: (label, widget options, help). Fields not named
@@ -37,6 +37,9 @@ KNOBS: dict[str, tuple[str, dict, str | None]] = {
                      "crop at extraction, in the ONNX export too)"),
     "neck": ("Batch-norm neck", {}, "Normalises the pooled features before the head: learns faster early"),
     "last_stride": ("Last stride", {"options": [2, 1]}, "1: a twice finer final feature map, about 1.8x the compute"),
+    "recluster_every": ("Re-cluster every (steps)", {"min_value": 10, "max_value": 5000, "step": 10},
+                        "With pseudo-identities: steps between two clusterings of the tracklets on the "
+                        "current model's embeddings"),
 }
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 if set(KNOBS) - FIELDS:  # a renamed TrainConfig field must fail here, not in the worker
@@ -59,15 +62,32 @@ def knob(field: str, default, where) -> object:
     return where.number_input(label, value=default, help=help_, key=key, **opts)
 
 
-def config_from(values: dict) -> dict:
-    """The job's config: each knob's value in the type of its TrainConfig default."""
+def config_from(values: dict, preset: str = "default", unsupervised: bool | None = None) -> dict:
+    """The job's config: the preset's fields, then each knob's value in the type of its
+    TrainConfig default; ``unsupervised`` only when the operator chose (None: auto)."""
     d = TrainConfig()
-    out = {}
+    out = preset_config(preset).to_dict()
+    out = {k: out[k] for k in PRESETS[preset]}
     for f in dataclasses.fields(TrainConfig):
         if f.name in values:
             v, dv = values[f.name], getattr(d, f.name)
             out[f.name] = v if v is None or dv is None else type(dv)(v)
+    if unsupervised is not None:
+        out["unsupervised"] = bool(unsupervised)
     return out
+
+
+@st.cache_resource(show_spinner=False)
+def this_device() -> tuple[str, str]:
+    """Where this machine's rounds run (core.device; imports torch once per process)."""
+    where = device.select()
+    return where, device.describe(where)
+
+
+def _reset_knobs() -> None:
+    """A new preset: the knobs start again from its values."""
+    for f in KNOBS:
+        st.session_state.pop(f"train_{f}", None)
 
 
 sidebar()
@@ -89,6 +109,15 @@ if not active:
 n_ids, n_crops = len({s[1] for s in samples}), len(samples)
 n_lone = len({s[1] for s in samples if graph_identity.is_lone(s[1])})
 lone = f", {n_lone} of them lone tracklets nobody has joined yet" if n_lone else ""
+auto_unsupervised = bool(n_ids) and n_lone == n_ids  # core.train's auto: every training identity open
+where, where_words = this_device()
+offered = presets_for(where)
+c1, c2 = st.columns([1, 2])
+preset = c1.selectbox("Preset", offered, key="train_preset", on_change=_reset_knobs,
+                      help="Starting values of the knobs under Advanced. 'quality' (256x128 crops, more "
+                           "steps) is offered only where rounds run on a GPU")
+c2.caption(f"Rounds on this machine train on **{where_words}**"
+           + ("" if where == "cuda" else " (no GPU seen by torch: the quality preset needs one)") + ".")
 with st.form("round", enter_to_submit=False):  # Enter in a knob must not queue a round
     st.markdown(f"**Retrain** starts from model **{active or registry.BASE}**, trains on **{n_ids} identities** "
                 f"of the identity graph ({n_crops} crops{lone}), holds out **{len(split.identities)} other "
@@ -100,9 +129,19 @@ with st.form("round", enter_to_submit=False):  # Enter in a knob must not queue 
     elif n_ids < need:
         st.warning(f"Retrain needs at least {need} identities to train on, besides the held-out ones; the "
                    f"graph has {n_ids}: answer pairs (Annotate page) or ingest more footage.")
+    unsup = st.toggle(
+        "Learn from unlabelled footage (pseudo-identities)", value=auto_unsupervised, key="train_unsupervised",
+        help="Each tracklet is one person (positives), tracklets seen in the same frame are two "
+             "(negatives); every few hundred steps DBSCAN over k-reciprocal distances between the "
+             "tracklets joins those that look like one person across cameras into a pseudo-identity, "
+             "and the round trains on those; operator answers override it (a 'different' is never "
+             "joined). The round's closest proposed joins come first in the pair queue. "
+             + ("On by default here: the graph has no verified identity yet (every training identity "
+                "is a lone tracklet)." if auto_unsupervised else
+                "Off by default here: the graph has verified identities to train on."))
     go_train = st.form_submit_button("Retrain", type="primary",
                                      disabled=not active or bool(split.problem) or n_ids < need)
-    d = TrainConfig()
+    d = preset_config(preset)
     values: dict = {}
     with st.expander("Advanced: steps, learning rate, batch (P × K), frozen blocks, losses, model head"):
         names = list(KNOBS)
@@ -112,7 +151,8 @@ with st.form("round", enter_to_submit=False):  # Enter in a knob must not queue 
                 values[f] = knob(f, getattr(d, f), col)
 if go_train:
     try:
-        job = jobs.submit(name, "train", {"config": config_from(values)})
+        chosen = None if unsup == auto_unsupervised else unsup  # untouched: auto, resolved by the round
+        job = jobs.submit(name, "train", {"config": config_from(values, preset, chosen)})
     except Exception as exc:
         show_error(exc, "queueing the round", "Try again; the worker started by `make run` runs it.")
     else:
@@ -188,7 +228,9 @@ for v in versions:
                  "from": v.get("parent"), "active": "● active" if v["version"] == active else "",
                  "rank-1": m.get("rank1"), "mAP": m.get("mAP"), "rank-1 before": b.get("rank1"),
                  "mAP before": b.get("mAP"), "mAP re-ranked": mr.get("mAP"),
-                 "mAP re-ranked before": br.get("mAP"), "error": v.get("error")})
+                 "mAP re-ranked before": br.get("mAP"), "device": (v.get("train") or {}).get("device"),
+                 "pseudo-identities": {True: "yes", False: "no"}.get((v.get("train") or {}).get("unsupervised")),
+                 "error": v.get("error")})
 
 
 def shown(v) -> str:
@@ -216,6 +258,11 @@ if ready:
     with st.expander(f"Round report: {latest['version']} (by condition, camera, false matches)", expanded=True):
         from core.evaluate import compare
 
+        tr = latest.get("train") or {}
+        st.caption(f"Trained on {tr.get('device') or 'an unrecorded device'}; "
+                   + (f"pseudo-identities: {tr.get('pseudo_summary') or 'no re-clustering ran'}, "
+                      f"{len(latest.get('proposals') or [])} proposed joins for the pair queue."
+                      if tr.get("unsupervised") else "trained on the graph's identities (no pseudo-identities)."))
         cmp = pd.DataFrame(compare(latest.get("before") or {}, latest.get("metrics") or {}))
         cmp = cmp[cmp["metric"].str.contains("rank1|mAP|fmr|tmr|threshold")]
         st.dataframe(cmp, hide_index=True, width="stretch")

@@ -215,7 +215,8 @@ def test_train_page_one_retrain_button_knobs_under_advanced(dsname, tmp_path):
     assert {"Steps", "Learning rate", "Frozen early blocks (of 19)", "Identities per batch (P)",
             "Crops per identity (K)", "Last stride"} <= set(knobs)
     outside = [w.label for kind in ("number_input", "toggle") for w in getattr(at.main, kind)]
-    assert sorted(outside) == sorted(w.label for kind in ("number_input", "toggle") for w in getattr(adv, kind))
+    assert sorted(outside) == sorted([UNSUPERVISED, *(w.label for kind in ("number_input", "toggle")
+                                                      for w in getattr(adv, kind))])
     # Retrain queues a round whose config holds TrainConfig fields: the changed one, defaults elsewhere
     adv.number_input(key="train_steps").set_value(40)
     at.form_submit_button[0].click().run()
@@ -230,6 +231,59 @@ def test_train_page_one_retrain_button_knobs_under_advanced(dsname, tmp_path):
         assert TrainConfig.from_dict(cfg).steps == 40
     finally:
         jobs.cancel(job["id"])
+
+
+UNSUPERVISED = "Learn from unlabelled footage (pseudo-identities)"
+
+
+def _queued_config(at: AppTest) -> dict:
+    """Click Retrain; the queued train job's config (the job cancelled at once)."""
+    from core import jobs
+
+    at.form_submit_button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    job = jobs.get(at.session_state["train_job"])
+    jobs.cancel(job["id"])
+    return job["args"]["config"]
+
+
+def test_train_page_pseudo_identity_switch_goes_into_the_job(dsname, tmp_path):
+    """campus62 has verified identities: the switch starts off (auto); turned on, the round's
+    config says unsupervised True. The preset box offers what this machine's device fits, and
+    the page says where rounds run."""
+    from core import device, store, train
+
+    name = _campus_small(dsname, tmp_path, n_train=7)
+    store.set_active_model(name, "base")  # a round starts from the active model (nothing embeds here)
+    at = _open(name, "pages/train.py")
+    (switch,) = [t for t in at.toggle if t.label == UNSUPERVISED]
+    assert switch.value is False and "Off by default here" in switch.help
+    assert "DBSCAN" in switch.help and "k-reciprocal" in switch.help and "override" in switch.help
+    where = device.select()
+    assert at.selectbox(key="train_preset").options == train.presets_for(where)
+    assert f"Rounds on this machine train on **{device.describe(where)}**" in _texts(at)
+    assert "unsupervised" not in _queued_config(at)  # untouched: auto, the round resolves it
+    [t for t in at.toggle if t.label == UNSUPERVISED][0].set_value(True)  # sent with the Retrain click
+    cfg = _queued_config(at)
+    assert cfg["unsupervised"] is True and train.TrainConfig.from_dict(cfg).unsupervised is True
+
+
+def test_train_page_pseudo_identities_on_by_default_for_lone_tracklets(dsname, tmp_path):
+    """Tracklets nobody has named or joined (every training identity lone): the switch starts on
+    and Retrain is enabled (lone tracklets are training identities); turned off, the round's
+    config says unsupervised False."""
+    from core import store
+    from tests.test_rounds import _records
+
+    rows = [(None, f"seq/{i}", f, ()) for i in range(10) for f in range(0, 60, 10)]
+    store.add_records(dsname, _records(tmp_path, rows))
+    store.set_active_model(dsname, "base")
+    at = _open(dsname, "pages/train.py")
+    (switch,) = [t for t in at.toggle if t.label == UNSUPERVISED]
+    assert switch.value is True and "On by default here" in switch.help
+    assert not at.form_submit_button[0].disabled, _texts(at)
+    switch.set_value(False)  # in the form: sent with the Retrain click
+    assert _queued_config(at)["unsupervised"] is False
 
 
 def test_train_page_versions_table_is_readable(small_dataset):
