@@ -138,7 +138,7 @@ with st.form("round", enter_to_submit=False):  # Enter in a knob must not queue 
              "joined). The round's closest proposed joins come first in the pair queue. "
              + ("On by default here: the graph has no verified identity yet (every training identity "
                 "is a lone tracklet)." if auto_unsupervised else
-                "Off by default here: the graph has verified identities to train on."))
+                "Off by default here: the graph has named or joined identities to train on."))
     go_train = st.form_submit_button("Retrain", type="primary",
                                      disabled=not active or bool(split.problem) or n_ids < need)
     d = preset_config(preset)
