@@ -141,6 +141,20 @@ def list_versions(dataset: str) -> list[dict[str, Any]]:
     return list(_coll().find({"dataset": dataset}).sort("round", 1))
 
 
+def proposals_record(dataset: str, prefer: str | None = None) -> dict[str, Any] | None:
+    """The finished (``ready``) version record of ``dataset`` whose ``proposals`` (merges a
+    clustering round proposes, ``{"a", "b", "distance"}``) the pair queue asks first:
+    ``prefer``'s (the active version) when it has any, else the newest round's that has any;
+    None when no ready round proposed anything. Reads only (no base record written)."""
+    query = {"dataset": dataset, "status": "ready", "proposals.0": {"$exists": True}}
+    fields = {"version": 1, "round": 1, "proposals": 1}
+    if prefer:
+        rec = _coll().find_one({**query, "version": prefer}, fields)
+        if rec is not None:
+            return rec
+    return _coll().find_one(query, fields, sort=[("round", -1), ("finished_at", -1)])
+
+
 def activate(dataset: str, version: str) -> None:
     """Make ``version`` the active model of ``dataset`` (it must be ready and embedded)."""
     rec = get(dataset, version)

@@ -24,6 +24,11 @@ answers, base model): campus62 per-camera tracklets likely 27 / 61 / 100 %, unce
 uncertainty 9 / 18 / 51 %, random 5-8 / 9-10 / 15-19 %. Before answers calibrate P(same), the
 boundary sits at a guess (the median candidate without cannot-links), and the pairs there are
 mostly two people.
+
+Proposals: a training round that clusters lone tracklets into pseudo-identities records the
+merges it is most sure of (``{"a", "b", "distance"}``, smaller = surer). They are asked first,
+closest first (:func:`open_proposals` drops those the graph has settled since), ahead of the
+nearest-neighbour candidates, in every order but ``random`` (the control stays the control).
 """
 from __future__ import annotations
 
@@ -194,10 +199,52 @@ def representative(members: Sequence[str], rows: Mapping[str, Sequence[int]]) ->
     return max(members, key=lambda n: (len(rows.get(n, ())), n))
 
 
+PROPOSED_REASON = "proposed by round {version} (clustering joined these tracklets)"
+
+
+def _root_pair(graph, a: str, b: str) -> tuple[str, str]:
+    ra, rb = graph.find(a), graph.find(b)
+    return (ra, rb) if ra < rb else (rb, ra)
+
+
+def open_proposals(graph, rows: Mapping[str, Sequence[int]], proposals: Sequence[Mapping[str, Any]],
+                   answered: set, exclude: set = frozenset()) -> list[tuple[str, str, float]]:
+    """The proposed merges still worth asking, closest first: ``(a, b, distance)`` with ``a``,
+    ``b`` the representatives (:func:`representative`) of the two proposed nodes' components,
+    each pair of components once. Dropped: a node not in ``graph``, two nodes now in one
+    component or held apart by a cannot-link, a pair of components in ``answered`` (sorted
+    root pairs) or whose representatives' key is in ``exclude``; a distance that is not a
+    finite number."""
+    out: list[tuple[str, str, float]] = []
+    seen: set[tuple[str, str]] = set()
+    good = []
+    for pr in proposals:
+        try:
+            d = float(pr["distance"])
+            a, b = str(pr["a"]), str(pr["b"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(d):
+            good.append((d, a, b))
+    for d, a, b in sorted(good, key=lambda t: t[0]):  # stable: the round's order breaks ties
+        if a not in graph or b not in graph or graph.same(a, b) or graph.separated(a, b) is not None:
+            continue
+        root = _root_pair(graph, a, b)
+        if root in answered or root in seen:
+            continue
+        ra, rb = sorted((representative(graph.component(a), rows), representative(graph.component(b), rows)))
+        if f"{ra}|{rb}" in exclude:
+            continue
+        seen.add(root)
+        out.append((ra, rb, d))
+    return out
+
+
 def plan_pairs(graph, rows: Mapping[str, Sequence[int]], vectors: Sequence[Any], meta: CropMeta,
                answered: set, decided: Sequence[tuple[float, bool]], order: str = DEFAULT_PAIR_ORDER,
                k: int = 20, rng: np.random.Generator | None = None, exclude: set = frozenset(),
-               boost: bool = True) -> list[dict[str, Any]]:
+               boost: bool = True, proposals: Sequence[Mapping[str, Any]] = (),
+               proposed_by: str | None = None) -> list[dict[str, Any]]:
     """The next ``k`` pair questions over ``graph`` (a :class:`core.labeling.graph.IdentityGraph`).
 
     ``rows``: node -> row indices into ``vectors`` (one vector or None per crop) and ``meta``;
@@ -206,11 +253,19 @@ def plan_pairs(graph, rows: Mapping[str, Sequence[int]], vectors: Sequence[Any],
     Returns dicts ``a``, ``b`` (representative nodes), ``cosine``, ``p_same``, ``score``,
     ``reason``, best first. The boost: a component with a flagged crop weighs 2x, its night
     and shadow shares add up to 0.5 each; a pair of identities seen by disjoint cameras weighs
-    :data:`CROSS_CAMERA` more ("other cameras first")."""
+    :data:`CROSS_CAMERA` more ("other cameras first").
+
+    ``proposals`` (of round ``proposed_by``, see the module docstring) come first, closest
+    first, up to ``k``: their cosine is the active model's between the two components (None
+    when one has no vectors), their P(same) the calibrated one of that cosine (else
+    1 - distance, clipped to [0, 1]); the candidates fill the rest of the ``k``. Ignored in the
+    ``random`` order."""
     rng = rng if rng is not None else np.random.default_rng(0)
+    props = open_proposals(graph, rows, proposals, answered, exclude)[:k] if proposals and order != "random" else []
+    taken = {_root_pair(graph, pa, pb) for pa, pb, _ in props}
     comps = [m for m in graph.components() if any(vectors[r] is not None for n in m for r in rows.get(n, ()))]
     if len(comps) < 2:
-        return []
+        return _proposed(props, {}, None, order, proposed_by)
     x_rows, comp_of = [], []
     for ci, members in enumerate(comps):
         for n in members:
@@ -232,7 +287,8 @@ def plan_pairs(graph, rows: Mapping[str, Sequence[int]], vectors: Sequence[Any],
 
     def blocked(i: int, j: int) -> bool:
         ri, rj = root[i], root[j]
-        return (graph.separated(rep[i], rep[j]) is not None or ((ri, rj) if ri < rj else (rj, ri)) in answered
+        pair = (ri, rj) if ri < rj else (rj, ri)
+        return (graph.separated(rep[i], rep[j]) is not None or pair in answered or pair in taken
                 or "|".join(sorted((rep[i], rep[j]))) in exclude)
 
     def apart(i: int, j: int) -> bool:  # seen by disjoint cameras (unknown cameras: not apart)
@@ -243,10 +299,15 @@ def plan_pairs(graph, rows: Mapping[str, Sequence[int]], vectors: Sequence[Any],
     a1, b1, c1 = candidates(cv, NEIGHBOURS, lambda i, j: blocked(i, j) or not apart(i, j))
     a2, b2, c2 = candidates(cv, NEIGHBOURS // 2, lambda i, j: blocked(i, j) or apart(i, j))
     a, b, cos = np.concatenate([a1, a2]), np.concatenate([b1, b2]), np.concatenate([c1, c2])
-    if not len(a):
+    if not len(a) and not props:
         return []
     neg = [float(cv[pos[ra]] @ cv[pos[rb]]) for ra, rb in graph.cannot_pairs() if ra in pos and rb in pos]
     cal = PairCalibrator(operating_threshold(np.array(neg), cos)).fit([d[0] for d in decided], [d[1] for d in decided])
+    pvec = {n: cv[pos[graph.find(n)]] for pa, pb, _ in props for n in (pa, pb) if graph.find(n) in pos}
+    first = _proposed(props, pvec, cal, order, proposed_by)
+    k -= len(first)
+    if not len(a) or k <= 0:
+        return first
     p = cal.predict(cos)
     size = np.bincount(comp_of, minlength=len(comps)).astype(float)
     flags, night, shadow = (np.zeros(len(comps)) for _ in range(3))
@@ -258,7 +319,7 @@ def plan_pairs(graph, rows: Mapping[str, Sequence[int]], vectors: Sequence[Any],
     cross = np.array([CROSS_CAMERA if apart(int(i), int(j)) else 1.0 for i, j in zip(a, b)])
     pb = (np.maximum(cboost[a], cboost[b]) if boost else np.ones(len(a))) * cross
     value = {"uncertainty": uncertainty(p), "likely": p}.get(order, np.ones(len(p)))
-    out = []
+    out = first
     for t in order_pairs(p, pb, a, b, k, rng, strategy=order):
         i, j = int(a[t]), int(b[t])
         why = [f"P(same) {p[t]:.2f}", f"cosine {cos[t]:.2f}"]
@@ -268,4 +329,25 @@ def plan_pairs(graph, rows: Mapping[str, Sequence[int]], vectors: Sequence[Any],
             why.append("night / shadow / flagged")
         out.append({"a": rep[i], "b": rep[j], "cosine": float(cos[t]), "p_same": float(p[t]),
                     "score": float(value[t] * pb[t]), "reason": ", ".join(why)})
+    return out
+
+
+def _proposed(props: Sequence[tuple[str, str, float]], cvec: Mapping[str, np.ndarray],
+              cal: PairCalibrator | None, order: str, version: str | None) -> list[dict[str, Any]]:
+    """The question dicts of the open proposals ``props`` (in their order). ``cvec``: node ->
+    unit vector of its component under the active model; ``cal``: P(same | cosine), or None."""
+    out = []
+    for pa, pb, d in props:
+        va, vb = cvec.get(pa), cvec.get(pb)
+        cos = float(va @ vb) if va is not None and vb is not None else None
+        if cos is not None and cal is not None:
+            p = float(cal.predict(np.array([cos]))[0])
+        else:  # no vectors of the active model to calibrate: the round's own distance
+            p = float(np.clip(1.0 - d, 0.0, 1.0))
+        why = [PROPOSED_REASON.format(version=version or "?"), f"distance {d:.2f}", f"P(same) {p:.2f}"]
+        if cos is not None:
+            why.append(f"cosine {cos:.2f}")
+        score = float(uncertainty(np.array([p]))[0]) if order == "uncertainty" else p
+        out.append({"a": pa, "b": pb, "cosine": cos, "p_same": p, "score": score, "reason": ", ".join(why),
+                    "proposed_by": version, "distance": d})
     return out

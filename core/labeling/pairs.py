@@ -8,6 +8,11 @@ shadow / flagged boost by default, ``random`` the control). Items live in ``vigi
 served pair is leased to one session (``vigil_leases``, key ``pair:<a>|<b>``), so two operators
 never get the same pair at once, whichever order they use. A pair that an answer elsewhere has
 made implied meanwhile is dropped when its turn comes.
+
+Merges a clustering round proposed (``proposals`` of its registry record,
+:func:`round_proposals`) are asked first, closest first, ahead of every pending candidate:
+:func:`next_pair` queues the ones still open in front of the queue when it finds any not yet
+queued (not in the ``random`` order, the control).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Any
 import numpy as np
 from pymongo.errors import DuplicateKeyError
 
-from core import store
+from core import registry, store
 import core.labeling.pair_select as pair_select
 from core.labeling.base import LEASES, PAIRS, LabelingError, _coll, _now
 import core.labeling.identity as identity
@@ -60,6 +65,7 @@ class PairItem:
     model_version: str | None
     lease_until: datetime
     rank: int
+    proposed_by: str | None = None  # the round whose clustering proposed this pair
 
     @property
     def key(self) -> str:
@@ -110,14 +116,23 @@ def implied(state, a: str, b: str, answered: set | None = None) -> bool:
     return ((ra, rb) if ra < rb else (rb, ra)) in (answered if answered is not None else _answered(state))
 
 
+def round_proposals(name: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(version, proposals) of the finished round whose proposed merges the queue asks first:
+    the active version's when it has any, else the newest ready round's (``(None, [])``)."""
+    rec = registry.proposals_record(name, store.active_model(name))
+    return (rec["version"], list(rec["proposals"])) if rec else (None, [])
+
+
 def compute_pairs(name: str, state=None, order: str = pair_select.DEFAULT_PAIR_ORDER, k: int = 20,
                   rng: np.random.Generator | int | None = None, exclude: set[str] = frozenset(),
-                  boost: bool = True) -> list[dict[str, Any]]:
+                  boost: bool = True, proposals: bool = True) -> list[dict[str, Any]]:
     """The next ``k`` questions of the dataset (:func:`core.labeling.pair_select.plan_pairs` on its graph
-    and the active model's vectors). ``exclude``: pair keys not to ask (queued elsewhere)."""
+    and the active model's vectors), the open proposals of :func:`round_proposals` first
+    (``proposals=False``: without them). ``exclude``: pair keys not to ask (queued elsewhere)."""
     state = state or identity.load(name)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     version = store.active_model(name)
+    by, props = round_proposals(name) if proposals and order != "random" else (None, [])
     if not version:
         raise LabelingError(f"dataset {name!r} has no embeddings yet: embed it first (Map or Annotate page)")
     ef = store.embedding_field(version)
@@ -135,30 +150,70 @@ def compute_pairs(name: str, state=None, order: str = pair_select.DEFAULT_PAIR_O
         night=[bool(lo) or "night" in (t or ()) for lo, t in zip(cols["low_light"], cols["tags"])],
         shadow=["shadow" in (t or ()) for t in cols["tags"]])
     out = pair_select.plan_pairs(state.confirmed, state.rows, vec_col, meta, _answered(state), decided,
-                                 order=order, k=k, rng=rng, exclude=exclude, boost=boost)
+                                 order=order, k=k, rng=rng, exclude=exclude, boost=boost,
+                                 proposals=props, proposed_by=by)
     for c in out:
         c["model_version"] = version
     return out
+
+
+def _busy(coll, name: str) -> set[str]:
+    return {d["key"] for d in coll.find({"dataset": name, "status": {"$in": ["pending", "leased"]}}, {"key": 1})}
+
+
+def _put(coll, name: str, order: str, c: dict[str, Any], batch: int, rank: int, promote: bool = False) -> bool:
+    """Queue question ``c`` as pending at ``rank``; False when it is queued already
+    (``promote``: a pending item of the same pair that no round proposed is taken over)."""
+    doc = {**c, "dataset": name, "order": order, "key": pair_key(c["a"], c["b"]), "status": "pending",
+           "batch": batch, "rank": rank, "leased_by": None}
+    free: dict[str, Any] = {"status": {"$nin": ["pending", "leased"]}}
+    if promote:
+        free = {"$or": [free, {"status": "pending", "proposed_by": None}]}
+    try:  # a closed item of the same pair is reused; a pending or leased one is left alone
+        coll.update_one({"_id": _doc_id(name, order, c["a"], c["b"]), **free}, {"$set": doc}, upsert=True)
+    except DuplicateKeyError:  # queued meanwhile by another session
+        return False
+    return True
 
 
 def _queue(name: str, order: str, k: int, rng, state, boost: bool = True) -> int:
     """Append a batch to the queue of ``order``; returns how many pairs it added."""
     coll = _coll(PAIRS)
     coll.create_index([("dataset", 1), ("order", 1), ("status", 1), ("rank", 1)])
-    busy = {d["key"] for d in coll.find({"dataset": name, "status": {"$in": ["pending", "leased"]}}, {"key": 1})}
+    busy = _busy(coll, name)
     last = coll.find_one({"dataset": name, "order": order}, sort=[("batch", -1)])
     batch = int(last["batch"]) + 1 if last else 0
-    added = 0
-    for i, c in enumerate(compute_pairs(name, state, order, k, rng, exclude=busy, boost=boost)):
-        doc = {**c, "dataset": name, "order": order, "key": pair_key(c["a"], c["b"]), "status": "pending",
-               "batch": batch, "rank": batch * 10_000 + i, "leased_by": None}
-        try:  # a closed item of the same pair is reused; a pending or leased one is left alone
-            coll.update_one({"_id": _doc_id(name, order, c["a"], c["b"]), "status": {"$nin": ["pending", "leased"]}},
-                            {"$set": doc}, upsert=True)
-        except DuplicateKeyError:  # queued meanwhile by another session
-            continue
-        added += 1
-    return added
+    return sum(_put(coll, name, order, c, batch, batch * 10_000 + i)
+               for i, c in enumerate(compute_pairs(name, state, order, k, rng, exclude=busy, boost=boost)))
+
+
+def _queue_proposals(name: str, order: str, k: int, rng, state, boost: bool = True) -> int:
+    """Put the open proposals not queued yet in front of the queue of ``order`` (ranks below
+    every item's), closest first; returns how many. Cheap when there are none: the graph
+    check runs before any vector is read."""
+    if order == "random":
+        return 0
+    by, props = round_proposals(name)
+    if not props:
+        return 0
+    coll = _coll(PAIRS)
+    # a pending candidate of this queue that a round now proposes moves to the front with it
+    busy = {d["key"] for d in coll.find({"dataset": name, "status": {"$in": ["pending", "leased"]}},
+                                        {"key": 1, "order": 1, "status": 1, "proposed_by": 1})
+            if not (d.get("order") == order and d["status"] == "pending" and d.get("proposed_by") is None)}
+    if not pair_select.open_proposals(state.confirmed, state.rows, props, _answered(state), busy):
+        return 0
+    try:
+        items = [c for c in compute_pairs(name, state, order, k, rng, exclude=busy, boost=boost)
+                 if c.get("proposed_by") is not None]
+    except LabelingError as e:  # no vectors yet: _queue says so when the queue runs dry
+        log.warning("%s: proposals of %s not queued: %s", name, by, e)
+        return 0
+    low = coll.find_one({"dataset": name, "order": order}, sort=[("rank", 1)])
+    last = coll.find_one({"dataset": name, "order": order}, sort=[("batch", -1)])
+    start = min(0, int(low["rank"]) if low else 0) - len(items)
+    batch = int(last["batch"]) if last else 0
+    return sum(_put(coll, name, order, c, batch, start + i, promote=True) for i, c in enumerate(items))
 
 
 def next_pair(name: str, session_id: str, order: str = pair_select.DEFAULT_PAIR_ORDER, lease_s: float = 120,
@@ -169,6 +224,7 @@ def next_pair(name: str, session_id: str, order: str = pair_select.DEFAULT_PAIR_
         raise LabelingError(f"unknown pair order {order!r}; use one of {pair_select.PAIR_ORDERS}")
     coll = _coll(PAIRS)
     state = identity.load(name)
+    _queue_proposals(name, order, k, rng, state, boost)
     for attempt in range(2):
         answered = _answered(state)
         now = _now()
@@ -191,7 +247,7 @@ def next_pair(name: str, session_id: str, order: str = pair_select.DEFAULT_PAIR_
                 _coll(LEASES).delete_one({"_id": f"{name}|pair:{d['key']}", "session": session_id})
                 continue
             return PairItem(_side(state, d["a"]), _side(state, d["b"]), d["cosine"], d["p_same"], d["score"],
-                            d["reason"], order, d.get("model_version"), until, d["rank"])
+                            d["reason"], order, d.get("model_version"), until, d["rank"], d.get("proposed_by"))
         if attempt == 0 and _queue(name, order, k, rng, state, boost) == 0:
             return None
     return None
