@@ -29,6 +29,7 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)"),
 ]
 
+UNSUPERVISED = "Learn from unlabelled footage (pseudo-identities)"
 _T0 = [time.time()]  # when make run started: the loop prints where its time goes
 
 
@@ -207,23 +208,32 @@ def test_operator_loop(page, app):  # page first: Chromium starts while make run
     _mark("more like this")
 
     # Train page: a short round in the background, its progress, then activate it; the knobs
-    # are under Advanced (the operator sees one Retrain button)
+    # are under Advanced (the operator sees one Retrain button). The round learns from unlabelled
+    # footage (pseudo-identities): the switch is off by default on the demo (its MOT tracks come
+    # with identities), so the operator turns it on
     _goto(page, app, "train")
+    page.get_by_text(re.compile(r"Rounds on this machine train on (cpu|cuda)")).wait_for()
+    switch = page.locator("[data-testid='stCheckbox']").filter(has_text=UNSUPERVISED)
+    if not switch.locator("input").is_checked():
+        switch.get_by_text(UNSUPERVISED).click()
+    assert switch.locator("input").is_checked()
     page.locator("[data-testid='stExpander'] summary").filter(has_text="Advanced").click()
-    # a small round (the fewest steps the page allows, 4 x 4 crops a batch, the early blocks
-    # frozen): this checks the round's behaviour, not its quality (tests/test_train.py does)
-    knobs = {"Steps": 20, "Identities per batch (P)": 4, "Crops per identity (K)": 4,
-             "Frozen early blocks (of 19)": 16}
+    # a small round (few steps, 4 x 4 crops a batch, the early blocks frozen, a re-clustering
+    # at step 0 and at step 20): this checks the round's behaviour, not its quality
+    # (tests/test_train.py does)
+    knobs = {"Steps": 40, "Identities per batch (P)": 4, "Crops per identity (K)": 4,
+             "Frozen early blocks (of 19)": 16, "Re-cluster every (steps)": 20}
     for label, value in knobs.items():
-        box = page.get_by_role("spinbutton", name=label)  # a label may also name a help button
+        box = page.get_by_role("spinbutton", name=label, exact=True)  # exact: "Steps" is in another label too
         box.fill(str(value))
         box.press("Tab")  # commits the value; Enter would submit the form: a second round
     page.get_by_role("button", name="Retrain").click()
     page.get_by_text(re.compile(r"Latest round: (queued|running)")).wait_for(timeout=60_000)
     (job,) = jobs.list_jobs("demo", kind="train")  # one click, one round, with the knobs' values
     cfg = job["args"]["config"]
-    assert [cfg["steps"], cfg["ids_per_batch"], cfg["samples_per_id"], cfg["frozen_blocks"]] == \
-        list(knobs.values()), cfg
+    assert [cfg["steps"], cfg["ids_per_batch"], cfg["samples_per_id"], cfg["frozen_blocks"],
+            cfg["recluster_every"]] == list(knobs.values()), cfg
+    assert cfg.get("unsupervised", True) is True, cfg  # absent: the demo's auto is on
     _shot(page, "05-train-running")
     _mark("round queued")
     # .first: while the page reruns at the round's end, the old heading can still be there too
@@ -236,6 +246,11 @@ def test_operator_loop(page, app):  # page first: Chromium starts while make run
     assert versions[-1]["metrics"]["all"]["mAP"] is not None
     rr = versions[-1]["metrics"]["reranked"]  # the same split, k-reciprocal re-ranked
     assert rr["n_queries"] == versions[-1]["metrics"]["all"]["n_queries"] and rr["mAP"] is not None
+    trained = versions[-1]["train"]  # pseudo-identities: re-clustered at least at step 20
+    assert trained["unsupervised"] is True and 20 in [r["step"] for r in trained["reclusters"]], trained
+    assert trained["device"].startswith(("cpu", "cuda")) and isinstance(versions[-1]["proposals"], list)
+    page.get_by_text(re.compile(r"Trained on (cpu|cuda).*pseudo-identities: last re-clustering \(step \d+\)"))\
+        .first.wait_for()
     page.get_by_role("button", name="Activate").click()
     _settle(page, "activating the new version")
     assert store.active_model("demo") == new
