@@ -1,5 +1,6 @@
 """What a training batch holds: identity-balanced P x K batches (with guaranteed negatives put
-together) and which identities may be each other's negatives. Pure numpy / torch, no database."""
+together), which identities may be each other's negatives, and the pseudo-identities' cluster
+memory. Pure numpy / torch, no database."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -69,12 +70,13 @@ class KnownNegativesMiner:
         x = F.normalize(emb.detach(), dim=1)
         d = torch.cdist(x, x)
         same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool)
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        allowed = self.allowed.to(labels.device)
         pos_d = d.masked_fill(~same | eye, float("-inf"))
-        neg_d = d.masked_fill(same | ~self.allowed[labels][:, labels], float("inf"))
+        neg_d = d.masked_fill(same | ~allowed[labels][:, labels], float("inf"))
         p, n = pos_d.argmax(1), neg_d.argmin(1)
         ok = torch.isfinite(pos_d.max(1).values) & torch.isfinite(neg_d.min(1).values)
-        a = torch.arange(len(labels))
+        a = torch.arange(len(labels), device=labels.device)
         return a[ok], p[ok], n[ok]
 
 
@@ -96,3 +98,38 @@ def known_negatives(train_ids: Sequence[str], cams_of: dict[str, set], open_ids:
         if a in idx and b in idx:
             allowed[idx[a], idx[b]] = allowed[idx[b], idx[a]] = True
     return allowed
+
+
+class ClusterMemory:
+    """Cluster Contrast's memory (Dai et al. 2021): one unit centroid per pseudo-identity, the
+    loss a softmax over all centroids at a low temperature (pytorch-metric-learning's
+    NormalizedSoftmaxLoss, its class weights the centroids), the centroids moved toward each
+    batch's crops by momentum, not by gradient. ``centroids`` [C, D]."""
+
+    def __init__(self, centroids: np.ndarray, momentum: float, temperature: float, device: str = "cpu") -> None:
+        import torch
+        from pytorch_metric_learning import losses
+
+        c, d = centroids.shape
+        self.loss = losses.NormalizedSoftmaxLoss(num_classes=c, embedding_size=d, temperature=temperature)
+        self.loss.W.requires_grad_(False)
+        self.loss.W.data = torch.from_numpy(np.ascontiguousarray(centroids.T, np.float32)).to(device)
+        self.momentum = momentum
+
+    def __call__(self, emb, labels):
+        return self.loss(emb, labels)
+
+    def update(self, emb, labels) -> None:
+        """Move each batch identity's centroid toward the mean of its crops, renormalised."""
+        import torch
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            x = F.normalize(emb.detach(), dim=1)
+            w = self.loss.W.data
+            for c in labels.unique():
+                v = (1 - self.momentum) * w[:, c] + self.momentum * x[labels == c].mean(0)
+                w[:, c] = v / v.norm().clamp_min(1e-12)
+
+    def state(self):
+        return self.loss.W.data.cpu()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -12,7 +14,10 @@ CHOICES = ("auto", "cpu", "cuda")
 
 
 def cuda_available() -> bool:
-    """True when torch was built with CUDA and sees at least one GPU."""
+    """True when torch was built with CUDA and sees at least one GPU. Without an NVIDIA device
+    node or driver there is none, known without importing torch (an embedding job need not)."""
+    if "torch" not in sys.modules and not (Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia").exists()):
+        return False
     import torch
 
     try:

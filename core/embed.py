@@ -333,13 +333,27 @@ _SESSIONS: "OrderedDict[tuple, Any]" = OrderedDict()
 _SESSION_LOCK = threading.Lock()
 
 
+def onnx_providers() -> list[str]:
+    """ONNX Runtime's CUDA provider first where this machine has a GPU (core.device) and the
+    installed onnxruntime has the provider (onnxruntime-gpu), else the CPU alone."""
+    import onnxruntime as ort
+
+    from core import device
+
+    if device.select() == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def onnx_session(version: str = BASE, threads: int | None = None):
-    """A cached onnxruntime session (CPU, deterministic compute, fixed thread count)."""
+    """A cached onnxruntime session (deterministic compute, fixed thread count; on the GPU where
+    :func:`onnx_providers` has it)."""
     import onnxruntime as ort
 
     p = onnx_path(version)
     threads = threads or max(1, os.cpu_count() or 1)
-    key = (str(p), p.stat().st_mtime_ns, threads)
+    providers = onnx_providers()
+    key = (str(p), p.stat().st_mtime_ns, threads, tuple(providers))
     with _SESSION_LOCK:
         if key in _SESSIONS:
             _SESSIONS.move_to_end(key)
@@ -352,7 +366,7 @@ def onnx_session(version: str = BASE, threads: int | None = None):
     # no busy-waiting between ops: on a shared CPU (decode threads, other jobs) it only steals time
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(p), sess_options=so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(p), sess_options=so, providers=providers)
     with _SESSION_LOCK:
         _SESSIONS[key] = sess
         while len(_SESSIONS) > 4:
@@ -413,17 +427,25 @@ def _batches(paths: Sequence[str], size: tuple[int, int], batch_size: int, threa
 
 def embed_paths(paths: Sequence[str | os.PathLike], version: str = BASE, kind: str = "crop",
                 batch_size: int = 64, threads: int = 2, progress: Progress | None = None,
-                backend: str = "onnx", ort_threads: int | None = None,
+                backend: str = "auto", ort_threads: int | None = None,
                 ) -> tuple[np.ndarray, dict[int, str]]:
     """Embed image files with model ``version``.
 
     Returns ``vectors`` float32 ``[N, D]`` aligned with ``paths`` (unit rows; a NaN row where the
     file failed) and ``errors`` {index: reason}. ``threads`` decode/resize workers;
-    ``backend`` "onnx" (ONNX Runtime, default) or "torch" (PyTorch eager, for parity checks).
+    ``backend`` "onnx" (ONNX Runtime), "torch" (PyTorch eager: parity checks, and the GPU where
+    onnxruntime has no CUDA provider) or "auto" (default): ONNX Runtime, unless this machine has a
+    GPU that only torch can use.
     ``progress(done, total)`` after each batch. Memory stays bounded: images are decoded a few
     batches ahead and dropped after their batch."""
     paths = list(paths)
     n = len(paths)
+    dev = "cpu"
+    if backend == "auto":
+        from core import device
+
+        dev = device.select()
+        backend = "torch" if dev == "cuda" and onnx_providers()[0] != "CUDAExecutionProvider" else "onnx"
     if backend == "onnx":
         sess = onnx_session(version, ort_threads)
         cfg = model_config(version)
@@ -436,11 +458,12 @@ def embed_paths(paths: Sequence[str | os.PathLike], version: str = BASE, kind: s
         import torch
 
         model, cfg = load_model(version)
+        model.to(dev)
         dim = cfg.emb_dim
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                return model(torch.from_numpy(x)).numpy()
+                return model(torch.from_numpy(x).to(dev)).cpu().numpy()
     else:
         raise ValueError(f"unknown backend {backend!r}; use 'onnx' or 'torch'")
     size = cfg.input_size(kind)
@@ -471,7 +494,7 @@ _WRITE_CHUNK = 4096
 
 
 def embed_dataset(name: str, version: str | None = None, progress: Progress | None = None,
-                  batch_size: int = 64, threads: int = 2, backend: str = "onnx",
+                  batch_size: int = 64, threads: int = 2, backend: str = "auto",
                   ) -> dict[str, Any]:
     """Embed every sample of dataset ``name`` with ``version`` (None: the dataset's active model,
     else "base") into ``store.embedding_field(version)``.

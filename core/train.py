@@ -51,8 +51,11 @@ from typing import Any
 import numpy as np
 
 from core import augment as aug
-from core.batches import KnownNegativesMiner, WeightedIdentitySampler, known_negatives
+from core import device as devices
 from core import evaluate as ev
+from core import pseudo
+from core.batches import ClusterMemory, KnownNegativesMiner, WeightedIdentitySampler, known_negatives
+from core.labeling.pair_select import component_vectors
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +133,12 @@ class TrainConfig:
     # None: on when every training identity is open (lone tracklets, no operator-verified identity)
     unsupervised: bool | None = None  # cluster open identities into cross-camera pseudo-identities
     recluster_every: int = 200  # steps between re-clusterings on the current embeddings
-    cluster_eps: float = 0.6  # DBSCAN radius on k-reciprocal Jaccard distances between tracklets
+    cluster_method: str = "mutual"  # core.pseudo.METHODS: cross-camera mutual neighbours, or SpCL's DBSCAN
+    cluster_eps: float = 0.6  # largest distance a link may join (cosine for mutual, Jaccard for dbscan)
     memory_weight: float = 1.0  # cluster-memory contrastive loss beside the triplet loss (0: off)
     memory_momentum: float = 0.2  # how far a batch moves its clusters' centroids
     memory_temperature: float = 0.05
+    memory_supervised: bool = False  # the memory in rounds on verified identities too (one centroid each)
     augment: aug.AugmentConfig = field(default_factory=aug.AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,7 +191,8 @@ def split_identities(
     identities: Sequence[Any], val_fraction: float, min_val_ids: int, rng: np.random.Generator
 ) -> tuple[list[Any], list[Any]]:
     """Shuffle the distinct identities and hold out ``max(min_val_ids, round(val_fraction * n))``
-    of them for validation. Returns (train identities, validation identities), disjoint."""
+    of them for validation (``val_fraction`` 0: none). Returns (train identities, validation
+    identities), disjoint."""
     ids = sorted(set(identities), key=str)
     n_val = max(min_val_ids, int(round(val_fraction * len(ids)))) if val_fraction > 0 else 0
     if len(ids) - n_val < 2:
@@ -211,15 +217,16 @@ def load_crops(paths: Sequence[str], size: tuple[int, int], threads: int = 2) ->
 # --- model helpers -------------------------------------------------------------------------------
 
 def _embed_array(model, x: np.ndarray, batch: int = 128) -> np.ndarray:
-    """Eval-mode embeddings of ``x`` [N, H, W, 3] uint8 -> [N, D] float32."""
+    """Eval-mode embeddings of ``x`` [N, H, W, 3] uint8 -> [N, D] float32 (on the model's device)."""
     import torch
 
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     out = []
     with torch.inference_mode():
         for i in range(0, len(x), batch):
-            out.append(model(torch.from_numpy(x[i: i + batch])).numpy())
+            out.append(model(torch.from_numpy(x[i: i + batch]).to(device)).cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, model.config.emb_dim), np.float32)
 
@@ -284,6 +291,7 @@ def round_fingerprint(samples: Sequence[Sample], config: TrainConfig, init_versi
     round it continues."""
     cfg = config.to_dict()
     cfg.pop("threads", None)
+    cfg.pop("device", None)
     c = json.dumps({"config": cfg, "init_version": init_version}, sort_keys=True, default=str)
     return {"config": hashlib.sha1(c.encode()).hexdigest(),
             "samples": hashlib.sha1(json.dumps(_sample_rows(samples)).encode()).hexdigest()}
@@ -418,12 +426,18 @@ def train_round(
         usable = set(uniq[counts >= 2].tolist())
         if len(usable) < len(uniq):
             log.info("dropping %d identities with a single crop", len(uniq) - len(usable))
-        train_ids, val_ids = split_identities(sorted(usable), config.val_fraction, config.min_val_ids, rng)
+        open_set = set(open_identities)
+        unsup = config.unsupervised if config.unsupervised is not None else bool(open_set) and usable <= open_set
+        val_fraction = config.val_fraction
+        if unsup and val_fraction > 0:  # validation then only shows progress (it selects nothing): few tracklets
+            val_fraction = min(val_fraction, config.min_val_ids / max(1, len(usable)))
+        train_ids, val_ids = split_identities(sorted(usable), val_fraction, config.min_val_ids, rng)
         if saved is not None and (saved["train_ids"], saved["val_ids"]) != (train_ids, val_ids):
             raise ResumeError("the identity split differs from the saved round's: start a new round")
         tr_set, va_set = set(train_ids), set(val_ids)
         tr_idx = np.array([i for i, x in enumerate(idents) if x in tr_set], dtype=int)
         va_idx = np.array([i for i, x in enumerate(idents) if x in va_set], dtype=int)
+        dev = devices.select(config.device)
 
         # -- model
         init_model, init_cfg = embed.load_model(init_version)
@@ -441,12 +455,15 @@ def train_round(
         if missing:
             log.info("fresh parameters (not in %s): %s", init_version, missing)
         del init_model
+        model.to(dev)
         blocks = backbones.get_backbone(mcfg.backbone).blocks(model.backbone)
         frozen = blocks[: mcfg.frozen_blocks]
         head_params = [p for m in (model.head, model.neck) if m is not None for p in m.parameters()]
         bb_params = [p for p in model.backbone.parameters() if p.requires_grad]
         loss_fn, miner = _loss_and_miner(config)
         id_loss = _id_loss(config, len(train_ids), mcfg.emb_dim)
+        if id_loss is not None:
+            id_loss.to(dev)
         groups = [{"params": head_params, "lr_mult": 1.0},
                   {"params": bb_params, "lr_mult": config.backbone_lr_mult}]
         if id_loss is not None:
@@ -468,7 +485,45 @@ def train_round(
                 partners.setdefault(lab_map[b], []).append(lab_map[a])
         sampler = WeightedIdentitySampler(y_tr, weights[tr_idx], config.ids_per_batch, config.samples_per_id,
                                           partners)
-        if config.miner == "batch_hard" and open_identities:
+        # pseudo-identities: each training identity (node) gets a label; nodes the clustering
+        # joins share one. Re-clustered every ``recluster_every`` steps on the current model.
+        pl: dict[str, Any] = {"labels": None, "memory": None, "clustering": None, "reclusters": []}
+        fixed = [x not in open_set for x in train_ids]
+        cannot_idx = [(lab_map[a], lab_map[b]) for a, b in cannot if a in lab_map and b in lab_map]
+        c_tr = None if cams is None else cams[tr_idx]
+
+        def set_pseudo(labels: np.ndarray, centroids: np.ndarray) -> None:
+            pl["labels"] = labels
+            partners_pl: dict[int, list[int]] = {}
+            for a, b in cannot_idx:
+                partners_pl.setdefault(int(labels[a]), []).append(int(labels[b]))
+                partners_pl.setdefault(int(labels[b]), []).append(int(labels[a]))
+            pl["sampler"] = WeightedIdentitySampler(labels[y_tr], weights[tr_idx], config.ids_per_batch,
+                                                    config.samples_per_id, partners_pl)
+            pl["memory"] = (ClusterMemory(centroids, config.memory_momentum, config.memory_temperature, dev)
+                            if config.memory_weight > 0 else None)
+
+        def recluster(step: int) -> None:
+            e = _embed_array(model, x_tr)
+            _set_train_mode(model, frozen)
+            cl = pseudo.pseudo_identities(e, y_tr, len(train_ids), c_tr, cannot_idx, fixed,
+                                          config.cluster_method, config.cluster_eps)
+            set_pseudo(cl.labels, component_vectors(e, cl.labels[y_tr], cl.n_labels))
+            pl["clustering"] = cl
+            pl["reclusters"].append({"step": step, "nodes": len(train_ids), "clusters": cl.clusters,
+                                     "merged_nodes": cl.merged_nodes, "vetoed": cl.vetoed})
+            log.info("step %d: %d tracklets -> %d pseudo-identities (%d joined in %d clusters, %d links vetoed)",
+                     step, len(train_ids), cl.n_labels, cl.merged_nodes, cl.clusters, cl.vetoed)
+
+        def pseudo_state() -> dict[str, Any] | None:
+            if pl["labels"] is None:
+                return None
+            cl = pl["clustering"]
+            return {"labels": pl["labels"].tolist(), "reclusters": pl["reclusters"],
+                    "memory": None if pl["memory"] is None else pl["memory"].state(),
+                    "proposals": [[int(a), int(b), float(d)] for a, b, d in (cl.proposals if cl else [])]}
+
+        if config.miner == "batch_hard" and open_identities and not unsup:
             cams_of: dict[str, set] = {}
             for x, c in zip(idents, cams_raw):
                 cams_of.setdefault(str(x), set()).add(None if c is None else str(c))
@@ -493,7 +548,7 @@ def train_round(
                 "best_map": float(best_map), "init_metrics": init_metrics, "metrics": metrics,
                 "history": history, "bad_evals": int(bad_evals), "train_ids": train_ids, "val_ids": val_ids,
                 "seconds": time.perf_counter() - t0, "init_version": init_version,
-                "train_config": config.to_dict(), "samples": sample_rows}, out_dir / RESUME)
+                "train_config": config.to_dict(), "samples": sample_rows, "pseudo": pseudo_state()}, out_dir / RESUME)
 
         stopped_early = False
         if saved is None:
@@ -516,6 +571,13 @@ def train_round(
             best_metrics, best_step, best_map = saved["best_metrics"], int(saved["best_step"]), float(saved["best_map"])
             best_state, bad_evals = saved["best_state"], int(saved["bad_evals"])
             t0 -= float(saved.get("seconds") or 0.0)
+            if saved.get("pseudo"):
+                ps = saved["pseudo"]
+                mem = ps["memory"]
+                set_pseudo(np.asarray(ps["labels"], np.int64),
+                           mem.numpy().T if mem is not None else np.zeros((1, mcfg.emb_dim), np.float32))
+                pl["reclusters"] = list(ps["reclusters"])
+                pl["clustering"] = pseudo.Clustering(pl["labels"], [tuple(p) for p in ps["proposals"]])
             stopped_early = bool(config.patience and bad_evals >= config.patience)
             log.info("resuming round in %s at step %d of %d", out_dir, start, config.steps)
         log.info("round from %s: %d train ids (%d crops), %d val ids (%d crops), init val mAP %.3f",
@@ -531,16 +593,26 @@ def train_round(
             f = _lr_factor(step - 1, config.steps, config.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = config.lr * g["lr_mult"] * f
-            idx = sampler.batch(rng)
+            if unsup and (step - 1) % config.recluster_every == 0:
+                recluster(step - 1)
+            elif step == 1 and pl["labels"] is None and config.memory_weight > 0 and config.memory_supervised:
+                e = _embed_array(model, x_tr)  # a supervised round's memory: one centroid per identity
+                _set_train_mode(model, frozen)
+                set_pseudo(np.arange(len(train_ids)), component_vectors(e, y_tr, len(train_ids)))
+            idx = (sampler if pl["labels"] is None else pl["sampler"]).batch(rng)
             imgs = np.stack([aug.augment(x_tr[i], rng, config.augment) for i in idx])
-            labels = torch.from_numpy(y_tr[idx])
-            emb = model(torch.from_numpy(imgs))
+            labels = torch.from_numpy(y_tr[idx] if pl["labels"] is None else pl["labels"][y_tr[idx]]).to(dev)
+            emb = model(torch.from_numpy(imgs).to(dev))
             loss = loss_fn(emb, labels, miner(emb, labels))
             if id_loss is not None:
                 loss = loss + config.id_loss_weight * id_loss(emb, labels)
+            if pl["memory"] is not None:
+                loss = loss + config.memory_weight * pl["memory"](emb, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if pl["memory"] is not None:
+                pl["memory"].update(emb, labels)
             loss_v = float(loss.item())
             if step % config.eval_every == 0 or step == config.steps:
                 metrics = validate()
@@ -549,6 +621,9 @@ def train_round(
                 if metrics is not None:
                     log.info("step %d loss %.4f val mAP %.3f rank1 %.3f", step, loss_v,
                              metrics["mAP"], metrics["rank1"])
+                if unsup:  # held-out tracklets only find themselves: no judge of cross-camera matching
+                    best_step, best_state, best_metrics = step, copy.deepcopy(model.state_dict()), metrics
+                elif metrics is not None:
                     if metrics["mAP"] > best_map + config.min_delta:
                         best_map, best_metrics, best_step = metrics["mAP"], metrics, step
                         best_state = copy.deepcopy(model.state_dict())
@@ -570,6 +645,7 @@ def train_round(
             raise TrainingCancelled("round cancelled before saving; no checkpoint written")
 
         # -- the best weights, atomically
+        best_state = {k: v.detach().cpu() for k, v in best_state.items()}  # a checkpoint loads anywhere
         model.load_state_dict(best_state)
         ck_metrics = {"val": best_metrics or {}, "init_val": init_metrics or {}, "best_step": best_step,
                       "train_ids": len(train_ids), "val_ids": len(val_ids)}
@@ -581,7 +657,11 @@ def train_round(
             "history": history, "train_ids": train_ids, "val_ids": val_ids,
             "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "seconds": seconds,
             "model_config": mcfg.to_dict(), "train_config": config.to_dict(),
+            "device": dev, "unsupervised": bool(unsup), "pseudo": None,
         }
+        if unsup and pl["clustering"] is not None:
+            props = [[train_ids[a], train_ids[b], round(d, 4)] for a, b, d in pl["clustering"].proposals[:200]]
+            result["pseudo"] = {"reclusters": pl["reclusters"], "proposals": props}
         ck = {"model": best_state, "config": mcfg.to_dict(), "optimizer": opt.state_dict(),
               "step": int(best_step), "metrics": ck_metrics, "train_config": config.to_dict(),
               "init_version": init_version, "fingerprint": fp, "result": result}
