@@ -133,3 +133,74 @@ class ClusterMemory:
 
     def state(self):
         return self.loss.W.data.cpu()
+
+
+class PseudoLabels:
+    """What a round trains on when its identities come from clustering: each node (training
+    identity) its pseudo-identity, the P x K sampler over those, the cluster memory, and the
+    re-clusterings so far (:meth:`state` / :meth:`restore` make it part of the resumable loop).
+
+    ``node`` [N] each training crop's node; ``weights`` [N]; ``cannot`` node pairs known to be two
+    people (the sampler puts them in one batch, the clustering never joins them); ``fixed`` [n]
+    True for verified nodes; ``cams`` [N] or None; ``memory`` (weight, momentum, temperature)."""
+
+    def __init__(self, node: np.ndarray, weights: np.ndarray, p: int, k: int, cannot: Sequence[tuple[int, int]],
+                 fixed: Sequence[bool], cams: Sequence | None, memory: tuple[float, float, float],
+                 device: str = "cpu") -> None:
+        self.node, self.weights, self.p, self.k = np.asarray(node), np.asarray(weights), p, k
+        self.cannot, self.fixed, self.cams = list(cannot), list(fixed), cams
+        self.memory_weight, self.momentum, self.temperature = memory
+        self.device = device
+        self.labels: np.ndarray | None = None  # [n] pseudo-identity of each node
+        self.memory: ClusterMemory | None = None
+        self.proposals: list[tuple[int, int, float]] = []
+        self.reclusters: list[dict] = []
+
+    def set(self, labels: np.ndarray, centroids: np.ndarray) -> None:
+        """Train on ``labels`` [n] from now on, the memory starting at ``centroids`` [C, D]."""
+        self.labels = np.asarray(labels, np.int64)
+        partners: dict[int, list[int]] = {}
+        for a, b in self.cannot:
+            partners.setdefault(int(self.labels[a]), []).append(int(self.labels[b]))
+            partners.setdefault(int(self.labels[b]), []).append(int(self.labels[a]))
+        self.sampler = WeightedIdentitySampler(self.labels[self.node], self.weights, self.p, self.k, partners)
+        self.memory = (ClusterMemory(centroids, self.momentum, self.temperature, self.device)
+                       if self.memory_weight > 0 else None)
+
+    def recluster(self, emb: np.ndarray, step: int, method: str, eps: float):
+        """Pseudo-identities from the crops' current vectors ``emb`` [N, D] (core.pseudo)."""
+        from core import pseudo
+        from core.labeling.pair_select import component_vectors
+
+        n = len(self.fixed)
+        cl = pseudo.pseudo_identities(emb, self.node, n, self.cams, self.cannot, self.fixed, method, eps)
+        self.set(cl.labels, component_vectors(emb, cl.labels[self.node], cl.n_labels))
+        self.proposals = cl.proposals
+        self.reclusters.append({"step": step, "nodes": n, "clusters": cl.clusters,
+                                "merged_nodes": cl.merged_nodes, "vetoed": cl.vetoed})
+        return cl
+
+    def crop_labels(self, idx: np.ndarray) -> np.ndarray:
+        return self.labels[self.node[idx]]
+
+    def loss(self, emb, labels):
+        """The weighted memory loss (0 without a memory)."""
+        return 0.0 if self.memory is None else self.memory_weight * self.memory(emb, labels)
+
+    def update(self, emb, labels) -> None:
+        if self.memory is not None:
+            self.memory.update(emb, labels)
+
+    def state(self) -> dict | None:
+        if self.labels is None:
+            return None
+        return {"labels": self.labels.tolist(), "reclusters": self.reclusters,
+                "memory": None if self.memory is None else self.memory.state(),
+                "proposals": [[int(a), int(b), float(d)] for a, b, d in self.proposals]}
+
+    def restore(self, state: dict, emb_dim: int) -> None:
+        mem = state["memory"]
+        self.set(np.asarray(state["labels"], np.int64),
+                 mem.numpy().T if mem is not None else np.zeros((1, emb_dim), np.float32))
+        self.reclusters = list(state["reclusters"])
+        self.proposals = [tuple(p) for p in state["proposals"]]

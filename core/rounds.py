@@ -222,8 +222,9 @@ def pseudo_summary(pseudo: dict[str, Any] | None) -> str | None:
     if not runs:
         return "no re-clustering ran (the round ended before its first)"
     r = runs[-1]
-    return (f"last re-clustering (step {r.get('step')}): {r.get('nodes')} tracklets -> {r.get('clusters')} "
-            f"pseudo-identities, {r.get('merged_nodes')} merged")
+    n, merged, clusters = int(r.get("nodes") or 0), int(r.get("merged_nodes") or 0), int(r.get("clusters") or 0)
+    return (f"last re-clustering (step {r.get('step')}): {n} tracklets -> {n - merged + clusters} "
+            f"pseudo-identities ({merged} tracklets joined into {clusters})")
 
 
 def proposal_nodes(state: graph_identity.GraphState, proposals: Any) -> list[dict[str, Any]]:

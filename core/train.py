@@ -25,6 +25,19 @@ The model is core.embed's :class:`EmbeddingModel` (BGR uint8 in, unit vectors ou
 ``init_version``; its first ``frozen_blocks`` backbone blocks are frozen (parameters fixed, batch
 norm in eval mode), the later blocks and the projection head train.
 
+Pseudo-identities (``unsupervised``; on by default when every training identity is open, i.e.
+lone tracklets nobody has named or joined): at step 0 and every ``recluster_every`` steps the
+current model embeds the training crops and :func:`core.pseudo.pseudo_identities` joins
+tracklets across cameras (never two the identity graph keeps apart); the batches, the triplet
+loss and a Cluster Contrast memory (:class:`core.batches.ClusterMemory`) then work on those
+labels. Held-out tracklets only find their own crops, which says nothing about matching across
+cameras, so such a round keeps its last weights (its validation only shows progress) and holds
+out just ``min_val_ids`` tracklets. The result's ``pseudo`` holds each re-clustering and the
+last one's proposed merges for the pair queue.
+
+Devices: the round trains on CUDA where torch sees a GPU (``device``, core.device), else on the
+CPU, unchanged; the checkpoint is always saved with CPU tensors.
+
 Per-sample weights act in the sampler: an identity is drawn with probability proportional to the
 sum of its crops' weights, and a crop within its identity proportionally to its weight, so
 flagged or uncertain samples (weight > 1) are seen more often.
@@ -53,8 +66,7 @@ import numpy as np
 from core import augment as aug
 from core import device as devices
 from core import evaluate as ev
-from core import pseudo
-from core.batches import ClusterMemory, KnownNegativesMiner, WeightedIdentitySampler, known_negatives
+from core.batches import KnownNegativesMiner, PseudoLabels, WeightedIdentitySampler, known_negatives
 from core.labeling.pair_select import component_vectors
 
 log = logging.getLogger(__name__)
@@ -286,8 +298,8 @@ def _id_loss(config: TrainConfig, n_classes: int, emb_dim: int):
 # --- resuming -------------------------------------------------------------------------------------
 
 def round_fingerprint(samples: Sequence[Sample], config: TrainConfig, init_version: str) -> dict[str, str]:
-    """sha1 of the config with the init version (``threads`` left out: it changes the speed, not
-    what is learned) and of the samples in order: what a resumed round must share with the
+    """sha1 of the config with the init version (``threads`` and ``device`` left out: they change
+    the speed, not what is learned) and of the samples in order: what a resumed round must share with the
     round it continues."""
     cfg = config.to_dict()
     cfg.pop("threads", None)
@@ -487,41 +499,16 @@ def train_round(
                                           partners)
         # pseudo-identities: each training identity (node) gets a label; nodes the clustering
         # joins share one. Re-clustered every ``recluster_every`` steps on the current model.
-        pl: dict[str, Any] = {"labels": None, "memory": None, "clustering": None, "reclusters": []}
-        fixed = [x not in open_set for x in train_ids]
-        cannot_idx = [(lab_map[a], lab_map[b]) for a, b in cannot if a in lab_map and b in lab_map]
-        c_tr = None if cams is None else cams[tr_idx]
-
-        def set_pseudo(labels: np.ndarray, centroids: np.ndarray) -> None:
-            pl["labels"] = labels
-            partners_pl: dict[int, list[int]] = {}
-            for a, b in cannot_idx:
-                partners_pl.setdefault(int(labels[a]), []).append(int(labels[b]))
-                partners_pl.setdefault(int(labels[b]), []).append(int(labels[a]))
-            pl["sampler"] = WeightedIdentitySampler(labels[y_tr], weights[tr_idx], config.ids_per_batch,
-                                                    config.samples_per_id, partners_pl)
-            pl["memory"] = (ClusterMemory(centroids, config.memory_momentum, config.memory_temperature, dev)
-                            if config.memory_weight > 0 else None)
+        pl = PseudoLabels(y_tr, weights[tr_idx], config.ids_per_batch, config.samples_per_id,
+                          [(lab_map[a], lab_map[b]) for a, b in cannot if a in lab_map and b in lab_map],
+                          [x not in open_set for x in train_ids], None if cams is None else cams[tr_idx],
+                          (config.memory_weight, config.memory_momentum, config.memory_temperature), dev)
 
         def recluster(step: int) -> None:
-            e = _embed_array(model, x_tr)
+            cl = pl.recluster(_embed_array(model, x_tr), step, config.cluster_method, config.cluster_eps)
             _set_train_mode(model, frozen)
-            cl = pseudo.pseudo_identities(e, y_tr, len(train_ids), c_tr, cannot_idx, fixed,
-                                          config.cluster_method, config.cluster_eps)
-            set_pseudo(cl.labels, component_vectors(e, cl.labels[y_tr], cl.n_labels))
-            pl["clustering"] = cl
-            pl["reclusters"].append({"step": step, "nodes": len(train_ids), "clusters": cl.clusters,
-                                     "merged_nodes": cl.merged_nodes, "vetoed": cl.vetoed})
             log.info("step %d: %d tracklets -> %d pseudo-identities (%d joined in %d clusters, %d links vetoed)",
                      step, len(train_ids), cl.n_labels, cl.merged_nodes, cl.clusters, cl.vetoed)
-
-        def pseudo_state() -> dict[str, Any] | None:
-            if pl["labels"] is None:
-                return None
-            cl = pl["clustering"]
-            return {"labels": pl["labels"].tolist(), "reclusters": pl["reclusters"],
-                    "memory": None if pl["memory"] is None else pl["memory"].state(),
-                    "proposals": [[int(a), int(b), float(d)] for a, b, d in (cl.proposals if cl else [])]}
 
         if config.miner == "batch_hard" and open_identities and not unsup:
             cams_of: dict[str, set] = {}
@@ -548,7 +535,7 @@ def train_round(
                 "best_map": float(best_map), "init_metrics": init_metrics, "metrics": metrics,
                 "history": history, "bad_evals": int(bad_evals), "train_ids": train_ids, "val_ids": val_ids,
                 "seconds": time.perf_counter() - t0, "init_version": init_version,
-                "train_config": config.to_dict(), "samples": sample_rows, "pseudo": pseudo_state()}, out_dir / RESUME)
+                "train_config": config.to_dict(), "samples": sample_rows, "pseudo": pl.state()}, out_dir / RESUME)
 
         stopped_early = False
         if saved is None:
@@ -572,12 +559,7 @@ def train_round(
             best_state, bad_evals = saved["best_state"], int(saved["bad_evals"])
             t0 -= float(saved.get("seconds") or 0.0)
             if saved.get("pseudo"):
-                ps = saved["pseudo"]
-                mem = ps["memory"]
-                set_pseudo(np.asarray(ps["labels"], np.int64),
-                           mem.numpy().T if mem is not None else np.zeros((1, mcfg.emb_dim), np.float32))
-                pl["reclusters"] = list(ps["reclusters"])
-                pl["clustering"] = pseudo.Clustering(pl["labels"], [tuple(p) for p in ps["proposals"]])
+                pl.restore(saved["pseudo"], mcfg.emb_dim)
             stopped_early = bool(config.patience and bad_evals >= config.patience)
             log.info("resuming round in %s at step %d of %d", out_dir, start, config.steps)
         log.info("round from %s: %d train ids (%d crops), %d val ids (%d crops), init val mAP %.3f",
@@ -595,24 +577,22 @@ def train_round(
                 g["lr"] = config.lr * g["lr_mult"] * f
             if unsup and (step - 1) % config.recluster_every == 0:
                 recluster(step - 1)
-            elif step == 1 and pl["labels"] is None and config.memory_weight > 0 and config.memory_supervised:
+            elif step == 1 and pl.labels is None and config.memory_weight > 0 and config.memory_supervised:
                 e = _embed_array(model, x_tr)  # a supervised round's memory: one centroid per identity
                 _set_train_mode(model, frozen)
-                set_pseudo(np.arange(len(train_ids)), component_vectors(e, y_tr, len(train_ids)))
-            idx = (sampler if pl["labels"] is None else pl["sampler"]).batch(rng)
+                pl.set(np.arange(len(train_ids)), component_vectors(e, y_tr, len(train_ids)))
+            idx = (sampler if pl.labels is None else pl.sampler).batch(rng)
             imgs = np.stack([aug.augment(x_tr[i], rng, config.augment) for i in idx])
-            labels = torch.from_numpy(y_tr[idx] if pl["labels"] is None else pl["labels"][y_tr[idx]]).to(dev)
+            labels = torch.from_numpy(y_tr[idx] if pl.labels is None else pl.crop_labels(idx)).to(dev)
             emb = model(torch.from_numpy(imgs).to(dev))
             loss = loss_fn(emb, labels, miner(emb, labels))
             if id_loss is not None:
                 loss = loss + config.id_loss_weight * id_loss(emb, labels)
-            if pl["memory"] is not None:
-                loss = loss + config.memory_weight * pl["memory"](emb, labels)
+            loss = loss + pl.loss(emb, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if pl["memory"] is not None:
-                pl["memory"].update(emb, labels)
+            pl.update(emb, labels)
             loss_v = float(loss.item())
             if step % config.eval_every == 0 or step == config.steps:
                 metrics = validate()
@@ -659,9 +639,9 @@ def train_round(
             "model_config": mcfg.to_dict(), "train_config": config.to_dict(),
             "device": dev, "unsupervised": bool(unsup), "pseudo": None,
         }
-        if unsup and pl["clustering"] is not None:
-            props = [[train_ids[a], train_ids[b], round(d, 4)] for a, b, d in pl["clustering"].proposals[:200]]
-            result["pseudo"] = {"reclusters": pl["reclusters"], "proposals": props}
+        if unsup and pl.reclusters:
+            props = [[train_ids[a], train_ids[b], round(d, 4)] for a, b, d in pl.proposals[:200]]
+            result["pseudo"] = {"reclusters": pl.reclusters, "proposals": props}
         ck = {"model": best_state, "config": mcfg.to_dict(), "optimizer": opt.state_dict(),
               "step": int(best_step), "metrics": ck_metrics, "train_config": config.to_dict(),
               "init_version": init_version, "fingerprint": fp, "result": result}

@@ -137,8 +137,8 @@ def test_merge_proposals_become_graph_nodes_and_the_summary_one_line(tmp_path, d
         {"a": "t:seq/0", "b": "t:seq/a1", "distance": 0.1},  # seq/a1: 3 of ann's 4 crops
         {"a": "t:seq/1", "b": "t:seq/2", "distance": 0.2}]
     assert rounds.proposal_nodes(state, None) == []
-    pseudo = {"reclusters": [{"step": 0, "nodes": 9, "clusters": 9, "merged_nodes": 0},
-                             {"step": 200, "nodes": 9, "clusters": 5, "merged_nodes": 6}], "proposals": props}
-    assert rounds.pseudo_summary(pseudo) == ("last re-clustering (step 200): 9 tracklets -> 5 pseudo-identities, "
-                                             "6 merged")
+    pseudo = {"reclusters": [{"step": 0, "nodes": 9, "clusters": 0, "merged_nodes": 0},
+                             {"step": 200, "nodes": 9, "clusters": 2, "merged_nodes": 6}], "proposals": props}
+    assert rounds.pseudo_summary(pseudo) == ("last re-clustering (step 200): 9 tracklets -> 5 pseudo-identities "
+                                             "(6 tracklets joined into 2)")
     assert rounds.pseudo_summary(None) is None
