@@ -67,7 +67,6 @@ from core import augment as aug
 from core import device as devices
 from core import evaluate as ev
 from core.batches import KnownNegativesMiner, PseudoLabels, WeightedIdentitySampler, known_negatives
-from core.labeling.pair_select import component_vectors
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +122,7 @@ class TrainConfig:
     steps: int = 1000
     ids_per_batch: int = 8  # P
     samples_per_id: int = 8  # K
+    camera_balanced: bool = False  # an identity's K crops shared out evenly over its cameras
     lr: float = 3e-4  # head; backbone blocks get lr * backbone_lr_mult
     backbone_lr_mult: float = 1.0
     weight_decay: float = 5e-4
@@ -147,10 +147,9 @@ class TrainConfig:
     recluster_every: int = 200  # steps between re-clusterings on the current embeddings
     cluster_method: str = "mutual"  # core.pseudo.METHODS: cross-camera mutual neighbours, or SpCL's DBSCAN
     cluster_eps: float = 0.6  # largest distance a link may join (cosine for mutual, Jaccard for dbscan)
-    memory_weight: float = 1.0  # cluster-memory contrastive loss beside the triplet loss (0: off)
+    memory_weight: float = 0.0  # cluster-memory contrastive loss beside the triplet loss (0: off; see above)
     memory_momentum: float = 0.2  # how far a batch moves its clusters' centroids
     memory_temperature: float = 0.05
-    memory_supervised: bool = False  # the memory in rounds on verified identities too (one centroid each)
     augment: aug.AugmentConfig = field(default_factory=aug.AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -495,14 +494,16 @@ def train_round(
             if a in lab_map and b in lab_map:
                 partners.setdefault(lab_map[a], []).append(lab_map[b])
                 partners.setdefault(lab_map[b], []).append(lab_map[a])
+        c_tr = None if cams is None else cams[tr_idx]
         sampler = WeightedIdentitySampler(y_tr, weights[tr_idx], config.ids_per_batch, config.samples_per_id,
-                                          partners)
+                                          partners, c_tr if config.camera_balanced else None)
         # pseudo-identities: each training identity (node) gets a label; nodes the clustering
         # joins share one. Re-clustered every ``recluster_every`` steps on the current model.
         pl = PseudoLabels(y_tr, weights[tr_idx], config.ids_per_batch, config.samples_per_id,
                           [(lab_map[a], lab_map[b]) for a, b in cannot if a in lab_map and b in lab_map],
-                          [x not in open_set for x in train_ids], None if cams is None else cams[tr_idx],
-                          (config.memory_weight, config.memory_momentum, config.memory_temperature), dev)
+                          [x not in open_set for x in train_ids], c_tr,
+                          (config.memory_weight, config.memory_momentum, config.memory_temperature), dev,
+                          config.camera_balanced)
 
         def recluster(step: int) -> None:
             cl = pl.recluster(_embed_array(model, x_tr), step, config.cluster_method, config.cluster_eps)
@@ -577,10 +578,6 @@ def train_round(
                 g["lr"] = config.lr * g["lr_mult"] * f
             if unsup and (step - 1) % config.recluster_every == 0:
                 recluster(step - 1)
-            elif step == 1 and pl.labels is None and config.memory_weight > 0 and config.memory_supervised:
-                e = _embed_array(model, x_tr)  # a supervised round's memory: one centroid per identity
-                _set_train_mode(model, frozen)
-                pl.set(np.arange(len(train_ids)), component_vectors(e, y_tr, len(train_ids)))
             idx = (sampler if pl.labels is None else pl.sampler).batch(rng)
             imgs = np.stack([aug.augment(x_tr[i], rng, config.augment) for i in idx])
             labels = torch.from_numpy(y_tr[idx] if pl.labels is None else pl.crop_labels(idx)).to(dev)
