@@ -134,8 +134,7 @@ with st.form("round", enter_to_submit=False):  # Enter in a knob must not queue 
         help="Each tracklet is one person (positives), tracklets seen in the same frame are two "
              "(negatives); every few hundred steps, tracklets that are each other's nearest match in "
              "another camera (on the current model, each camera's mean look removed) are joined into a "
-             "pseudo-identity, and the round trains on those with a cluster memory beside the triplet "
-             "loss; operator answers override it (a 'different' or two named people are never joined). The round's closest proposed joins come first in the pair queue. "
+             "pseudo-identity, and the round trains on those; operator answers override it (a 'different' or two named people are never joined). The round's closest proposed joins come first in the pair queue. "
              + ("On by default here: the graph has no verified identity yet (every training identity "
                 "is a lone tracklet)." if auto_unsupervised else
                 "Off by default here: the graph has named or joined identities to train on."))
