@@ -22,7 +22,7 @@ class WeightedIdentitySampler:
     """
 
     def __init__(self, labels: Sequence[int], weights: Sequence[float], p: int, k: int,
-                 partners: dict[int, Sequence[int]] | None = None, cams: Sequence | None = None):
+                 partners: dict[int, Sequence[int]] | None = None):
         labels = np.asarray(labels)
         w = np.clip(np.asarray(weights, np.float64), 1e-6, None)
         self.k = k
@@ -32,10 +32,6 @@ class WeightedIdentitySampler:
         self.member_p = [w[m] / w[m].sum() for m in self.members]
         cw = np.array([w[m].sum() for m in self.members])
         self.class_p = cw / cw.sum()
-        # ``cams``: an identity's K crops are shared out evenly over the cameras it was seen by
-        self.by_cam = None if cams is None else [
-            [m[np.asarray(cams)[m] == c] for c in np.unique(np.asarray(cams)[m])] for m in self.members]
-        self.w = w
         pos = {int(c): i for i, c in enumerate(self.classes)}
         self.partners = {pos[int(c)]: [pos[int(o)] for o in others if int(o) in pos and int(o) != int(c)]
                          for c, others in (partners or {}).items() if int(c) in pos}
@@ -49,12 +45,6 @@ class WeightedIdentitySampler:
                 chosen[slot] = free[int(rng.integers(len(free)))]
         out = []
         for c in chosen:
-            if self.by_cam is not None and len(self.by_cam[c]) > 1:
-                groups = self.by_cam[c]
-                share = [self.k // len(groups) + (i < self.k % len(groups)) for i in rng.permutation(len(groups))]
-                out.append(np.concatenate([rng.choice(g, size=n, replace=len(g) < n, p=self.w[g] / self.w[g].sum())
-                                           for g, n in zip(groups, share) if n]))
-                continue
             m = self.members[c]
             out.append(rng.choice(m, size=self.k, replace=len(m) < self.k, p=self.member_p[c]))
         return np.concatenate(out)
@@ -156,11 +146,11 @@ class PseudoLabels:
 
     def __init__(self, node: np.ndarray, weights: np.ndarray, p: int, k: int, cannot: Sequence[tuple[int, int]],
                  fixed: Sequence[bool], cams: Sequence | None, memory: tuple[float, float, float],
-                 device: str = "cpu", camera_balanced: bool = False) -> None:
+                 device: str = "cpu") -> None:
         self.node, self.weights, self.p, self.k = np.asarray(node), np.asarray(weights), p, k
         self.cannot, self.fixed, self.cams = list(cannot), list(fixed), cams
         self.memory_weight, self.momentum, self.temperature = memory
-        self.device, self.camera_balanced = device, camera_balanced
+        self.device = device
         self.labels: np.ndarray | None = None  # [n] pseudo-identity of each node
         self.memory: ClusterMemory | None = None
         self.proposals: list[tuple[int, int, float]] = []
@@ -173,8 +163,7 @@ class PseudoLabels:
         for a, b in self.cannot:
             partners.setdefault(int(self.labels[a]), []).append(int(self.labels[b]))
             partners.setdefault(int(self.labels[b]), []).append(int(self.labels[a]))
-        self.sampler = WeightedIdentitySampler(self.labels[self.node], self.weights, self.p, self.k, partners,
-                                               self.cams if self.camera_balanced else None)
+        self.sampler = WeightedIdentitySampler(self.labels[self.node], self.weights, self.p, self.k, partners)
         self.memory = (ClusterMemory(centroids, self.momentum, self.temperature, self.device)
                        if self.memory_weight > 0 else None)
 

@@ -122,7 +122,6 @@ class TrainConfig:
     steps: int = 1000
     ids_per_batch: int = 8  # P
     samples_per_id: int = 8  # K
-    camera_balanced: bool = False  # an identity's K crops shared out evenly over its cameras
     lr: float = 3e-4  # head; backbone blocks get lr * backbone_lr_mult
     backbone_lr_mult: float = 1.0
     weight_decay: float = 5e-4
@@ -496,14 +495,13 @@ def train_round(
                 partners.setdefault(lab_map[b], []).append(lab_map[a])
         c_tr = None if cams is None else cams[tr_idx]
         sampler = WeightedIdentitySampler(y_tr, weights[tr_idx], config.ids_per_batch, config.samples_per_id,
-                                          partners, c_tr if config.camera_balanced else None)
+                                          partners)
         # pseudo-identities: each training identity (node) gets a label; nodes the clustering
         # joins share one. Re-clustered every ``recluster_every`` steps on the current model.
         pl = PseudoLabels(y_tr, weights[tr_idx], config.ids_per_batch, config.samples_per_id,
                           [(lab_map[a], lab_map[b]) for a, b in cannot if a in lab_map and b in lab_map],
                           [x not in open_set for x in train_ids], c_tr,
-                          (config.memory_weight, config.memory_momentum, config.memory_temperature), dev,
-                          config.camera_balanced)
+                          (config.memory_weight, config.memory_momentum, config.memory_temperature), dev)
 
         def recluster(step: int) -> None:
             cl = pl.recluster(_embed_array(model, x_tr), step, config.cluster_method, config.cluster_eps)

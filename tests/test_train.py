@@ -31,21 +31,6 @@ def test_sampler_is_identity_balanced_and_weighted():
     assert (seen > 0).all()
 
 
-def test_camera_balanced_batches_share_each_identity_out_over_its_cameras():
-    labels = np.repeat(np.arange(4), 12)
-    cams = np.tile(np.array(["c1"] * 10 + ["c2"] * 2), 4)  # most crops from one camera
-    rng = np.random.default_rng(0)
-    plain = T.WeightedIdentitySampler(labels, np.ones(48), p=2, k=8)
-    balanced = T.WeightedIdentitySampler(labels, np.ones(48), p=2, k=8, cams=cams)
-    def c2_per_identity(s):  # [batches, P] crops of camera c2 for each identity in each batch
-        return np.array([(cams[b] == "c2").reshape(2, 8).sum(1) for b in (s.batch(rng) for _ in range(50))])
-
-    assert (c2_per_identity(balanced) == 4).all()  # half the K crops, its 2 c2 crops drawn again
-    assert c2_per_identity(plain).max() <= 2 and c2_per_identity(plain).mean() < 2
-    b = balanced.batch(rng)
-    assert (labels[b].reshape(2, 8) == labels[b].reshape(2, 8)[:, :1]).all()  # still K per identity
-
-
 def test_split_is_by_identity():
     ids = [f"p{i}" for i in range(10)]
     tr, va = T.split_identities(ids, 0.3, 2, np.random.default_rng(0))
