@@ -22,6 +22,8 @@ def test_links_join_across_cameras_never_inside_one():
     cl = pseudo.cluster(4, links)
     assert cl.labels[0] == cl.labels[1] and cl.labels[2] != cl.labels[0] and cl.labels[3] != cl.labels[1]
     assert cl.proposals == [(0, 1, pytest.approx(links[0][2]))]
+    # one camera (or none known): mutual nearest neighbours over all nodes
+    assert [lk[:2] for lk in pseudo.mutual_links(pseudo.cosine_distances(v), ["c"] * 4, eps=0.6)] == [(0, 2)]
     # a link longer than eps is no link: everyone keeps a pseudo-identity of their own
     assert pseudo.cluster(4, pseudo.mutual_links(pseudo.cosine_distances(v), cams, eps=0.001)).n_labels == 4
 
