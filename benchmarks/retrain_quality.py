@@ -255,6 +255,30 @@ def mot(config: TrainConfig, tmp: Path, arms: list[str], out: dict) -> None:
         print(f"mot {arm} round on {r['device']}: wall time {secs:.0f} s, peak memory so far {peak_mb():.0f} MB")
 
 
+def plot(out: dict, path: Path) -> None:
+    """mAP of base / supervised / unsupervised per set, as bars (``retrain_quality.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = ["base", "supervised", "unsupervised"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for k, arm in enumerate(arms):
+        xs = [i + (k - 1) * 0.27 for i in range(len(out))]
+        ys = [100 * r.get(arm, {}).get("mAP", float("nan")) for r in out.values()]
+        ax.bar(xs, ys, width=0.27, label=arm)
+        for x, y in zip(xs, ys):
+            ax.text(x, y + 1, f"{y:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(out)), list(out))
+    ax.set_ylabel("mAP %")
+    ax.set_title("One default round: with labels, and with none")
+    ax.set_ylim(0, 85)
+    ax.legend(fontsize=8, ncol=3, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=["campus62", "mot"])
@@ -282,7 +306,8 @@ def main() -> None:
                   f"({100 * gain_u:+.1f} vs {100 * gain_s:+.1f} points; target >= 50 %)")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    plot(out, OUT.with_suffix(".png"))
+    print(f"wrote {OUT} and {OUT.with_suffix('.png').name}")
     print(f"total wall time {time.perf_counter() - t0:.0f} s, peak memory {peak_mb():.0f} MB "
           f"(2 shared cores: times are noisy)")
 

@@ -258,7 +258,7 @@ def test_train_page_pseudo_identity_switch_goes_into_the_job(dsname, tmp_path):
     at = _open(name, "pages/train.py")
     (switch,) = [t for t in at.toggle if t.label == UNSUPERVISED]
     assert switch.value is False and "Off by default here" in switch.help
-    assert "DBSCAN" in switch.help and "k-reciprocal" in switch.help and "override" in switch.help
+    assert "nearest match in another camera" in switch.help and "override" in switch.help
     where = device.select()
     assert at.selectbox(key="train_preset").options == train.presets_for(where)
     assert f"Rounds on this machine train on **{device.describe(where)}**" in _texts(at)
