@@ -28,9 +28,9 @@ norm in eval mode), the later blocks and the projection head train.
 Pseudo-identities (``unsupervised``; on by default when every training identity is open, i.e.
 lone tracklets nobody has named or joined): at step 0 and every ``recluster_every`` steps the
 current model embeds the training crops and :func:`core.pseudo.pseudo_identities` joins
-tracklets across cameras (never two the identity graph keeps apart); the batches, the triplet
-loss and a Cluster Contrast memory (:class:`core.batches.ClusterMemory`) then work on those
-labels. Held-out tracklets only find their own crops, which says nothing about matching across
+tracklets across cameras (never two the identity graph keeps apart); the batches and the
+triplet loss (with ``memory_weight`` > 0 also a Cluster Contrast memory,
+:class:`core.batches.ClusterMemory`) then work on those labels. Held-out tracklets only find their own crops, which says nothing about matching across
 cameras, so such a round keeps its last weights (its validation only shows progress) and holds
 out just ``min_val_ids`` tracklets. The result's ``pseudo`` holds each re-clustering and the
 last one's proposed merges for the pair queue.

@@ -195,3 +195,20 @@ def test_an_unsupervised_round_resumes_to_the_same_result(data_root):
     a = torch.load(out / T.CHECKPOINT, map_location="cpu", weights_only=True)["model"]
     b = torch.load(data_root / "models" / "t-uwhole" / T.CHECKPOINT, map_location="cpu", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cluster_memory_scores_crops_against_momentum_centroids():
+    import torch
+
+    from core.batches import ClusterMemory
+
+    centroids = np.eye(3, 4, dtype=np.float32)  # three unit centroids
+    mem = ClusterMemory(centroids, momentum=0.5, temperature=0.05)
+    emb = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    right, wrong = mem(emb, torch.tensor([0, 1])), mem(emb, torch.tensor([1, 0]))
+    assert float(right) < 0.01 < 10 < float(wrong)  # a softmax over the centroids at temperature 0.05
+    mem.update(torch.tensor([[0, 0, 0, 1.0], [0, 0, 0, 1.0]]), torch.tensor([2, 2]))
+    w = mem.state().numpy()  # [D, C]
+    assert np.allclose(w[:, 2], np.array([0, 0, 1, 1]) / np.sqrt(2), atol=1e-6)  # halfway, renormalised
+    assert np.allclose(w[:, :2], centroids[:2].T)  # identities not in the batch stay
+    assert not mem.loss.W.requires_grad  # moved by momentum, never by the optimiser
