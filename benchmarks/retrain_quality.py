@@ -112,9 +112,14 @@ def run_round(name: str, samples, config: TrainConfig, **extra) -> tuple[str, di
           f"{'cross-camera' if bv.get('cross_camera') else 'any other crop'}): mAP "
           f"{100 * iv['mAP']:.1f} % -> {100 * bv['mAP']:.1f} %, rank-1 {100 * iv['rank1']:.1f} % -> "
           f"{100 * bv['rank1']:.1f} %", flush=True)
-    for rc in (r.get("pseudo") or {}).get("reclusters", []):
+    pseudo = r.get("pseudo") or {}
+    for rc in pseudo.get("reclusters", []):
         print(f"  [{name}] pseudo-identities at step {rc['step']}: {rc['nodes']} tracklets, {rc['merged_nodes']} "
               f"joined into {rc['clusters']} cross-camera identities ({rc['vetoed']} links vetoed)", flush=True)
+    if pseudo.get("proposals"):  # the hidden identities are in the tracklet names: "~<identity>@<camera>"
+        links = pseudo["proposals"]
+        right = sum(a[1:].split("@")[0] == b[1:].split("@")[0] for a, b, _d in links)
+        print(f"  [{name}] last clustering's links: {right} of {len(links)} join one person", flush=True)
     return version, r, secs
 
 
