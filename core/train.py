@@ -25,8 +25,9 @@ The model is core.embed's :class:`EmbeddingModel` (BGR uint8 in, unit vectors ou
 ``init_version``; its first ``frozen_blocks`` backbone blocks are frozen (parameters fixed, batch
 norm in eval mode), the later blocks and the projection head train.
 
-Pseudo-identities (``unsupervised``; on by default when every training identity is open, i.e.
-lone tracklets nobody has named or joined): at step 0 and every ``recluster_every`` steps the
+Pseudo-identities (``unsupervised``; on by default when some training identities are open, i.e.
+lone tracklets nobody has named or joined: they are what the clustering may join, to each other
+or to a verified identity; a round on verified identities alone is unchanged): at step 0 and every ``recluster_every`` steps the
 current model embeds the training crops and :func:`core.pseudo.pseudo_identities` joins
 tracklets across cameras (never two the identity graph keeps apart); the batches and the
 triplet loss (with ``memory_weight`` > 0 also a Cluster Contrast memory,
@@ -153,7 +154,7 @@ class TrainConfig:
     threads: int = 2  # torch intra-op threads (and decode workers)
     device: str = "auto"  # core.device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda"
     # -- pseudo-identities (a round that needs no labels; see core.pseudo)
-    # None: on when every training identity is open (lone tracklets, no operator-verified identity)
+    # None: on when some training identity is open (a lone tracklet nobody named or joined)
     unsupervised: bool | None = None  # cluster open identities into cross-camera pseudo-identities
     recluster_every: int = 200  # steps between re-clusterings on the current embeddings
     cluster_method: str = "mutual"  # core.pseudo.METHODS: cross-camera mutual neighbours, or SpCL's DBSCAN
@@ -449,7 +450,7 @@ def train_round(
         if len(usable) < len(uniq):
             log.info("dropping %d identities with a single crop", len(uniq) - len(usable))
         open_set = set(open_identities)
-        unsup = config.unsupervised if config.unsupervised is not None else bool(open_set) and usable <= open_set
+        unsup = config.unsupervised if config.unsupervised is not None else bool(open_set & usable)
         val_fraction = config.val_fraction
         if unsup and val_fraction > 0:  # validation then only shows progress (it selects nothing): few tracklets
             val_fraction = min(val_fraction, config.min_val_ids / max(1, len(usable)))

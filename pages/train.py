@@ -109,7 +109,7 @@ if not active:
 n_ids, n_crops = len({s[1] for s in samples}), len(samples)
 n_lone = len({s[1] for s in samples if graph_identity.is_lone(s[1])})
 lone = f", {n_lone} of them lone tracklets nobody has joined yet" if n_lone else ""
-auto_unsupervised = bool(n_ids) and n_lone == n_ids  # core.train's auto: every training identity open
+auto_unsupervised = n_lone > 0  # core.train's auto: some training identity open (a lone tracklet)
 where, where_words = this_device()
 offered = presets_for(where)
 c1, c2 = st.columns([1, 2])
@@ -135,9 +135,8 @@ with st.form("round", enter_to_submit=False):  # Enter in a knob must not queue 
              "(negatives); every few hundred steps, tracklets that are each other's nearest match in "
              "another camera (on the current model, each camera's mean look removed) are joined into a "
              "pseudo-identity, and the round trains on those; operator answers override it (a 'different' or two named people are never joined). The round's closest proposed joins come first in the pair queue. "
-             + ("On by default here: the graph has no verified identity yet (every training identity "
-                "is a lone tracklet)." if auto_unsupervised else
-                "Off by default here: the graph has named or joined identities to train on."))
+             + ("On by default here: the graph has lone tracklets nobody has named or joined yet." if auto_unsupervised
+                else "Off by default here: every identity to train on is named or joined (verified)."))
     go_train = st.form_submit_button("Retrain", type="primary",
                                      disabled=not active or bool(split.problem) or n_ids < need)
     d = preset_config(preset)

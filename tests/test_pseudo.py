@@ -212,3 +212,20 @@ def test_cluster_memory_scores_crops_against_momentum_centroids():
     assert np.allclose(w[:, 2], np.array([0, 0, 1, 1]) / np.sqrt(2), atol=1e-6)  # halfway, renormalised
     assert np.allclose(w[:, :2], centroids[:2].T)  # identities not in the batch stay
     assert not mem.loss.W.requires_grad  # moved by momentum, never by the optimiser
+
+
+def test_pseudo_identities_are_on_where_any_tracklet_is_unlabelled(data_root):
+    """Auto mode: a round with some lone tracklets clusters them (they may join each other or a
+    named identity); a round on named identities alone trains on them as before."""
+    from core import train as T
+    from tests.test_train import RESUMABLE, _campus_samples
+
+    samples = _campus_samples(8)
+    named = {s[1] for s in samples[:64]}  # the first 4 people named, the others per-camera tracklets
+    mixed = [(p, i if i in named else f"~{i}-{c}", c, w) for p, i, c, w in samples]
+    cfg = T.TrainConfig(**{**RESUMABLE, "steps": 2, "eval_every": 2})
+    r = T.train_round(mixed, cfg, out_dir=data_root / "models" / "t-mixed",
+                      open_identities=sorted({s[1] for s in mixed if s[1].startswith("~")}))
+    assert r["unsupervised"] is True and r["pseudo"]["reclusters"][0]["nodes"] > len(named)
+    r = T.train_round(samples, cfg, out_dir=data_root / "models" / "t-named")
+    assert r["unsupervised"] is False and r["pseudo"] is None
