@@ -65,10 +65,13 @@ class Queued:
 
 @pytest.fixture
 def queued(dsname):
-    from core import store
+    from core import jobs, store
 
     store.get_dataset(dsname, create=True)
-    return Queued(dsname)
+    q = Queued(dsname)
+    yield q
+    for j in jobs.list_jobs(dsname, kind="train"):  # a worker of another test must not run them
+        jobs.cancel(j["id"])
 
 
 def test_cli_unsupervised_and_supervised_are_mutually_exclusive(capsys, queued):

@@ -46,7 +46,11 @@ def reid_ds():
 
 
 def _tree_snapshot(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+    """Every path under ``root`` but the database's own files (MongoDB writes them whenever any
+    job or test touches the database, which says nothing about where an export wrote)."""
+    if not root.exists():
+        return set()
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.relative_to(root).parts[0] != "db"}
 
 
 # --------------------------------------------------------------------------- dataset formats
