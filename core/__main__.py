@@ -91,8 +91,7 @@ def train_config_args(a) -> dict:
 
     over = {k: v for k, v in (("steps", a.steps), ("frozen_blocks", a.frozen), ("device", a.device),
                               ("unsupervised", a.unsupervised)) if v is not None}
-    cfg = train.preset_config(a.preset or "default", **over).to_dict()  # checks the preset and the fields
-    return {k: cfg[k] for k in {**train.PRESETS[a.preset or "default"], **over}}
+    return train.preset_job_config(a.preset or "default", **over)
 
 
 def cmd_train(a) -> int:

@@ -209,6 +209,13 @@ def preset_config(preset: str, **overrides: Any) -> TrainConfig:
     return replace(TrainConfig(), **{**PRESETS[preset], **overrides})
 
 
+def preset_job_config(preset: str, **overrides: Any) -> dict[str, Any]:
+    """A round job's config (plain values, as ``TrainConfig.to_dict``): only the fields
+    ``preset`` sets and ``overrides``, checked by :func:`preset_config`; the rest stays default."""
+    cfg = preset_config(preset, **overrides).to_dict()
+    return {k: cfg[k] for k in {**PRESETS[preset], **overrides}}
+
+
 # --- data ---------------------------------------------------------------------------------------
 
 def split_identities(

@@ -11,7 +11,7 @@ import streamlit as st
 
 from core import device, jobs, registry, rounds, store
 from core.labeling import identity as graph_identity
-from core.train import ID_LOSSES, PRESETS, TrainConfig, preset_config, presets_for
+from core.train import ID_LOSSES, TrainConfig, preset_config, preset_job_config, presets_for
 from pages.common import db_ok, require_dataset, show_error, sidebar
 
 # The Advanced knobs, one per TrainConfig field: (label, widget options, help). Fields not named
@@ -66,8 +66,7 @@ def config_from(values: dict, preset: str = "default", unsupervised: bool | None
     """The job's config: the preset's fields, then each knob's value in the type of its
     TrainConfig default; ``unsupervised`` only when the operator chose (None: auto)."""
     d = TrainConfig()
-    out = preset_config(preset).to_dict()
-    out = {k: out[k] for k in PRESETS[preset]}
+    out = preset_job_config(preset)
     for f in dataclasses.fields(TrainConfig):
         if f.name in values:
             v, dv = values[f.name], getattr(d, f.name)
