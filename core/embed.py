@@ -77,6 +77,7 @@ class ModelConfig:
     last_stride: int = 2  # 1: the backbone's last downsampling is removed (2x finer feature map)
     flip_average: bool = False  # eval mode: mean of the image's and its mirror's embeddings
     neck: bool = False  # batch norm on the pooled features before the projection head
+    person_head: bool = False  # a linear person-ness head on the pooled features (core.personness)
 
     def input_size(self, kind: str | None) -> tuple[int, int]:
         """(H, W) for a sample kind ("crop" or "image"; None counts as crop)."""
@@ -161,6 +162,10 @@ def _model_class():
             self.register_buffer("std", torch.tensor(bb.std).view(1, 3, 1, 1), persistent=False)
             self.neck = nn.BatchNorm1d(bb.feature_dim) if config.neck else None
             self.head = nn.Linear(bb.feature_dim, config.emb_dim)
+            # fitted after a round's training (core.personness), not by the identity losses
+            self.person = nn.Linear(bb.feature_dim, 1) if config.person_head else None
+            if self.person is not None:
+                self.person.requires_grad_(False)
             g = torch.Generator().manual_seed(config.seed)
             # orthogonal rows: a near-isometric projection, so pretrained geometry survives
             nn.init.orthogonal_(self.head.weight, generator=g)
@@ -186,15 +191,28 @@ def _model_class():
             p = f.mean(dim=(2, 3))
             return p if self.neck is None else self.neck(p)
 
-        def forward_normalized(self, x: "torch.Tensor") -> "torch.Tensor":
-            """Normalised RGB ``[N, 3, H, W]`` -> ``[N, emb_dim]`` unit vectors."""
-            e = self.head(self.pool(self.backbone(x)))
+        def outputs(self, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None"]:
+            """Normalised RGB ``[N, 3, H, W]`` -> (unit embeddings ``[N, emb_dim]``, pooled
+            features ``[N, C]``, person-ness ``[N]`` in 0..1 or None without a person head)."""
+            f = self.pool(self.backbone(x))
+            e = self.head(f)
             if self.config.flip_average and not self.training:
                 e = e + self.head(self.pool(self.backbone(torch.flip(x, dims=(3,)))))
-            return e / torch.sqrt((e * e).sum(dim=1, keepdim=True) + 1e-12)
+            e = e / torch.sqrt((e * e).sum(dim=1, keepdim=True) + 1e-12)
+            p = None if self.person is None else torch.sigmoid(self.person(f))[:, 0]
+            return e, f, p
+
+        def forward_normalized(self, x: "torch.Tensor") -> "torch.Tensor":
+            """Normalised RGB ``[N, 3, H, W]`` -> ``[N, emb_dim]`` unit vectors."""
+            return self.outputs(x)[0]
 
         def forward(self, x: "torch.Tensor") -> "torch.Tensor":
             return self.forward_normalized(self.prepare(x))
+
+        def forward_with_person(self, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+            """BGR ``[N, H, W, 3]`` -> (embeddings, person-ness ``[N]``): the exported graph's outputs."""
+            e, _f, p = self.outputs(self.prepare(x))
+            return e, p
 
     _MODEL_CLS = EmbeddingModel
     return _MODEL_CLS
@@ -281,23 +299,42 @@ def _onnx_meta(version: str) -> dict[str, Any]:
     return meta
 
 
+ONNX_OUTPUTS = ("embedding", "person")  # "person" only for a model with a person-ness head
+
+
+def _WithPerson(model: "nn.Module") -> "nn.Module":
+    """``model`` exported with both outputs (embedding, person-ness)."""
+    _, nn = _torch()
+
+    class WithPerson(nn.Module):
+        def __init__(self, m: "nn.Module"):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.forward_with_person(x)
+
+    return WithPerson(model).eval()
+
+
 def export_onnx(model: "nn.Module", path: Path, opset: int = 17) -> Path:
-    """Export ``model`` (uint8 ``[N, H, W, 3]`` BGR -> ``[N, D]``) with dynamic batch, height
-    and width, atomically (temp file in the same folder, then rename)."""
+    """Export ``model`` (uint8 ``[N, H, W, 3]`` BGR -> ``embedding`` ``[N, D]``, and ``person``
+    ``[N]`` in 0..1 when it has a person-ness head) with dynamic batch, height and width,
+    atomically (temp file in the same folder, then rename)."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     dummy = torch.zeros(2, 64, 32, 3, dtype=torch.uint8)
+    outputs = ONNX_OUTPUTS if getattr(model, "person", None) is not None else ONNX_OUTPUTS[:1]
     try:
         model = model.eval()
         with torch.no_grad():
             torch.onnx.export(
-                model, (dummy,), tmp, input_names=["image"], output_names=["embedding"],
-                opset_version=opset, dynamo=False,
-                dynamic_axes={"image": {0: "batch", 1: "height", 2: "width"},
-                              "embedding": {0: "batch"}})
+                _WithPerson(model) if len(outputs) > 1 else model, (dummy,), tmp, input_names=["image"],
+                output_names=list(outputs), opset_version=opset, dynamo=False,
+                dynamic_axes={"image": {0: "batch", 1: "height", 2: "width"}, **{o: {0: "batch"} for o in outputs}})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -427,8 +464,8 @@ def _batches(paths: Sequence[str], size: tuple[int, int], batch_size: int, threa
 
 def embed_paths(paths: Sequence[str | os.PathLike], version: str = BASE, kind: str = "crop",
                 batch_size: int = 64, threads: int = 2, progress: Progress | None = None,
-                backend: str = "auto", ort_threads: int | None = None,
-                ) -> tuple[np.ndarray, dict[int, str]]:
+                backend: str = "auto", ort_threads: int | None = None, person: bool = False,
+                ) -> tuple[np.ndarray, dict[int, str]] | tuple[np.ndarray, dict[int, str], np.ndarray | None]:
     """Embed image files with model ``version``.
 
     Returns ``vectors`` float32 ``[N, D]`` aligned with ``paths`` (unit rows; a NaN row where the
@@ -437,7 +474,8 @@ def embed_paths(paths: Sequence[str | os.PathLike], version: str = BASE, kind: s
     onnxruntime has no CUDA provider) or "auto" (default): ONNX Runtime, unless this machine has a
     GPU that only torch can use.
     ``progress(done, total)`` after each batch. Memory stays bounded: images are decoded a few
-    batches ahead and dropped after their batch."""
+    batches ahead and dropped after their batch. ``person``: also return the person-ness float32
+    ``[N]`` (NaN where the file failed), or None for a model without a person-ness head."""
     paths = list(paths)
     n = len(paths)
     dev = "cpu"
@@ -452,22 +490,28 @@ def embed_paths(paths: Sequence[str | os.PathLike], version: str = BASE, kind: s
         out_dim = sess.get_outputs()[0].shape[1]
         dim = out_dim if isinstance(out_dim, int) else cfg.emb_dim
 
-        def run(x: np.ndarray) -> np.ndarray:
-            return sess.run(None, {"image": x})[0]
+        has_person = len(sess.get_outputs()) > 1
+
+        def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            out = sess.run(None, {"image": x})
+            return out[0], (out[1] if has_person else None)
     elif backend == "torch":
         import torch
 
         model, cfg = load_model(version)
         model.to(dev)
         dim = cfg.emb_dim
+        has_person = model.person is not None
 
-        def run(x: np.ndarray) -> np.ndarray:
+        def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
             with torch.inference_mode():
-                return model(torch.from_numpy(x).to(dev)).cpu().numpy()
+                e, p = model.forward_with_person(torch.from_numpy(x).to(dev))
+                return e.cpu().numpy(), (None if p is None else p.cpu().numpy())
     else:
         raise ValueError(f"unknown backend {backend!r}; use 'onnx' or 'torch'")
     size = cfg.input_size(kind)
     vectors = np.full((n, dim), np.nan, dtype=np.float32)
+    scores = np.full(n, np.nan, dtype=np.float32) if has_person else None
     errors: dict[int, str] = {}
     done = 0
     for start, items in _batches(paths, size, batch_size, threads):
@@ -477,14 +521,18 @@ def embed_paths(paths: Sequence[str | os.PathLike], version: str = BASE, kind: s
                 errors[start + i] = it
         if ok:
             x = np.stack([items[i] for i in ok])
-            vectors[[start + i for i in ok]] = run(x).astype(np.float32, copy=False)
+            e, p = run(x)
+            rows = [start + i for i in ok]
+            vectors[rows] = e.astype(np.float32, copy=False)
+            if scores is not None:
+                scores[rows] = p
         done += len(items)
         if progress is not None:
             progress(done, n)
     if errors:
         log.warning("%d of %d files failed to embed (first: %s)", len(errors), n,
                     next(iter(errors.values())))
-    return vectors, errors
+    return (vectors, errors, scores) if person else (vectors, errors)
 
 
 # --- dataset level -----------------------------------------------------------------------------
@@ -501,7 +549,8 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
 
     Crops use the config's crop size, samples of kind "image" its image size. A failed sample
     gets ``embed_error`` (its reason) and a ``None`` vector; successes clear ``embed_error``.
-    Vectors are written in chunks of 4096 samples. Sets the active model when none is set.
+    Vectors are written in chunks of 4096 samples; a model with a person-ness head also writes
+    each crop's score to ``store.person_field(version)``. Sets the active model when none is set.
     Returns {version, field, total, embedded, failed, errors (sample id -> reason, first 100),
     seconds}."""
     from core import store
@@ -528,9 +577,9 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
                 if progress is not None:
                     progress(base + d, total)
 
-            vecs, errs = embed_paths([paths[i] for i in chunk], version=version, kind=kind,
-                                     batch_size=batch_size, threads=threads, progress=prog,
-                                     backend=backend)
+            vecs, errs, person = embed_paths([paths[i] for i in chunk], version=version, kind=kind,
+                                             batch_size=batch_size, threads=threads, progress=prog,
+                                             backend=backend, person=True)
             values: dict[str, Any] = {}
             err_values: dict[str, str | None] = {}
             for j, i in enumerate(chunk):
@@ -545,6 +594,9 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
                     err_values[sid] = None
             store.set_values(name, field, values)
             store.set_values(name, ERROR_FIELD, err_values)
+            if person is not None and kind == "crop":
+                store.set_values(name, store.person_field(version), {
+                    ids[i]: (None if j in errs else float(person[j])) for j, i in enumerate(chunk)})
             failed += len(errs)
             embedded += len(chunk) - len(errs)
             done_before += len(chunk)

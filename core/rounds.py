@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from core import analysis, device, registry, store
+from core import analysis, device, personness, registry, store
 from core.labeling import identity as graph_identity
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,38 @@ def training_samples(name: str, exclude_identities: set[str]) -> list[tuple[str,
     return out
 
 
+MAX_CLASS_CROPS = 2000  # per side: the head is linear, more crops only cost feature time
+
+
+def class_samples(name: str, seed: int = 0) -> list[tuple[str, bool]]:
+    """(path, is person) of the crops with a class: ``person``, or a false positive of the
+    detector (any other class an operator gave: shadow, vehicle, animal, other). At most
+    :data:`MAX_CLASS_CROPS` of each side, drawn at random (seeded) where there are more."""
+    cols = store.view_columns(name, ["filepath", "label", "kind", "embed_error"])
+    sides: dict[bool, list[str]] = {True: [], False: []}
+    for path, lb, kd, err in zip(cols["filepath"], cols["label"], cols["kind"], cols["embed_error"]):
+        y = personness.is_person_label(lb)
+        if y is not None and kd != "image" and not err:
+            sides[y].append(path)
+    rng = np.random.default_rng(seed)
+    out = []
+    for y, paths in sides.items():
+        if len(paths) > MAX_CLASS_CROPS:
+            paths = [paths[i] for i in sorted(rng.choice(len(paths), MAX_CLASS_CROPS, replace=False))]
+        out.extend((p, y) for p in paths)
+    return out
+
+
+def person_summary(person: dict[str, Any] | None) -> str:
+    """One line on a round's person-ness head (``train_round``'s ``person``)."""
+    if not person:
+        return (f"no person-ness head: class at least {personness.MIN_PER_CLASS} crops as person and "
+                f"{personness.MIN_PER_CLASS} as a false positive (shadow, vehicle, animal, other) first")
+    return (f"person-ness head on {person['n_person']} person / {person['n_other']} false-positive crops: "
+            f"cross-validated ROC AUC {person['cv_auc']:.3f}; a score under {person['threshold']:.3f} keeps "
+            f"99 % of persons and rejected {100 * person['fp_removed']:.0f} % of the false positives")
+
+
 def _vectors(name: str, version: str, ids: list[str]) -> np.ndarray:
     """Vectors of ``version`` for ``ids`` (embedding them when the field is missing)."""
     from core import embed
@@ -277,6 +309,7 @@ def write_report(version_dir, report: dict[str, Any]) -> None:
              + (f"pseudo-identities, {report['train'].get('pseudo_summary')}; "
                 f"{len(report.get('proposals') or [])} proposed merges go to the pair queue."
                 if report["train"].get("unsupervised") else "labels (no pseudo-identities)."), "",
+             f"False positives: {report['train'].get('person_summary') or person_summary(None)}.", "",
              "| metric | before | after | change |", "|---|---|---|---|"]
     for r in rows:
         b, a = r.get("before"), r.get("after")
@@ -339,7 +372,8 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
         cannot = graph_identity.cannot_identities(graph_identity.load(name))  # guaranteed negatives
         result = train.train_round(samples, cfg, init_version=parent, out_dir=out_dir, progress=on_step,
                                    should_stop=reporter.should_stop, resume=bool(resume), cannot=cannot,
-                                   open_identities=[s[1] for s in samples if graph_identity.is_lone(s[1])])
+                                   open_identities=[s[1] for s in samples if graph_identity.is_lone(s[1])],
+                                   classes=class_samples(name, cfg.seed))
         reporter.check()
         reporter.progress(0.7, "exporting ONNX", force=True)
         embed.onnx_path(version)
@@ -364,7 +398,8 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
         pseudo = result.get("pseudo") if result.get("unsupervised") else None
         train_summary.update(device=device.describe(used), device_kind=used,
                              unsupervised=bool(result.get("unsupervised")), pseudo_summary=pseudo_summary(pseudo),
-                             reclusters=(pseudo or {}).get("reclusters"))
+                             reclusters=(pseudo or {}).get("reclusters"), person=result.get("person"),
+                             person_summary=person_summary(result.get("person")))
         # the graph as it stands now (the operator kept answering while the round trained)
         proposals = proposal_nodes(graph_identity.load(name), (pseudo or {}).get("proposals")) if pseudo else []
         report = _plain({"version": version, "parent": parent, "dataset": name, "before": before, "after": after,

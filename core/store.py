@@ -278,6 +278,11 @@ def embedding_field(version: str) -> str:
     return "emb_" + re.sub(r"[^A-Za-z0-9_]", "_", version)
 
 
+def person_field(version: str) -> str:
+    """Sample field that holds model ``version``'s person-ness (0..1; core.personness)."""
+    return "person_" + re.sub(r"[^A-Za-z0-9_]", "_", version)
+
+
 def set_values(name: str, field: str, values_by_id: dict[str, Any]) -> None:
     """Write ``field`` for the samples whose ids are the keys (one bulk write)."""
     if not values_by_id:

@@ -67,6 +67,7 @@ import numpy as np
 from core import augment as aug
 from core import device as devices
 from core import evaluate as ev
+from core import personness
 from core.batches import KnownNegativesMiner, PseudoLabels, WeightedIdentitySampler, known_negatives
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,20 @@ def _embed_array(model, x: np.ndarray, batch: int = 128) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, model.config.emb_dim), np.float32)
 
 
+def _pooled_features(model, x: np.ndarray, batch: int = 128) -> np.ndarray:
+    """The model's pooled backbone features (what the embedding and person-ness heads read) of
+    BGR crops ``x`` ``[N, H, W, 3]``, in eval mode, on the model's device."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            out.append(model.outputs(model.prepare(torch.from_numpy(x[i: i + batch]).to(device)))[1].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def validation_metrics(emb: np.ndarray, ids: np.ndarray, cams: np.ndarray | None) -> dict[str, float]:
     """Leave-one-out retrieval over the validation crops: cross-camera when cameras are known and
     leave queries to score, else any other crop of the same identity counts."""
@@ -386,8 +401,13 @@ def train_round(
     resume: bool = False,
     cannot: Sequence[tuple[str, str]] = (),
     open_identities: Sequence[str] = (),
+    classes: Sequence[tuple[str, bool]] = (),
 ) -> dict[str, Any]:
     """Fine-tune ``init_version`` on ``samples`` and write ``out_dir/checkpoint.pt``.
+
+    ``classes``: (path, is person) of crops an operator classed (person, or a false positive:
+    shadow, vehicle, ...). With :data:`core.personness.MIN_PER_CLASS` of each, the finished model
+    gets a person-ness head fitted on them (:func:`core.personness.fit`; ``result["person"]``).
 
     ``cannot``: pairs of identities known to be two people (the identity graph's cannot-links),
     put in the same batches as guaranteed negatives (:class:`WeightedIdentitySampler`).
@@ -430,6 +450,8 @@ def train_round(
         if saved.get("format") != RESUME_FORMAT:
             raise ResumeError(f"{out_dir / RESUME} has format {saved.get('format')}, this version reads "
                               f"{RESUME_FORMAT}; start a new round")
+        if saved.get("classes") is not None:
+            classes = [(str(p), bool(y)) for p, y in saved["classes"]]
         if saved.get("samples") is not None:
             # the round goes on with the crops it started on: labels and scores written since
             # (the operator keeps labelling while it runs) belong to the next round
@@ -469,6 +491,9 @@ def train_round(
         tr_idx = np.array([i for i, x in enumerate(idents) if x in tr_set], dtype=int)
         va_idx = np.array([i for i, x in enumerate(idents) if x in va_set], dtype=int)
         dev = devices.select(config.device)
+        classes = [(str(p), bool(y)) for p, y in classes]
+        n_pos = sum(y for _, y in classes)
+        fit_person = min(n_pos, len(classes) - n_pos) >= personness.MIN_PER_CLASS
 
         # -- model
         init_model, init_cfg = embed.load_model(init_version)
@@ -477,7 +502,8 @@ def train_round(
             emb_dim=config.emb_dim or init_cfg.emb_dim,
             brightness_invariant=init_cfg.brightness_invariant if config.brightness_invariant is None
             else config.brightness_invariant,
-            last_stride=config.last_stride, flip_average=config.flip_average, neck=config.neck)
+            last_stride=config.last_stride, flip_average=config.flip_average, neck=config.neck,
+            person_head=fit_person)
         model = embed.build_model(mcfg, pretrained=False)
         # every tensor whose shape still fits (a new emb_dim re-initialises the head)
         own = model.state_dict()
@@ -555,7 +581,8 @@ def train_round(
                 "best_map": float(best_map), "init_metrics": init_metrics, "metrics": metrics,
                 "history": history, "bad_evals": int(bad_evals), "train_ids": train_ids, "val_ids": val_ids,
                 "seconds": time.perf_counter() - t0, "init_version": init_version,
-                "train_config": config.to_dict(), "samples": sample_rows, "pseudo": pl.state()}, out_dir / RESUME)
+                "train_config": config.to_dict(), "samples": sample_rows, "pseudo": pl.state(),
+                "classes": classes}, out_dir / RESUME)
 
         stopped_early = False
         if saved is None:
@@ -643,6 +670,17 @@ def train_round(
         # -- the best weights, atomically
         best_state = {k: v.detach().cpu() for k, v in best_state.items()}  # a checkpoint loads anywhere
         model.load_state_dict(best_state)
+        person = None
+        if fit_person:  # on the finished model's features: the head the checkpoint carries
+            head = personness.fit(_pooled_features(model, load_crops([p for p, _ in classes], mcfg.crop_size,
+                                                                     config.threads)),
+                                  np.array([y for _, y in classes]), config.seed)
+            best_state["person.weight"] = torch.tensor(head.weight, dtype=torch.float32)[None, :]
+            best_state["person.bias"] = torch.tensor([head.bias], dtype=torch.float32)
+            model.load_state_dict(best_state)
+            person = head.summary()
+            log.info("person-ness head on %d person / %d other crops: CV AUC %.3f, threshold %.3f",
+                     head.n_person, head.n_other, head.cv_auc, head.threshold)
         ck_metrics = {"val": best_metrics or {}, "init_val": init_metrics or {}, "best_step": best_step,
                       "train_ids": len(train_ids), "val_ids": len(val_ids)}
         ck_path = out_dir / CHECKPOINT
@@ -653,7 +691,7 @@ def train_round(
             "history": history, "train_ids": train_ids, "val_ids": val_ids,
             "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "seconds": seconds,
             "model_config": mcfg.to_dict(), "train_config": config.to_dict(),
-            "device": dev, "unsupervised": bool(unsup), "pseudo": None,
+            "device": dev, "unsupervised": bool(unsup), "pseudo": None, "person": person,
         }
         if unsup and pl.reclusters:
             props = [[train_ids[a], train_ids[b], round(d, 4)] for a, b, d in pl.proposals[:200]]
