@@ -112,6 +112,13 @@ def test_shadow_labels_lower_the_personness_of_unlabelled_shadows(data_root, tmp
         # the exported graph outputs the same person-ness as the PyTorch model
         _v, _e, s_onnx = embed.embed_paths(shadow_new, version=version, backend="onnx", person=True)
         np.testing.assert_allclose(s_onnx, s_new, atol=1e-4)
+    # the exported model for an edge device carries the output and the card says how to threshold it
+    from core import export
+
+    rep = export.export_model(version, verify_on=held_persons[:8])
+    card = Path(rep["card"]).read_text()
+    assert "output `person`" in card and "keeps 99 % of persons" in card
+    assert export.read_metadata(rep["onnx"])["person_output"] == "person"
     new_a, pers_a = scores["other only"]
     new_b, pers_b = scores["with shadows"]
     # seen here: medians 0.24 -> 0.006
