@@ -20,6 +20,7 @@ COLOR_FIELDS = {
     "identity": "identity", "class label": "label", "camera": "camera", "night / low light": "low_light",
     "blur": "blur", "brightness": "brightness", "uncertainty": "uncertainty",
     "misclustered score": "mis_score", "operator flag": "flagged", "labelling round": "label_round",
+    "person-ness (false positives low)": "personness",
 }
 HOVER = ["identity", "label", "camera", "brightness", "low_light", "blur"]
 
@@ -57,7 +58,9 @@ if active not in versions:
 @st.cache_data(show_spinner="Loading map…", max_entries=8)
 def load_map(dataset: str, version: str, _stamp) -> pd.DataFrame:
     m = projection.compute_layout(dataset, version)  # cached: reads positions, never recomputes
-    cols = store.view_columns(dataset, [*set(COLOR_FIELDS.values()), *HOVER, "filepath", "tags"], m.ids)
+    fields = {f for f in COLOR_FIELDS.values() if f != "personness"}
+    cols = store.view_columns(dataset, [*fields, *HOVER, "filepath", "tags", store.person_field(version)], m.ids)
+    cols["personness"] = cols.pop(store.person_field(version))  # the model's own score (None: no head)
     df = pd.DataFrame(cols)
     df["x"], df["y"] = m.coords[:, 0], m.coords[:, 1]
     return df
