@@ -9,17 +9,21 @@ from core.bars import Bar
 
 
 def cmd_ingest(a) -> int:
-    from core.ingest import IngestError, ingest
+    from core.ingest import Detection, IngestError, ingest
 
     bar = Bar(f"ingest {a.kind}")
+    person = int(a.person_class) if a.person_class.isdigit() else a.person_class
     try:
-        report = ingest(a.path, a.kind, a.dataset, every_n=a.every, pattern=a.pattern, progress=bar)
+        report = ingest(a.path, a.kind, a.dataset, every_n=a.every, pattern=a.pattern, progress=bar,
+                        detection=Detection(a.detector, person, a.det_conf, a.tracker, a.det_layout))
     except IngestError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     bar.close()
     print(report.summary())
+    for note in report.notes:
+        print(f"  note: {note}")
     for where, why in report.problems:
         print(f"  skipped {where}: {why}")
     return 0
@@ -190,6 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--pattern", default="campus62",
                    help="re-ID file-name pattern: campus62, market1501, folder, or a regex with "
                         "named groups identity/camera/view")
+    g = s.add_argument_group("raw footage (videos; MOT folders with det/det.txt and no gt)",
+                             "boxes come from a detection file beside each clip (<clip>.det.txt, <clip>.csv, "
+                             "det/<clip>.txt, det/det.txt), else --detector, else OpenCV's HOG (weak)")
+    g.add_argument("--detector", metavar="MODEL.onnx",
+                   help="the site's ONNX person detector (Ultralytics YOLOv5/v8/v11, YOLOX, end-to-end exports)")
+    g.add_argument("--person-class", default="person", help="the detector's person class, by name or index")
+    g.add_argument("--det-conf", type=float, default=0.25, help="lowest detector score kept")
+    g.add_argument("--det-layout", default="auto", choices=["auto", "yolov8", "yolov5", "yolox", "e2e"],
+                   help="the detector's output layout, where its shape fits several")
+    g.add_argument("--tracker", choices=["bytetrack", "iou"], default="bytetrack",
+                   help="ByteTrack (default) or the old greedy overlap linker")
     s.set_defaults(fn=cmd_ingest)
 
     s = sub.add_parser("datasets", help="list datasets with counts")

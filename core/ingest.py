@@ -51,6 +51,7 @@ class IngestReport:
     duplicates: int = 0
     videos: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the operator should know (weak boxes, ...)
 
     def problem(self, where: str | Path, reason: str) -> None:
         # non-UTF-8 names are shown with U+FFFD so the report itself can be displayed and stored
@@ -72,20 +73,60 @@ def _noop(done: int, total: int, msg: str) -> None:
     pass
 
 
+@dataclass(frozen=True)
+class Detection:
+    """Where the boxes of raw footage come from (``videos``, and MOT folders without ground truth).
+
+    In order: a detection file the site put beside a clip (:func:`core.detect.find_detection_file`:
+    ``<clip>.det.txt``, ``<clip>.csv``, ``det/<clip>.txt``, a MOT folder's ``det/det.txt``); else
+    the site's ONNX detector ``model`` (YOLOv5/v8/YOLOX/end-to-end exports, ``person_class`` by
+    name or index, boxes over ``conf``); else OpenCV's HOG, the weak last resort. Tracklets come
+    from ``tracker`` ("bytetrack", or "iou": the old greedy linker)."""
+
+    model: str | None = None
+    person_class: str | int = "person"
+    conf: float = 0.25
+    tracker: str = "bytetrack"
+    layout: str = "auto"  # the model's output layout when its shape is ambiguous (core.detect.LAYOUTS)
+
+    def open(self):
+        """The ONNX detector (loaded once per ingest), or None; :class:`IngestError` when the
+        model cannot be used."""
+        if not self.model:
+            return None
+        from core.detect import DetectionError, OnnxDetector
+
+        try:
+            return OnnxDetector(Path(self.model).expanduser(), person_class=self.person_class, conf=self.conf,
+                                layout=self.layout)
+        except DetectionError as exc:
+            raise IngestError(f"detector {self.model}: {exc}") from None
+
+
+HOG_WARNING = ("boxes from OpenCV's HOG detector, the weak last resort (small or partly hidden people are "
+               "missed, shadows and benches found): give the site's detections (det/det.txt or "
+               "<clip>.det.txt / <clip>.csv beside the clip) or its ONNX detector (--detector model.onnx)")
+
+
 def ingest(path: str | Path, kind: str, dataset: str, every_n: int = 5,
-           pattern: str = "campus62", progress: Progress | None = None) -> IngestReport:
-    """Ingest ``path`` as ``kind`` into ``dataset``; see the module docstring."""
+           pattern: str = "campus62", progress: Progress | None = None,
+           detection: Detection | None = None) -> IngestReport:
+    """Ingest ``path`` as ``kind`` into ``dataset``; see the module docstring. ``detection``:
+    where raw footage's boxes come from (:class:`Detection`)."""
     path = check_source(path, kind, every_n)
+    detection = detection or Detection()
+    if detection.tracker not in ("bytetrack", "iou"):
+        raise IngestError(f"unknown tracker {detection.tracker!r}: choose bytetrack or iou")
     progress = progress or _noop
     report = IngestReport(source=str(path), kind=kind, dataset=dataset)
     if kind == "mot":
-        _ingest_mot_root(path, dataset, every_n, report, progress)
+        _ingest_mot_root(path, dataset, every_n, report, progress, detection)
     elif kind == "reid":
         _ingest_reid(path, dataset, pattern, report, progress)
     elif kind == "images":
         _ingest_images(path, dataset, report, progress)
     else:
-        _ingest_videos(path, dataset, every_n, report, progress)
+        _ingest_videos(path, dataset, every_n, report, progress, detection)
     log.info(report.summary())
     return report
 
@@ -233,22 +274,48 @@ def parse_gt(gt: Path, report: IngestReport) -> list[MotBox]:
 
 
 def _find_sequences(root: Path) -> list[Path]:
-    if (root / "gt").is_dir() or (root / "seqinfo.ini").exists():
+    def is_seq(p: Path) -> bool:
+        return (p / "gt").is_dir() or (p / "det").is_dir() or (p / "seqinfo.ini").exists()
+
+    if is_seq(root):
         return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir() and ((p / "gt").is_dir() or (p / "seqinfo.ini").exists()))
+    return sorted(p for p in root.iterdir() if p.is_dir() and is_seq(p))
 
 
-_NO_MOT = ("no MOT sequence in {root}: expected <seq>/seqinfo.ini, <seq>/gt/gt.txt and <seq>/img1/ "
-           "frames or one video file in <seq>/")
+_NO_MOT = ("no MOT sequence in {root}: expected <seq>/seqinfo.ini, <seq>/gt/gt.txt (ground truth) or "
+           "<seq>/det/det.txt (the site's detections), and <seq>/img1/ frames or one video file in <seq>/")
 
 
-def _ingest_mot_root(root: Path, dataset: str, every_n: int, report: IngestReport, progress: Progress) -> None:
+def _tracked_detections(seq: Path, info: dict, report: IngestReport, detection: Detection
+                        ) -> tuple[list[MotBox], dict[tuple[int, int], float]]:
+    """A MOT folder without ground truth: the site's ``det/det.txt`` (``frame,-1,box,score``),
+    tracked (every frame) into tracklets with no identity. Returns the boxes as if they were
+    ground truth, and each box's detection score by (track, frame)."""
+    from core import detect, tracking
+
+    try:
+        dets = detect.read_detections(seq / "det" / "det.txt", problem=report.problem)
+    except detect.DetectionError as exc:
+        raise MediaError(f"det/det.txt: {exc}") from None
+    tracks = tracking.track_boxes(dets, detection.tracker, fps=info["fps"], min_length=2)
+    boxes, scores = [], {}
+    for tid, rows in tracks.items():
+        for fr, box, score in rows:
+            boxes.append(MotBox(fr, tid, box))
+            scores[(tid, fr)] = score
+    if not boxes:
+        raise MediaError("det/det.txt gave no tracklet of two or more boxes")
+    return boxes, scores
+
+
+def _ingest_mot_root(root: Path, dataset: str, every_n: int, report: IngestReport, progress: Progress,
+                     detection: Detection | None = None) -> None:
     seqs = _find_sequences(root)
     if not seqs:
         raise IngestError(_NO_MOT.format(root=root))
     for seq in seqs:
         try:
-            ingest_mot_sequence(seq, dataset, every_n, report, progress)
+            ingest_mot_sequence(seq, dataset, every_n, report, progress, detection)
         except MediaError as exc:
             report.problem(seq, str(exc))
 
@@ -311,8 +378,12 @@ def _iter_source_frames(kind: str, src: Path, info: dict, report: IngestReport):
 
 
 def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestReport,
-                        progress: Progress = _noop) -> None:
+                        progress: Progress = _noop, detection: Detection | None = None) -> None:
     """One sequence: a video sample with tracked detections + every Nth-frame person crops.
+
+    Ground truth (``gt/gt.txt``) gives tracks with identities; without it the site's detections
+    (``det/det.txt``) are tracked into tracklets nobody has named yet (class unknown: the
+    detector's false positives are among them, for the operator to label).
 
     ``seqinfo.ini``'s name is never a path: the sequence id (tracklets ``<id>/<track>``,
     per-sequence identities ``<id>:<track>``) is its safe form, claimed per source
@@ -322,7 +393,11 @@ def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestRep
     from core import store
 
     info = parse_seqinfo(seq)
-    boxes = parse_gt(seq / "gt" / "gt.txt", report)
+    det_scores: dict[tuple[int, int], float] | None = None
+    if not (seq / "gt" / "gt.txt").exists() and (seq / "det" / "det.txt").exists():
+        boxes, det_scores = _tracked_detections(seq, info, report, detection or Detection())
+    else:
+        boxes = parse_gt(seq / "gt" / "gt.txt", report)
     if not boxes:
         raise MediaError("gt/gt.txt has no usable rows")
     src_kind, src = _frame_source(seq, info)
@@ -387,7 +462,9 @@ def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestRep
                                    "box outside the frame (or under 8 px after clipping)")
                     continue
                 box = [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
-                detections[fn].append({"box": box, "track": b.track, "label": "person"})
+                score = None if det_scores is None else det_scores.get((b.track, fn))
+                detections[fn].append({"box": box, "track": b.track, "label": "person",
+                                       **({} if score is None else {"confidence": score})})
                 first, last_fn = spans[b.track]
                 if (fn - first) % every_n:
                     continue
@@ -398,10 +475,15 @@ def ingest_mot_sequence(seq: Path, dataset: str, every_n: int, report: IngestRep
                 crop = img[y0:y1, x0:x1]
                 path = out_dir / f"{b.track:05d}" / f"{fn:06d}.jpg"
                 write_jpeg(path, crop)
-                ident = str(b.track) if info["global_ids"] else f"{name}:{b.track}"
+                if det_scores is not None:  # the site's detections: nobody has said who, or what, it is
+                    ident, label, extra = None, None, {"det_score": score, "detector": "det/det.txt"}
+                else:
+                    ident = str(b.track) if info["global_ids"] else f"{name}:{b.track}"
+                    label, extra = "person", {}
                 records.append({
+                    **extra,
                     "filepath": str(path), "kind": "crop", "source_kind": "mot", "source": str(seq),
-                    "camera": info["camera"], "identity": ident, "label": "person", "split": None,
+                    "camera": info["camera"], "identity": ident, "label": label, "split": None,
                     "sequence": name, "sequence_name": raw_name, "track": b.track, "frame": fn,
                     "tracklet": f"{name}/{b.track}", "frame_first": first, "frame_last": last_fn,
                     "bbox": box, "video_path": video_path, "ingest_key": key,
@@ -542,26 +624,59 @@ def _ingest_images(root: Path, dataset: str, report: IngestReport, progress: Pro
 
 # --------------------------------------------------------------------------- raw videos
 
-def _ingest_videos(root: Path, dataset: str, every_n: int, report: IngestReport, progress: Progress) -> None:
+def _clip_detections(clip: Path, report: IngestReport) -> tuple[dict | None, str | None]:
+    """The site's detection file beside ``clip`` (read, bad rows reported) and its name, or
+    (None, None) when there is none; a file that cannot be used is reported and skipped."""
+    from core import detect
+
+    found = detect.find_detection_file(clip)
+    if found is None:
+        return None, None
+    try:
+        return detect.read_detections(found, problem=report.problem), found.name
+    except detect.DetectionError as exc:
+        report.problem(found, f"{exc}: detections file not used")
+        return None, None
+
+
+def _ingest_videos(root: Path, dataset: str, every_n: int, report: IngestReport, progress: Progress,
+                   detection: Detection | None = None) -> None:
     from core import store
+    from core.detect import HogDetector
     from core.tracking import detect_and_track
 
+    detection = detection or Detection()
+    model = detection.open()
+    hog = None
+
+    from core.detect import find_detection_file
+
     files = _walk_files(root, report)
-    videos = []
+    videos = [p for p in files if p.suffix.lower() in VIDEO_EXTS]
+    det_files = {find_detection_file(p) for p in videos}
     for p in files:
-        if p.suffix.lower() in VIDEO_EXTS:
-            videos.append(p)
-        else:
+        if p not in videos and p not in det_files:
             report.problem(p, f"unsupported file type {p.suffix or '(none)'}: videos are "
-                              + ", ".join(sorted(VIDEO_EXTS)))
+                              + ", ".join(sorted(VIDEO_EXTS)) + " (with the site's detections beside them)")
     for vi, p in enumerate(videos):
         try:
             check_name(p)
             key_video = "video:" + _hash_file(p)
             name = store.claim_sequence(dataset, safe_name(p.stem, "clip"), key_video[6:], p.stem)
             reader = VideoReader(p)
-            tracks = detect_and_track(reader, every_n=every_n,
-                                      progress=lambda d, t: progress(d, t, f"{p.name}: detecting people"))
+            dets, det_file = _clip_detections(p, report)
+            if dets is not None:
+                source, detector = det_file, None
+            elif model is not None:
+                source, detector = f"onnx:{Path(detection.model).name}", model
+            else:
+                hog = hog or HogDetector()
+                source, detector = "hog", hog
+                if HOG_WARNING not in report.notes:
+                    report.notes.append(HOG_WARNING)
+            tracks = detect_and_track(reader, every_n=every_n, detector=detector, detections=dets,
+                                      tracker=detection.tracker,
+                                      progress=lambda d, t: progress(d, t, f"{p.name}: detecting people ({source})"))
         except MediaError as exc:
             report.problem(p, str(exc))
             continue
@@ -582,6 +697,7 @@ def _ingest_videos(root: Path, dataset: str, every_n: int, report: IngestReport,
                 path = out_dir / f"{t.track:05d}" / f"{fn:06d}.jpg"
                 write_jpeg(path, crop)
                 records.append({
+                    "det_score": float(score), "detector": source,
                     "filepath": str(path), "kind": "crop", "source_kind": "videos", "source": str(p),
                     "camera": name, "identity": None, "label": None, "split": None, "sequence": name,
                     "track": t.track, "frame": fn, "tracklet": f"{name}/{t.track}",

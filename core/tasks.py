@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,27 +97,34 @@ def _json_safe(obj: Any) -> Any:
 
 
 def submit_ingest(path: str | Path, kind: str, dataset: str, every_n: int = 5,
-                  pattern: str = "campus62") -> str:
+                  pattern: str = "campus62", detector: str | None = None, person_class: str | int = "person",
+                  det_conf: float = 0.25, tracker: str = "bytetrack", det_layout: str = "auto") -> str:
     """Queue an ingest of ``path`` into ``dataset`` (created when missing); returns the job id.
     A missing, unreadable or wrongly laid out folder raises :class:`core.ingest.IngestError` and a
     bad dataset name :class:`core.store.StoreError` here, before anything is queued."""
-    from core.ingest import check_source
+    from core.ingest import Detection, IngestError, check_source
 
     src = check_source(path, kind, int(every_n)).absolute()  # the worker may run elsewhere
+    if tracker not in ("bytetrack", "iou"):
+        raise IngestError(f"unknown tracker {tracker!r}: choose bytetrack or iou")
+    detection = Detection(str(Path(detector).expanduser().absolute()) if detector else None,
+                          person_class, float(det_conf), tracker, det_layout)
+    detection.open()  # a model that cannot be used (format, layout, class name) is refused at once
     return jobs.submit(dataset, "ingest", {"path": str(src), "kind": kind, "every_n": int(every_n),
-                                           "pattern": pattern}, create=True)
+                                           "pattern": pattern, "detection": asdict(detection)}, create=True)
 
 
 def ingest_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """Ingest ``args['path']`` as ``args['kind']``; the result is the ingest report with the
     first :data:`PROBLEMS_KEPT` skipped files. A cancelled ingest keeps what it added (ingesting
     the same folder again adds only what is missing)."""
-    from core.ingest import ingest
+    from core.ingest import Detection, ingest
 
     rep = ingest(args["path"], args["kind"], dataset, every_n=int(args.get("every_n", 5)),
-                 pattern=args.get("pattern", "campus62"), progress=_cancellable(reporter, "ingesting"))
+                 pattern=args.get("pattern", "campus62"), progress=_cancellable(reporter, "ingesting"),
+                 detection=Detection(**(args.get("detection") or {})))
     return {"source": rep.source, "kind": rep.kind, "dataset": rep.dataset, "added": rep.added,
-            "duplicates": rep.duplicates, "videos": rep.videos, "summary": rep.summary(),
+            "duplicates": rep.duplicates, "videos": rep.videos, "summary": rep.summary(), "notes": rep.notes,
             "problems": [list(p) for p in rep.problems[:PROBLEMS_KEPT]],
             "problems_total": len(rep.problems)}
 

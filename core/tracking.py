@@ -1,5 +1,5 @@
-"""People in raw footage: a detector (OpenCV's built-in HOG pedestrian detector by default, or
-precomputed boxes) and a tracker that links detections into tracklets: ByteTrack (Kalman motion,
+"""People in raw footage: a detector (core.detect: the site's ONNX model, its precomputed boxes, or
+HOG as the last resort) and a tracker that links detections into tracklets: ByteTrack (Kalman motion,
 two-stage association; the default) or the original greedy IoU linker (``"iou"``).
 
 Also the simulated detector (:func:`degrade`) and the MOT scoring (:func:`mot_scores`) that
@@ -10,7 +10,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-import cv2
 import numpy as np
 
 from core.media import VideoReader
@@ -34,26 +33,6 @@ def iou(a, b) -> float:
     inter = iw * ih
     union = a[2] * a[3] + b[2] * b[3] - inter
     return inter / union if union > 0 else 0.0
-
-
-_HOG = None
-
-
-def detect_people(frame: np.ndarray, max_width: int = 640, min_score: float = 0.5) -> list[tuple[list[float], float]]:
-    """HOG people detections as ([x, y, w, h] in frame pixels, score), after non-maximum suppression."""
-    global _HOG
-    if _HOG is None:
-        _HOG = cv2.HOGDescriptor()
-        _HOG.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
-    scale = min(1.0, max_width / frame.shape[1])
-    small = cv2.resize(frame, None, fx=scale, fy=scale) if scale < 1 else frame
-    rects, weights = _HOG.detectMultiScale(small, winStride=(8, 8), padding=(8, 8), scale=1.05)
-    if len(rects) == 0:
-        return []
-    boxes = [[float(v) / scale for v in r] for r in rects]
-    scores = [float(w) for w in np.ravel(weights)]
-    keep = cv2.dnn.NMSBoxes(boxes, scores, min_score, 0.4)
-    return [(boxes[i], scores[i]) for i in np.ravel(keep)]
 
 
 def link(tracks: list[Tracklet], active: list[Tracklet], fn: int, dets, frame: np.ndarray,
@@ -328,13 +307,17 @@ def detect_and_track(reader: VideoReader, every_n: int = 5, min_length: int = 2,
                      tracker: str | Tracker = "bytetrack", config: ByteTrackConfig | None = None,
                      detections: dict[int, list[Det]] | None = None) -> list[Tracklet]:
     """Detect people on every Nth frame (``detector``: frame BGR -> ``[(box_xywh, score)]``,
-    default :func:`detect_people`; or ``detections``, precomputed per frame number, e.g. a site's
+    default :class:`core.detect.HogDetector`, the weak last resort; or ``detections``, precomputed per frame number, e.g. a site's
     det.txt) and track them (``tracker``: ``"bytetrack"`` or ``"iou"``, the old greedy linker).
     Boxes are clipped to the frame and each tracklet carries its crops; tracklets shorter than
     ``min_length`` detections are dropped as likely false positives, the rest numbered 1..K."""
     if detector is not None and detections is not None:
         raise ValueError("pass either a detector or precomputed detections, not both")
-    detect = detector or detect_people
+    if detector is None and detections is None:
+        from core.detect import HogDetector
+
+        detector = HogDetector()
+    detect = detector
     fps = getattr(reader, "fps", 25.0) or 25.0
     trk = None
     tracks: dict[int, Tracklet] = {}

@@ -23,6 +23,8 @@ def ingest_report(job: dict) -> None:
     rep = job["result"]
     when = f" at {job['finished_at']:%Y-%m-%d %H:%M} UTC" if job.get("finished_at") else ""
     st.success(f"Ingest finished{when}: {rep['summary']}")
+    for note in rep.get("notes") or []:
+        st.warning(f"Note: {note}.")
     problems = rep.get("problems") or []
     if problems:
         total = rep.get("problems_total", len(problems))
@@ -38,12 +40,25 @@ with st.expander("Ingest footage", expanded=not store.dataset_names()):
         c1, c2 = st.columns([3, 1])
         path = c1.text_input("Folder on this machine", placeholder="/footage/site-a/MOT or /footage/reid")
         kind = c2.selectbox("Kind", KINDS, help="mot: MOT Challenge sequences (seqinfo.ini, gt/gt.txt, "
-                            "img1/ or one video); reid: <identity>/<image> folders; images: any "
-                            "pictures; videos: raw clips, people found with OpenCV's HOG detector")
+                            "img1/ or one video; det/det.txt instead of gt: the site's detections); "
+                            "reid: <identity>/<image> folders; images: any pictures; videos: raw clips, "
+                            "people found by the site's detections or detector (below)")
         c3, c4, c5 = st.columns(3)
         target = c3.text_input("Into dataset", value=current_dataset() or "site")
         every = c4.number_input("Keep every Nth frame of a track", 1, 100, 5)
         pattern = c5.selectbox("re-ID file names", list(REID_PATTERNS))
+        st.markdown("**People in raw clips** come from, in order: a detection file the site put beside each "
+                    "clip (`<clip>.det.txt` or `<clip>.csv`: frame, x, y, w, h, score; MOT `det/det.txt`), "
+                    "else the site's ONNX detector below, else OpenCV's HOG detector. HOG's boxes are weak "
+                    "(it misses small and partly hidden people and finds shadows and benches): prefer the "
+                    "site's own detections or model.")
+        d1, d2, d3, d4 = st.columns([3, 1, 1, 1])
+        detector = d1.text_input("Site detector (ONNX file, optional)", placeholder="/models/yolov8n.onnx",
+                                 help="Ultralytics YOLOv5/v8/v11, YOLOX or end-to-end exports; run on every "
+                                      "Nth frame with ONNX Runtime")
+        person_class = d2.text_input("Person class", "person", help="the detector's class name or index")
+        det_conf = d3.number_input("Min score", 0.0, 1.0, 0.25, 0.05)
+        tracker = d4.selectbox("Tracker", ["bytetrack", "iou"], help="ByteTrack, or the old overlap linker")
         go = st.form_submit_button("Ingest", type="primary")
         st.caption("Ingesting runs in the background: you can leave this page; the report appears "
                    "here when it is done.")
@@ -52,7 +67,10 @@ with st.expander("Ingest footage", expanded=not store.dataset_names()):
             st.error("Enter the folder to ingest.")
         else:
             try:
-                tasks.submit_ingest(path.strip(), kind, target.strip(), every_n=int(every), pattern=pattern)
+                pc = person_class.strip() or "person"
+                tasks.submit_ingest(path.strip(), kind, target.strip(), every_n=int(every), pattern=pattern,
+                                    detector=detector.strip() or None, person_class=int(pc) if pc.isdigit() else pc,
+                                    det_conf=float(det_conf), tracker=tracker)
             except (IngestError, store.StoreError, JobError) as exc:  # a bad path or name: at once
                 st.error(f"{exc}")
             except Exception as exc:  # noqa: BLE001
