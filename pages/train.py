@@ -227,6 +227,7 @@ for v in versions:
                  "mAP before": b.get("mAP"), "mAP re-ranked": mr.get("mAP"),
                  "mAP re-ranked before": br.get("mAP"), "device": (v.get("train") or {}).get("device"),
                  "pseudo-identities": {True: "yes", False: "no"}.get((v.get("train") or {}).get("unsupervised")),
+                 "person-ness AUC": ((v.get("train") or {}).get("person") or {}).get("cv_auc"),
                  "error": v.get("error")})
 
 
@@ -260,6 +261,8 @@ if ready:
                    + (f"pseudo-identities: {tr.get('pseudo_summary') or 'no re-clustering ran'}, "
                       f"{len(latest.get('proposals') or [])} proposed joins for the pair queue."
                       if tr.get("unsupervised") else "trained on the graph's identities (no pseudo-identities)."))
+        if tr.get("person_summary"):
+            st.caption(f"False positives: {tr['person_summary']}.")
         cmp = pd.DataFrame(compare(latest.get("before") or {}, latest.get("metrics") or {}))
         cmp = cmp[cmp["metric"].str.contains("rank1|mAP|fmr|tmr|threshold")]
         st.dataframe(cmp, hide_index=True, width="stretch")

@@ -126,3 +126,22 @@ def test_shadow_labels_lower_the_personness_of_unlabelled_shadows(data_root, tmp
     assert (new_b < 0.5).mean() > 0.8
     # and the unseen people stay people
     assert np.median(pers_b) > 0.8 and (pers_b > 0.5).mean() > 0.9
+
+
+def test_round_class_labels_come_from_the_operators_classes(dsname, tmp_path):
+    """What a round fits the head on: crops labelled person (a MOT ingest's ground truth) against
+    crops given any other class; unlabelled and failed crops are left out."""
+    from core import rounds, store
+    from core.ingest import ingest
+
+    seq = need_shared("mot", "TUD-Campus")
+    ingest(seq, "mot", dsname, every_n=10)
+    cols = store.view_columns(dsname, ["filepath", "label"])
+    ids = cols["id"]
+    store.set_values(dsname, "label", {ids[0]: "shadow/noise", ids[1]: "vehicle", ids[2]: None})
+    store.set_values(dsname, "embed_error", {ids[3]: "cannot decode"})
+    got = dict(rounds.class_samples(dsname))
+    path = dict(zip(ids, cols["filepath"]))
+    assert got[path[ids[0]]] is False and got[path[ids[1]]] is False
+    assert path[ids[2]] not in got and path[ids[3]] not in got
+    assert sum(got.values()) == len(ids) - 4
