@@ -7,6 +7,8 @@ Query strategies follow modAL's style: plain functions with one shared signature
 ``labels`` is read only where ``labelled`` is true. A :class:`Selection` holds ``k`` indices of
 unlabelled samples, best first, without duplicates, the per-sample ``scores`` (NaN for labelled
 samples; higher means "label this sooner") and one human-readable reason per selected index.
+A strategy may also read per-sample scores through options (``personness``: the person-ness
+head's scores and threshold, the detector's confidence; see :data:`NEEDS_SAMPLE_SCORES`).
 Every strategy accepts ``boost`` (float [N], >= 0: night / shadow / flagged masks or a mix)
 which raises those samples: scores are multiplied by ``1 + boost`` (``boost_mode="multiply"``,
 the default) or ``boost`` is added (``boost_mode="add"``).
@@ -421,6 +423,74 @@ def uncertainty_diversity(embeddings, labelled, labels, k, rng, boost=None, boos
     return _finish("uncertainty_diversity", scores, m, np.array(chosen, np.int64), reasons)
 
 
+def _as_scores(values, n: int, what: str) -> np.ndarray:
+    """float [N] with NaN where unknown (None or NaN), or all NaN when ``values`` is None."""
+    if values is None:
+        return np.full(n, np.nan)
+    if isinstance(values, np.ndarray) and values.dtype.kind in "fiub":
+        v = values.astype(np.float64)
+    else:
+        v = np.array([np.nan if x is None else float(x) for x in values], dtype=np.float64)
+    if v.shape != (n,):
+        raise ValueError(f"{what} must be float [{n}], got shape {v.shape}")
+    return v
+
+
+def personness(embeddings, labelled, labels, k, rng, person=None, person_threshold=None, det_score=None,
+               boost=None, boost_mode="multiply", **_) -> Selection:
+    """"Is this a person?", least sure first: per-crop scores, not the embeddings, decide.
+
+    ``person`` (float [N] in 0..1, NaN / None where unknown): the active model's person-ness head;
+    ``person_threshold``: its operating point (the score that keeps 99 % of the round's persons;
+    None: 0.5); ``det_score`` (float [N], NaN / None where unknown): the detector's confidence.
+    Three tiers, each before the next:
+
+    1. crops with a person-ness score, nearest the threshold first (``|person - threshold|``
+       ascending): the ones the model is least sure are people;
+    2. crops without one but with a detector score, lowest first (no head yet, or its score
+       failed for that crop);
+    3. crops with neither, in a seeded random order.
+
+    ``boost`` raises samples within their tier (a boosted crop never jumps a tier). scores [N] =
+    tier + w / (1 + w), w the within-tier score (``1 - |person - threshold|``, ``1 -`` the
+    detector score's rank among the tier, a random draw) after the boost, so they order as the
+    batch does. With no score for any sample it falls back to kcenter, like the uncertainty
+    strategies without labels. The queue reads these arrays from the store
+    (:func:`core.labeling.queue.compute_batch`, see :data:`NEEDS_SAMPLE_SCORES`).
+    """
+    x, m, y = _as_inputs(embeddings, labelled, labels)
+    n = len(x)
+    p = _as_scores(person, n, "person")
+    d = _as_scores(det_score, n, "det_score")
+    has_p, has_d = np.isfinite(p), np.isfinite(d)
+    if not (has_p | has_d)[~m].any():
+        return _diversity_fallback("no person-ness or detector scores", x, m, y, k, rng, boost, boost_mode)
+    t = 0.5 if person_threshold is None or not np.isfinite(person_threshold) else float(person_threshold)
+    tier = np.where(has_p, 2, np.where(has_d, 1, 0))
+    w = rng.random(n)  # tier 0: seeded random order
+    w[has_p] = 1.0 - np.abs(p[has_p] - t)
+    in_d = np.flatnonzero(~has_p & has_d)
+    if len(in_d):  # rank, not value: detectors' scores are on any scale (MOT det.txt, HOG margins)
+        order = np.argsort(d[in_d], kind="stable")
+        w[in_d[order]] = 1.0 - np.arange(len(in_d)) / len(in_d)
+    w = np.maximum(_apply_boost(w, boost, boost_mode), 0.0)
+    scores = tier + w / (1.0 + w)
+    idx = _take_top(scores, ~m, k, rng)
+    head = person is not None and bool(has_p.any())
+    reasons = []
+    for i in idx:
+        if tier[i] == 2:
+            thr = f"threshold {t:.2f}" if person_threshold is not None else "threshold 0.50 (the head's is unknown)"
+            reasons.append(f"person-ness {p[i]:.2f}, {thr}: the model is unsure" + _boost_note(boost, i))
+        elif tier[i] == 1:
+            why = "no person-ness score for this crop" if head else "no person-ness head yet"
+            reasons.append(f"detector score {d[i]:.2f}: lowest first, {why}" + _boost_note(boost, i))
+        else:
+            reasons.append("no person-ness or detector score: after those that have one, in random order"
+                           + _boost_note(boost, i))
+    return _finish("personness", scores, m, idx, reasons)
+
+
 StrategyFn = Callable[..., Selection]
 
 STRATEGIES: dict[str, StrategyFn] = {
@@ -431,8 +501,23 @@ STRATEGIES: dict[str, StrategyFn] = {
     "knn_disagreement": knn_disagreement,
     "kcenter": kcenter,
     "uncertainty_diversity": uncertainty_diversity,
+    "personness": personness,
 }
 DEFAULT_STRATEGY = "uncertainty_diversity"
+#: strategies that read per-sample scores besides the embeddings: the queue takes them from the
+#: store and passes them as options (``person``, ``person_threshold``, ``det_score``)
+NEEDS_SAMPLE_SCORES = frozenset({"personness"})
+#: one line per strategy, for selectors and help texts
+DESCRIPTIONS: dict[str, str] = {
+    "random": "random: the control",
+    "least_confidence": "least confidence of a kNN on the labels",
+    "margin": "margin between the two likeliest labels",
+    "entropy": "entropy of the label probabilities",
+    "knn_disagreement": "nearest labelled neighbours disagree",
+    "kcenter": "k-center: cover the embedding space",
+    "uncertainty_diversity": "uncertain and spread out (the default)",
+    "personness": "Is this a person? least sure first (person-ness head, else detector score)",
+}
 
 
 def select(name: str, embeddings, labelled, labels, k: int, rng: np.random.Generator | int | None = None,

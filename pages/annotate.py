@@ -76,11 +76,24 @@ if mode == "pairs":
 
 # ---------------------------------------------------------------- queue settings
 names = list(strategies.STRATEGIES)
+SUGGESTED = {"identity": strategies.DEFAULT_STRATEGY, "label": "personness"}  # per target
 c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 1, 2])
-strategy = c1.selectbox("Strategy", names, index=names.index(strategies.DEFAULT_STRATEGY), key="ann_strategy",
-                        help="uncertainty_diversity: uncertain and spread out (the default); random is the control")
 target = c2.radio("Label", list(labeling.TARGETS), horizontal=True, key="ann_target",
                   format_func=lambda t: "identity" if t == "identity" else "class")
+# switching the target suggests its strategy (before the selector is drawn, so it shows there)
+if st.session_state.get("ann_target_prev") not in (None, target) and \
+        st.session_state.get("ann_strategy") == SUGGESTED.get(st.session_state["ann_target_prev"]):
+    st.session_state["ann_strategy"] = SUGGESTED[target]
+st.session_state["ann_target_prev"] = target
+st.session_state.setdefault("ann_strategy", SUGGESTED[target])
+strategy = c1.selectbox(
+    "Strategy", names, key="ann_strategy", format_func=lambda s: strategies.DESCRIPTIONS.get(s, s),
+    help="uncertainty_diversity (the default for identities): uncertain and spread out; random is the "
+         "control. For class labels: personness asks \"Is this a person?\" about the crops the active "
+         "model is least sure of first (person-ness nearest its threshold; without a person-ness head, "
+         "the lowest detector scores)")
+if target == "label" and strategy != "personness":
+    c1.caption("Suggested for class labels: *Is this a person? least sure first* (personness).")
 trust = c3.toggle("Ingested values count", value=schema.mode == "trust", key="ann_trust",
                   help="Off: identities that came with MOT / re-ID data are unverified and queued for you to "
                        "confirm. On: they count as labels; only samples without one are queued.")

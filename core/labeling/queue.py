@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from core import strategies
+from core import store, strategies
 from core.labeling.base import ITEMS, QUEUES, TO_LABEL, LabelingError, _aware, _coll, _ensure, _now
 from core.labeling.schema import MODES, label_schema
 from core.labeling.vectors import _load
@@ -93,16 +93,54 @@ def _decided(mode: str, target_value: Any, labelled_by: Any) -> bool:
     return labelled_by is not None or (mode == "trust" and target_value is not None)
 
 
+def person_threshold(name: str, version: str) -> float | None:
+    """The operating threshold of ``version``'s person-ness head (the score that kept 99 % of the
+    round's persons), from its registry record, else its checkpoint; None without a head."""
+    from core import registry
+
+    try:
+        head = ((registry.get(name, version).get("train") or {}).get("person")) or None
+    except registry.RegistryError:
+        head = None
+    if head is None and version != registry.BASE:
+        from core import embed
+
+        try:
+            if embed.checkpoint_path(version).exists():
+                head = (embed.load_checkpoint(version).get("result") or {}).get("person")
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint: the queue uses 0.5 and says so
+            log.warning("%s: cannot read the person-ness threshold of %s", name, version, exc_info=True)
+    thr = (head or {}).get("threshold")
+    return float(thr) if thr is not None and np.isfinite(thr) else None
+
+
+def sample_scores(name: str, data: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
+    """Options for a strategy in :data:`strategies.NEEDS_SAMPLE_SCORES`, from the loaded
+    ``data`` (rows ``keep``): ``person`` (the active version's person-ness, NaN where missing;
+    None when the version has no such field), ``person_threshold`` and ``det_score``."""
+    as_f = lambda vals: np.array([np.nan if v is None else float(v) for v in vals], np.float64)[keep]  # noqa: E731
+    pf = store.person_field(data["version"])
+    person = as_f(data[pf]) if data.get(pf) is not None else None
+    det = as_f(data["det_score"]) if data.get("det_score") is not None else None
+    has_head = person is not None and bool(np.isfinite(person).any())
+    return {"person": person if has_head else None, "det_score": det,
+            "person_threshold": person_threshold(name, data["version"]) if has_head else None}
+
+
 def compute_batch(name: str, spec: QueueSpec, exclude: Iterable[str] = ()) -> Batch:
     """The next ``spec.k`` samples to label (nothing stored).
 
     Arrays handed to the strategy: labelled samples with a target value (its labels) plus the
     candidates (embedded, in the view, not decided, not in ``exclude``); decided samples without
     a target value (e.g. "shadow/noise" with no identity) and excluded ones are left out.
-    The condition boost adds 1 for each of low light / night, shadow and operator flag."""
+    The condition boost adds 1 for each of low light / night, shadow and operator flag. A
+    strategy that reads per-sample scores (``personness``) gets them from :func:`sample_scores`."""
     spec.validate()
-    data = _load(name, [spec.target, "labelled_by", "low_light", "tags", "flagged", "identity",
-                        "label", "camera", "filepath"])
+    fields = [spec.target, "labelled_by", "low_light", "tags", "flagged", "identity", "label", "camera", "filepath"]
+    scored = spec.strategy in strategies.NEEDS_SAMPLE_SCORES
+    if scored and store.active_model(name):
+        fields += [store.person_field(store.active_model(name)), "det_score"]
+    data = _load(name, fields)
     ids, X = data["id"], data["X"]
     n = len(ids)
     get = lambda f: data.get(f) or [None] * n  # noqa: E731
@@ -125,7 +163,8 @@ def compute_batch(name: str, spec: QueueSpec, exclude: Iterable[str] = ()) -> Ba
     rng = np.random.default_rng(spec.seed)
     if len(keep) == 0 or not (~labelled).any():
         return Batch([], spec.strategy, data["version"], int(labelled.sum()), 0)
-    sel = strategies.select(spec.strategy, X[keep], labelled, labels, spec.k, rng, boost=boost)
+    options = sample_scores(name, data, keep) if scored else {}
+    sel = strategies.select(spec.strategy, X[keep], labelled, labels, spec.k, rng, boost=boost, **options)
     picks = [(int(j), why) for j, why in zip(sel.indices, sel.reasons or [""] * len(sel.indices))]
     # samples sent from the Map page ("to-label" tag) go first, best score first
     sent = [j for j in np.flatnonzero(~labelled) if TO_LABEL in (get("tags")[keep[j]] or ())]
