@@ -161,22 +161,23 @@ def training_samples(name: str, exclude_identities: set[str]) -> list[tuple[str,
 MAX_CLASS_CROPS = 2000  # per side: the head is linear, more crops only cost feature time
 
 
-def class_samples(name: str, seed: int = 0) -> list[tuple[str, bool]]:
-    """(path, is person) of the crops with a class: ``person``, or a false positive of the
-    detector (any other class an operator gave: shadow, vehicle, animal, other). At most
-    :data:`MAX_CLASS_CROPS` of each side, drawn at random (seeded) where there are more."""
-    cols = store.view_columns(name, ["filepath", "label", "kind", "embed_error"])
-    sides: dict[bool, list[str]] = {True: [], False: []}
-    for path, lb, kd, err in zip(cols["filepath"], cols["label"], cols["kind"], cols["embed_error"]):
+def class_samples(name: str, seed: int = 0) -> list[tuple[str, bool, str]]:
+    """(path, is person, tracklet or sample id) of the crops with a class: ``person``, or a false
+    positive of the detector (any other class an operator gave: shadow, vehicle, animal, other).
+    At most :data:`MAX_CLASS_CROPS` of each side, drawn at random (seeded) where there are more."""
+    cols = store.view_columns(name, ["filepath", "label", "kind", "embed_error", "tracklet"])
+    sides: dict[bool, list[tuple[str, str]]] = {True: [], False: []}
+    for sid, path, lb, kd, err, tr in zip(cols["id"], cols["filepath"], cols["label"], cols["kind"],
+                                          cols["embed_error"], cols["tracklet"]):
         y = personness.is_person_label(lb)
         if y is not None and kd != "image" and not err:
-            sides[y].append(path)
+            sides[y].append((path, tr or sid))
     rng = np.random.default_rng(seed)
     out = []
-    for y, paths in sides.items():
-        if len(paths) > MAX_CLASS_CROPS:
-            paths = [paths[i] for i in sorted(rng.choice(len(paths), MAX_CLASS_CROPS, replace=False))]
-        out.extend((p, y) for p in paths)
+    for y, rows in sides.items():
+        if len(rows) > MAX_CLASS_CROPS:
+            rows = [rows[i] for i in sorted(rng.choice(len(rows), MAX_CLASS_CROPS, replace=False))]
+        out.extend((p, y, g) for p, g in rows)
     return out
 
 

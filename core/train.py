@@ -401,12 +401,13 @@ def train_round(
     resume: bool = False,
     cannot: Sequence[tuple[str, str]] = (),
     open_identities: Sequence[str] = (),
-    classes: Sequence[tuple[str, bool]] = (),
+    classes: Sequence[tuple[str, bool] | tuple[str, bool, str]] = (),
 ) -> dict[str, Any]:
     """Fine-tune ``init_version`` on ``samples`` and write ``out_dir/checkpoint.pt``.
 
-    ``classes``: (path, is person) of crops an operator classed (person, or a false positive:
-    shadow, vehicle, ...). With :data:`core.personness.MIN_PER_CLASS` of each, the finished model
+    ``classes``: (path, is person[, group]) of crops an operator classed (person, or a false
+    positive: shadow, vehicle, ...); ``group`` (the crop's tracklet; default the crop itself) is
+    kept whole by the head's cross-validation. With :data:`core.personness.MIN_PER_CLASS` of each, the finished model
     gets a person-ness head fitted on them (:func:`core.personness.fit`; ``result["person"]``).
 
     ``cannot``: pairs of identities known to be two people (the identity graph's cannot-links),
@@ -451,7 +452,7 @@ def train_round(
             raise ResumeError(f"{out_dir / RESUME} has format {saved.get('format')}, this version reads "
                               f"{RESUME_FORMAT}; start a new round")
         if saved.get("classes") is not None:
-            classes = [(str(p), bool(y)) for p, y in saved["classes"]]
+            classes = [tuple(c) for c in saved["classes"]]
         if saved.get("samples") is not None:
             # the round goes on with the crops it started on: labels and scores written since
             # (the operator keeps labelling while it runs) belong to the next round
@@ -491,8 +492,8 @@ def train_round(
         tr_idx = np.array([i for i, x in enumerate(idents) if x in tr_set], dtype=int)
         va_idx = np.array([i for i, x in enumerate(idents) if x in va_set], dtype=int)
         dev = devices.select(config.device)
-        classes = [(str(p), bool(y)) for p, y in classes]
-        n_pos = sum(y for _, y in classes)
+        classes = [(str(c[0]), bool(c[1]), str(c[2] if len(c) > 2 and c[2] is not None else c[0])) for c in classes]
+        n_pos = sum(y for _, y, _g in classes)
         fit_person = min(n_pos, len(classes) - n_pos) >= personness.MIN_PER_CLASS
 
         # -- model
@@ -672,9 +673,9 @@ def train_round(
         model.load_state_dict(best_state)
         person = None
         if fit_person:  # on the finished model's features: the head the checkpoint carries
-            head = personness.fit(_pooled_features(model, load_crops([p for p, _ in classes], mcfg.crop_size,
+            head = personness.fit(_pooled_features(model, load_crops([c[0] for c in classes], mcfg.crop_size,
                                                                      config.threads)),
-                                  np.array([y for _, y in classes]), config.seed)
+                                  np.array([c[1] for c in classes]), config.seed, groups=[c[2] for c in classes])
             best_state["person.weight"] = torch.tensor(head.weight, dtype=torch.float32)[None, :]
             best_state["person.bias"] = torch.tensor([head.bias], dtype=torch.float32)
             model.load_state_dict(best_state)
