@@ -142,9 +142,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     mot = shared_data() / "mot"
-    rows: list[dict] = []
-    for s in SEQS:
-        rows += clip_crops(mot / s, a.every, a.train_share, ROOT / "crops", a.hog_min_score)
+    # HOG is most of the run: its labelled crops are kept between runs of the same settings
+    cache = REPO / "benchmarks" / "out" / "cache" / f"false_positives-e{a.every}-s{a.hog_min_score}-t{a.train_share}"
+    if (cache / "rows.json").exists():
+        rows = json.loads((cache / "rows.json").read_text())
+        print(f"HOG crops from {cache} (delete it to detect again)")
+    else:
+        rows = []
+        for s in SEQS:
+            rows += clip_crops(mot / s, a.every, a.train_share, cache / "crops", a.hog_min_score)
+        (cache / "rows.json").write_text(json.dumps(rows))
     data = counts(rows)
     print(f"data (HOG upscaled {'/'.join(map(str, HOG_UPSCALES))}x on every {a.every}th frame; first {a.train_share:.0%} of each clip trains): "
           + "; ".join(f"{p}: {d['gt_persons']} ground-truth persons, {d['hog_persons']} HOG persons, "
