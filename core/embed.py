@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import cv2
 import numpy as np
 
-from core import backbones
+from core import backbones, personness
 from core.config import settings
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class ModelConfig:
     last_stride: int = 2  # 1: the backbone's last downsampling is removed (2x finer feature map)
     flip_average: bool = False  # eval mode: mean of the image's and its mirror's embeddings
     neck: bool = False  # batch norm on the pooled features before the projection head
-    person_head: bool = False  # a linear person-ness head on the pooled features (core.personness)
+    person_head: bool = False  # a person-ness head (MLP) on the pooled features (core.personness)
 
     def input_size(self, kind: str | None) -> tuple[int, int]:
         """(H, W) for a sample kind ("crop" or "image"; None counts as crop)."""
@@ -163,7 +163,8 @@ def _model_class():
             self.neck = nn.BatchNorm1d(bb.feature_dim) if config.neck else None
             self.head = nn.Linear(bb.feature_dim, config.emb_dim)
             # fitted after a round's training (core.personness), not by the identity losses
-            self.person = nn.Linear(bb.feature_dim, 1) if config.person_head else None
+            self.person = nn.Sequential(nn.Linear(bb.feature_dim, personness.HIDDEN), nn.ReLU(),
+                                        nn.Linear(personness.HIDDEN, 1)) if config.person_head else None
             if self.person is not None:
                 self.person.requires_grad_(False)
             g = torch.Generator().manual_seed(config.seed)

@@ -676,8 +676,9 @@ def train_round(
             head = personness.fit(_pooled_features(model, load_crops([c[0] for c in classes], mcfg.crop_size,
                                                                      config.threads)),
                                   np.array([c[1] for c in classes]), config.seed, groups=[c[2] for c in classes])
-            best_state["person.weight"] = torch.tensor(head.weight, dtype=torch.float32)[None, :]
-            best_state["person.bias"] = torch.tensor([head.bias], dtype=torch.float32)
+            for k, v in {"0.weight": head.w1.T, "0.bias": head.b1, "2.weight": head.w2[None, :],
+                         "2.bias": [head.b2]}.items():
+                best_state[f"person.{k}"] = torch.tensor(np.asarray(v), dtype=torch.float32)
             model.load_state_dict(best_state)
             person = head.summary()
             log.info("person-ness head on %d person / %d other crops: CV AUC %.3f, threshold %.3f",
