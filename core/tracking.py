@@ -309,7 +309,9 @@ def detect_and_track(reader: VideoReader, every_n: int = 5, min_length: int = 2,
     """Detect people on every Nth frame (``detector``: frame BGR -> ``[(box_xywh, score)]``,
     default :class:`core.detect.HogDetector`, the weak last resort; or ``detections``, precomputed per frame number, e.g. a site's
     det.txt) and track them (``tracker``: ``"bytetrack"`` or ``"iou"``, the old greedy linker).
-    Boxes are clipped to the frame and each tracklet carries its crops; tracklets shorter than
+    Precomputed detections are tracked on every frame (they cost nothing to get), a detector's on
+    every Nth; either way crops are cut on every Nth frame. Boxes are clipped to the frame and each
+    tracklet carries its crops; tracklets shorter than
     ``min_length`` detections are dropped as likely false positives, the rest numbered 1..K."""
     if detector is not None and detections is not None:
         raise ValueError("pass either a detector or precomputed detections, not both")
@@ -324,24 +326,28 @@ def detect_and_track(reader: VideoReader, every_n: int = 5, min_length: int = 2,
     recent: dict[int, list] = {}  # frame -> [(clipped box or None, score, crop)] for late hand-outs
     keep_back = (config or ByteTrackConfig()).min_consecutive + 1
     total = reader.frame_count
+    # precomputed boxes cost nothing per frame: the tracker sees every frame (far fewer identity
+    # switches, benchmarks/tracker_compare.py), crops are still cut on every Nth
+    step = 1 if detections is not None else every_n
     for fn, frame in reader.frames():
-        if not sampled(fn, every_n):
+        keep = sampled(fn, every_n)
+        if not (keep or step == 1):
             continue
         h, w = frame.shape[:2]
         if trk is None:
-            trk = make_tracker(tracker, config, frame_rate=fps / every_n, frame_size=(w, h))
+            trk = make_tracker(tracker, config, frame_rate=fps / step, frame_size=(w, h))
         dets = detections.get(fn, []) if detections is not None else detect(frame)
         cut = []
         for box, score in dets:
             x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
             x1, y1 = min(w, int(box[0] + box[2])), min(h, int(box[1] + box[3]))
-            if x1 - x0 < 8 or y1 - y0 < 8:
+            if not keep or x1 - x0 < 8 or y1 - y0 < 8:
                 cut.append((None, float(score), None))
             else:
                 cut.append(((float(x0), float(y0), float(x1 - x0), float(y1 - y0)), float(score),
                             frame[y0:y1, x0:x1].copy()))
         recent[fn] = cut
-        for old in [f for f in recent if f <= fn - keep_back * every_n]:
+        for old in [f for f in recent if f <= fn - keep_back * step]:
             del recent[old]
         for tid, f, di in trk.update(fn, [(list(b), s) for b, s in dets]):
             box, score, crop = recent[f][di]
