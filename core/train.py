@@ -673,9 +673,14 @@ def train_round(
         model.load_state_dict(best_state)
         person = None
         if fit_person:  # on the finished model's features: the head the checkpoint carries
-            head = personness.fit(_pooled_features(model, load_crops([c[0] for c in classes], mcfg.crop_size,
-                                                                     config.threads)),
-                                  np.array([c[1] for c in classes]), config.seed, groups=[c[2] for c in classes])
+            # each crop and its mirror image (one group: they never vouch for each other); evidence
+            # in core.personness
+            xc = load_crops([c[0] for c in classes], mcfg.crop_size, config.threads)
+            feats = np.concatenate([_pooled_features(model, xc),
+                                    _pooled_features(model, np.ascontiguousarray(xc[:, :, ::-1]))])
+            head = personness.fit(feats, np.array([c[1] for c in classes] * 2), config.seed,
+                                  groups=[c[2] for c in classes] * 2)
+            head.n_person, head.n_other = n_pos, len(classes) - n_pos  # crops, not crops and mirrors
             for k, v in {"0.weight": head.w1.T, "0.bias": head.b1, "2.weight": head.w2[None, :],
                          "2.bias": [head.b2]}.items():
                 best_state[f"person.{k}"] = torch.tensor(np.asarray(v), dtype=torch.float32)
