@@ -4,7 +4,7 @@ default of core.tracking) on MOT ground truth degraded as a person detector woul
 Sequences (../shared/data/mot, real ground truth, GT coordinates, no video decoded):
 PETS09-S2L1 (7 fps, 795 frames), TUD-Campus (25 fps, 71), TUD-Stadtmitte (25 fps, 179).
 
-Simulated detector (core.tracking.degrade, core.tracking.Degradation; seeded):
+Simulated detector (core.mot_metrics.degrade, core.mot_metrics.Degradation; seeded):
   misses     10 % of true boxes dropped one at a time, plus occlusion runs: per frame of an
              identity a 1.5 % chance that a run of 3-12 consecutive frames starts, all dropped
              (about 20 % of the true boxes missed in all; the exact counts are printed)
@@ -42,8 +42,8 @@ from _common import isolate
 isolate("tracker")
 
 from core.config import shared_data  # noqa: E402
-from core.tracking import (ByteTrackConfig, Degradation, degrade, load_mot_gt, mot_scores,  # noqa: E402
-                           sampled, track_boxes)
+from core.mot_metrics import Degradation, degrade, load_mot_gt, mot_scores  # noqa: E402
+from core.tracking import ByteTrackConfig, sampled, track_boxes  # noqa: E402
 
 SEQUENCES = ("PETS09-S2L1", "TUD-Campus", "TUD-Stadtmitte")
 TUNE_SEQUENCE, TUNE_SEED, REPORT_SEED = "TUD-Stadtmitte", 1, 0
