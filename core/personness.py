@@ -21,7 +21,7 @@ false positives removed at 99 % of persons kept, out of fold): a linear head (lo
 regression) 56 %, the same on features averaged with the mirrored crop 62 %, the MLP 67 % (AUC
 0.949, alpha 3 by log loss), the MLP on mirror-averaged features 67 % (it doubles every
 embedding's cost: not taken), the MLP trained on each crop and its mirror image (in one fold
-group) 69 % (AUC 0.944; a round does this); the base model's features under a linear head 67 %, so fine-tuning
+group) 69 % (AUC 0.944; a round does this); the base model's features under a linear head 67 %: fine-tuning
 on identities costs the backbone little of what tells people from clutter. A head on the 256-d
 embedding instead of the 1280 pooled features: AUC 0.927 and 60 % on the clips' later frames
 against 0.956 and 75 % for the linear head on features (``benchmarks/false_positives.py

@@ -158,7 +158,7 @@ def training_samples(name: str, exclude_identities: set[str]) -> list[tuple[str,
     return out
 
 
-MAX_CLASS_CROPS = 2000  # per side: the head is linear, more crops only cost feature time
+MAX_CLASS_CROPS = 2000  # per side: the head is small, more crops mostly cost feature time
 
 
 def class_samples(name: str, seed: int = 0) -> list[tuple[str, bool, str]]:
@@ -187,8 +187,8 @@ def person_summary(person: dict[str, Any] | None) -> str:
         return (f"no person-ness head: class at least {personness.MIN_PER_CLASS} crops as person and "
                 f"{personness.MIN_PER_CLASS} as a false positive (shadow, vehicle, animal, other) first")
     return (f"person-ness head on {person['n_person']} person / {person['n_other']} false-positive crops: "
-            f"cross-validated ROC AUC {person['cv_auc']:.3f}; a score under {person['threshold']:.3f} keeps "
-            f"99 % of persons and rejected {100 * person['fp_removed']:.0f} % of the false positives")
+            f"cross-validated ROC AUC {person['cv_auc']:.3f}; dropping crops under {person['threshold']:.3f} kept "
+            f"99 % of persons and removed {100 * person['fp_removed']:.0f} % of the false positives (out of fold)")
 
 
 def _vectors(name: str, version: str, ids: list[str]) -> np.ndarray:
