@@ -273,14 +273,18 @@ def set_active_model(name: str, version: str | None, only_if_unset: bool = False
     return True
 
 
+def _version_slug(version: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", version)
+
+
 def embedding_field(version: str) -> str:
     """Sample field that holds the vectors of model ``version``."""
-    return "emb_" + re.sub(r"[^A-Za-z0-9_]", "_", version)
+    return "emb_" + _version_slug(version)
 
 
 def person_field(version: str) -> str:
     """Sample field that holds model ``version``'s person-ness (0..1; core.personness)."""
-    return "person_" + re.sub(r"[^A-Za-z0-9_]", "_", version)
+    return "person_" + _version_slug(version)
 
 
 def set_values(name: str, field: str, values_by_id: dict[str, Any]) -> None:
