@@ -248,8 +248,10 @@ def load_crops(paths: Sequence[str], size: tuple[int, int], threads: int = 2) ->
 
 # --- model helpers -------------------------------------------------------------------------------
 
-def _embed_array(model, x: np.ndarray, batch: int = 128) -> np.ndarray:
-    """Eval-mode embeddings of ``x`` [N, H, W, 3] uint8 -> [N, D] float32 (on the model's device)."""
+def _embed_array(model, x: np.ndarray, batch: int = 128, features: bool = False) -> np.ndarray:
+    """Eval-mode embeddings of ``x`` [N, H, W, 3] uint8 -> [N, D] float32 (on the model's device);
+    ``features``: the pooled backbone features instead (what the embedding and person-ness heads
+    read)."""
     import torch
 
     was_training = model.training
@@ -258,23 +260,10 @@ def _embed_array(model, x: np.ndarray, batch: int = 128) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for i in range(0, len(x), batch):
-            out.append(model(torch.from_numpy(x[i: i + batch]).to(device)).cpu().numpy())
+            e, f, _p = model.outputs(model.prepare(torch.from_numpy(x[i: i + batch]).to(device)))
+            out.append((f if features else e).cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, model.config.emb_dim), np.float32)
-
-
-def _pooled_features(model, x: np.ndarray, batch: int = 128) -> np.ndarray:
-    """The model's pooled backbone features (what the embedding and person-ness heads read) of
-    BGR crops ``x`` ``[N, H, W, 3]``, in eval mode, on the model's device."""
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            out.append(model.outputs(model.prepare(torch.from_numpy(x[i: i + batch]).to(device)))[1].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def validation_metrics(emb: np.ndarray, ids: np.ndarray, cams: np.ndarray | None) -> dict[str, float]:
@@ -676,8 +665,8 @@ def train_round(
             # each crop and its mirror image (one group: they never vouch for each other); evidence
             # in core.personness
             xc = load_crops([c[0] for c in classes], mcfg.crop_size, config.threads)
-            feats = np.concatenate([_pooled_features(model, xc),
-                                    _pooled_features(model, np.ascontiguousarray(xc[:, :, ::-1]))])
+            feats = np.concatenate([_embed_array(model, xc, features=True),
+                                    _embed_array(model, np.ascontiguousarray(xc[:, :, ::-1]), features=True)])
             head = personness.fit(feats, np.array([c[1] for c in classes] * 2), config.seed,
                                   groups=[c[2] for c in classes] * 2)
             head.n_person, head.n_other = n_pos, len(classes) - n_pos  # crops, not crops and mirrors
