@@ -273,6 +273,18 @@ def load_checkpoint(version: str) -> dict[str, Any]:
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
+def person_head(version: str) -> dict[str, Any] | None:
+    """The summary of ``version``'s person-ness head as its round stored it in the checkpoint
+    (:meth:`core.personness.PersonHead.summary`: counts, CV AUC, threshold, ...), ``{}`` for a
+    head without one; None for a model without a head (``base``, no checkpoint)."""
+    if version == BASE or not checkpoint_path(version).exists():
+        return None
+    ck = load_checkpoint(version)
+    if not (ck.get("config") or {}).get("person_head"):
+        return None
+    return (ck.get("result") or {}).get("person") or {}
+
+
 def load_model(version: str = BASE) -> tuple["EmbeddingModel", ModelConfig]:
     """The eval-mode model of ``version`` and its config. ``"base"`` needs no file."""
     if version == BASE:

@@ -500,19 +500,6 @@ def _version_record(version: str, dataset: str | None) -> tuple[int | None, dict
     return int(ck.get("step") or 0), dict(ck.get("metrics") or {})
 
 
-def person_head(version: str) -> dict[str, Any] | None:
-    """The person-ness head's summary of ``version`` (:func:`core.personness.PersonHead.summary`
-    as the round stored it in its checkpoint), or None for a model without one."""
-    if version == "base":
-        return None
-    from core import embed
-
-    ck = embed.load_checkpoint(version)
-    if not (ck.get("config") or {}).get("person_head"):
-        return None
-    return (ck.get("result") or {}).get("person") or {}
-
-
 def model_metadata(version: str, cfg, training_round: int | None, metrics: dict[str, Any],
                    opset: int, person: dict[str, Any] | None = None) -> dict[str, str]:
     """``metadata_props`` of an exported model (all values strings; JSON where structured)."""
@@ -749,8 +736,7 @@ def export_model(version: str = "base", out_name: str | None = None, *,
     except embed.EmbedError as exc:
         raise ExportError(str(exc)) from None
     rnd, metrics = _version_record(version, dataset)
-    person = person_head(version)
-    meta = model_metadata(version, cfg, rnd, metrics, opset, person)
+    meta = model_metadata(version, cfg, rnd, metrics, opset, embed.person_head(version))
     doc = f"Vigil re-ID embedding model {version}: uint8 BGR NHWC crops -> unit embeddings"
     report: dict[str, Any] = {"version": version, "dataset": dataset, "opset": opset,
                               "metadata": meta, "training_round": rnd}

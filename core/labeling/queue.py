@@ -102,12 +102,11 @@ def person_threshold(name: str, version: str) -> float | None:
         head = ((registry.get(name, version).get("train") or {}).get("person")) or None
     except registry.RegistryError:
         head = None
-    if head is None and version != registry.BASE:
+    if head is None:
         from core import embed
 
         try:
-            if embed.checkpoint_path(version).exists():
-                head = (embed.load_checkpoint(version).get("result") or {}).get("person")
+            head = embed.person_head(version)
         except Exception:  # noqa: BLE001 - an unreadable checkpoint: the queue uses 0.5 and says so
             log.warning("%s: cannot read the person-ness threshold of %s", name, version, exc_info=True)
     thr = (head or {}).get("threshold")
@@ -116,13 +115,12 @@ def person_threshold(name: str, version: str) -> float | None:
 
 def sample_scores(name: str, data: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
     """Options for a strategy in :data:`strategies.NEEDS_SAMPLE_SCORES`, from the loaded
-    ``data`` (rows ``keep``): ``person`` (the active version's person-ness, NaN where missing;
-    None when the version has no such field), ``person_threshold`` and ``det_score``."""
-    as_f = lambda vals: np.array([np.nan if v is None else float(v) for v in vals], np.float64)[keep]  # noqa: E731
-    pf = store.person_field(data["version"])
-    person = as_f(data[pf]) if data.get(pf) is not None else None
-    det = as_f(data["det_score"]) if data.get("det_score") is not None else None
-    has_head = person is not None and bool(np.isfinite(person).any())
+    ``data`` (rows ``keep``): ``person`` (the active version's person-ness, None where missing;
+    None when no sample has one), ``person_threshold`` and ``det_score`` (the strategy turns the
+    missing ones into NaN)."""
+    rows = lambda f: None if data.get(f) is None else [data[f][i] for i in keep]  # noqa: E731
+    person, det = rows(store.person_field(data["version"])), rows("det_score")
+    has_head = person is not None and any(v is not None for v in person)
     return {"person": person if has_head else None, "det_score": det,
             "person_threshold": person_threshold(name, data["version"]) if has_head else None}
 
