@@ -12,10 +12,9 @@ def cmd_ingest(a) -> int:
     from core.ingest import Detection, IngestError, ingest
 
     bar = Bar(f"ingest {a.kind}")
-    person = int(a.person_class) if a.person_class.isdigit() else a.person_class
     try:
         report = ingest(a.path, a.kind, a.dataset, every_n=a.every, pattern=a.pattern, progress=bar,
-                        detection=Detection(a.detector, person, a.det_conf, a.tracker, a.det_layout))
+                        detection=Detection(a.detector, a.person_class, a.det_conf, a.tracker, a.det_layout))
     except IngestError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)

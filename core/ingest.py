@@ -89,6 +89,14 @@ class Detection:
     tracker: str = "bytetrack"
     layout: str = "auto"  # the model's output layout when its shape is ambiguous (core.detect.LAYOUTS)
 
+    def __post_init__(self):
+        from core.tracking import TRACKERS
+
+        if self.tracker not in TRACKERS:
+            raise IngestError(f"unknown tracker {self.tracker!r}: choose {' or '.join(TRACKERS)}")
+        pc = str(self.person_class).strip() or "person"  # as typed: a class index is digits
+        object.__setattr__(self, "person_class", int(pc) if pc.isdigit() else pc)
+
     def open(self):
         """The ONNX detector (loaded once per ingest), or None; :class:`IngestError` when the
         model cannot be used."""
@@ -115,8 +123,6 @@ def ingest(path: str | Path, kind: str, dataset: str, every_n: int = 5,
     where raw footage's boxes come from (:class:`Detection`)."""
     path = check_source(path, kind, every_n)
     detection = detection or Detection()
-    if detection.tracker not in ("bytetrack", "iou"):
-        raise IngestError(f"unknown tracker {detection.tracker!r}: choose bytetrack or iou")
     progress = progress or _noop
     report = IngestReport(source=str(path), kind=kind, dataset=dataset)
     if kind == "mot":
@@ -624,12 +630,11 @@ def _ingest_images(root: Path, dataset: str, report: IngestReport, progress: Pro
 
 # --------------------------------------------------------------------------- raw videos
 
-def _clip_detections(clip: Path, report: IngestReport) -> tuple[dict | None, str | None]:
-    """The site's detection file beside ``clip`` (read, bad rows reported) and its name, or
-    (None, None) when there is none; a file that cannot be used is reported and skipped."""
+def _clip_detections(found: Path | None, report: IngestReport) -> tuple[dict | None, str | None]:
+    """The site's detection file ``found`` beside a clip (read, bad rows reported) and its name,
+    or (None, None) when there is none; a file that cannot be used is reported and skipped."""
     from core import detect
 
-    found = detect.find_detection_file(clip)
     if found is None:
         return None, None
     try:
@@ -642,20 +647,17 @@ def _clip_detections(clip: Path, report: IngestReport) -> tuple[dict | None, str
 def _ingest_videos(root: Path, dataset: str, every_n: int, report: IngestReport, progress: Progress,
                    detection: Detection | None = None) -> None:
     from core import store
-    from core.detect import HogDetector
+    from core.detect import HogDetector, find_detection_file
     from core.tracking import detect_and_track
 
     detection = detection or Detection()
     model = detection.open()
     hog = None
-
-    from core.detect import find_detection_file
-
     files = _walk_files(root, report)
-    videos = [p for p in files if p.suffix.lower() in VIDEO_EXTS]
-    det_files = {find_detection_file(p) for p in videos}
+    det_file_of = {p: find_detection_file(p) for p in files if p.suffix.lower() in VIDEO_EXTS}
+    videos, det_files = list(det_file_of), set(det_file_of.values())
     for p in files:
-        if p not in videos and p not in det_files:
+        if p not in det_file_of and p not in det_files:
             report.problem(p, f"unsupported file type {p.suffix or '(none)'}: videos are "
                               + ", ".join(sorted(VIDEO_EXTS)) + " (with the site's detections beside them)")
     for vi, p in enumerate(videos):
@@ -664,7 +666,7 @@ def _ingest_videos(root: Path, dataset: str, every_n: int, report: IngestReport,
             key_video = "video:" + _hash_file(p)
             name = store.claim_sequence(dataset, safe_name(p.stem, "clip"), key_video[6:], p.stem)
             reader = VideoReader(p)
-            dets, det_file = _clip_detections(p, report)
+            dets, det_file = _clip_detections(det_file_of[p], report)
             if dets is not None:
                 source, detector = det_file, None
             elif model is not None:

@@ -102,11 +102,9 @@ def submit_ingest(path: str | Path, kind: str, dataset: str, every_n: int = 5,
     """Queue an ingest of ``path`` into ``dataset`` (created when missing); returns the job id.
     A missing, unreadable or wrongly laid out folder raises :class:`core.ingest.IngestError` and a
     bad dataset name :class:`core.store.StoreError` here, before anything is queued."""
-    from core.ingest import Detection, IngestError, check_source
+    from core.ingest import Detection, check_source
 
     src = check_source(path, kind, int(every_n)).absolute()  # the worker may run elsewhere
-    if tracker not in ("bytetrack", "iou"):
-        raise IngestError(f"unknown tracker {tracker!r}: choose bytetrack or iou")
     detection = Detection(str(Path(detector).expanduser().absolute()) if detector else None,
                           person_class, float(det_conf), tracker, det_layout)
     detection.open()  # a model that cannot be used (format, layout, class name) is refused at once

@@ -67,9 +67,8 @@ with st.expander("Ingest footage", expanded=not store.dataset_names()):
             st.error("Enter the folder to ingest.")
         else:
             try:
-                pc = person_class.strip() or "person"
                 tasks.submit_ingest(path.strip(), kind, target.strip(), every_n=int(every), pattern=pattern,
-                                    detector=detector.strip() or None, person_class=int(pc) if pc.isdigit() else pc,
+                                    detector=detector.strip() or None, person_class=person_class,
                                     det_conf=float(det_conf), tracker=tracker)
             except (IngestError, store.StoreError, JobError) as exc:  # a bad path or name: at once
                 st.error(f"{exc}")
