@@ -33,6 +33,19 @@ def iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+MIN_SIDE = 8  # pixels: a box smaller than this after clipping to the frame gives no crop
+
+
+def clip_box(box, w: int, h: int) -> tuple[float, float, float, float] | None:
+    """``box`` [x, y, w, h] clipped to a ``w`` x ``h`` frame on whole pixels, or None when under
+    :data:`MIN_SIDE` a side."""
+    x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+    x1, y1 = min(w, int(box[0] + box[2])), min(h, int(box[1] + box[3]))
+    if x1 - x0 < MIN_SIDE or y1 - y0 < MIN_SIDE:
+        return None
+    return (float(x0), float(y0), float(x1 - x0), float(y1 - y0))
+
+
 def link(tracks: list[Tracklet], active: list[Tracklet], fn: int, dets, frame: np.ndarray,
          iou_min: float = 0.3, max_missed: int = 2) -> list[Tracklet]:
     """Greedy IoU matching of this frame's detections to the active tracklets."""
@@ -153,12 +166,7 @@ class IoUTracker(Tracker):
     def _clip(self, box):
         if self.frame_size is None:
             return tuple(float(v) for v in box)
-        w, h = self.frame_size
-        x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
-        x1, y1 = min(w, int(box[0] + box[2])), min(h, int(box[1] + box[3]))
-        if x1 - x0 < 8 or y1 - y0 < 8:
-            return None
-        return (float(x0), float(y0), float(x1 - x0), float(y1 - y0))
+        return clip_box(box, *self.frame_size)
 
     def update(self, frame: int, dets: list[Det]) -> list[Assignment]:
         active = self._active
@@ -337,13 +345,9 @@ def detect_and_track(reader: VideoReader, every_n: int = 5, min_length: int = 2,
         dets = detections.get(fn, []) if detections is not None else detect(frame)
         cut = []
         for box, score in dets:
-            x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
-            x1, y1 = min(w, int(box[0] + box[2])), min(h, int(box[1] + box[3]))
-            if not keep or x1 - x0 < 8 or y1 - y0 < 8:
-                cut.append((None, float(score), None))
-            else:
-                cut.append(((float(x0), float(y0), float(x1 - x0), float(y1 - y0)), float(score),
-                            frame[y0:y1, x0:x1].copy()))
+            b = clip_box(box, w, h) if keep else None
+            crop = None if b is None else frame[int(b[1]):int(b[1] + b[3]), int(b[0]):int(b[0] + b[2])].copy()
+            cut.append((b, float(score), crop))
         recent[fn] = cut
         for old in [f for f in recent if f <= fn - keep_back * step]:
             del recent[old]
