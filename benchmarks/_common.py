@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def isolate(prefix: str) -> Path:
-    """Point Vigil at a temporary data root and database (call before importing core.store)."""
+    """Point Vigil at a temporary data root and database (call before importing core.data.store)."""
     root = Path(tempfile.mkdtemp(prefix=f"vigil-bench-{prefix}-"))
     os.environ["VIGIL_DATA_ROOT"] = str(root)
     os.environ["VIGIL_DB_NAME"] = f"bench_{prefix}_{uuid.uuid4().hex[:6]}"

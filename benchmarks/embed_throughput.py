@@ -5,7 +5,7 @@ Both embed the same 640 campus62 crops (48x128 PNG, resized to 256x128) with the
 
 - FiftyOne: ``dataset.compute_embeddings(TorchImageModel(...))`` with FiftyOne's defaults
   (DataLoader, PIL decode, torchvision transforms, PyTorch eager).
-- Vigil: ``core.embed.embed_dataset`` (OpenCV decode/resize in a thread pool, ONNX Runtime).
+- Vigil: ``core.model.embed.embed_dataset`` (OpenCV decode/resize in a thread pool, ONNX Runtime).
 
 Then Vigil's engine alone on 10,000 paths (the crops repeated) to show the rate holds and
 memory stays bounded (streaming). Peak memory is the resident set (process plus children,
@@ -78,7 +78,7 @@ def main() -> None:
     os.environ["VIGIL_DB_NAME"] = f"vigil_embbench_{uuid.uuid4().hex[:8]}"
     os.environ.pop("FIFTYONE_DATABASE_URI", None)
 
-    from core import store  # sets FiftyOne's env first
+    from core.data import store  # sets FiftyOne's env first
     from core.config import shared_data
 
     import fiftyone as fo
@@ -87,7 +87,7 @@ def main() -> None:
     import torch
     from tqdm import tqdm
 
-    from core import embed
+    from core.model import embed
 
     crops_dir = shared_data() / "reid" / "campus62" / "train"
     if not crops_dir.exists():

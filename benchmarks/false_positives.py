@@ -1,10 +1,10 @@
-"""False-positive rejection: how well a round's person-ness head (core.personness), learnt from a
+"""False-positive rejection: how well a round's person-ness head (core.math.personness), learnt from a
 budget of operator labels, rejects a weak detector's false positives on footage it never saw.
 
     .venv/bin/python benchmarks/false_positives.py [--budgets 0,50,200,all] [--steps N] [--head-input features|embedding]
 
 Data: PETS09-S2L1, TUD-Campus and TUD-Stadtmitte (``../shared/data/mot``). On every ``--every``-th
-frame, OpenCV's HOG people detector (core.detect.HogDetector, the last resort Vigil offers, run
+frame, OpenCV's HOG people detector (core.model.detect.HogDetector, the last resort Vigil offers, run
 with frames upscaled 1.5x, 2x and 3x and every window it fires on: a source of real false
 positives: background, benches, shadows, groups, half people) gives boxes; each is labelled by its best overlap with the
 ground-truth boxes of its frame: IoU >= 0.5 a person, IoU < 0.3 a false positive, in between
@@ -16,7 +16,7 @@ evaluates. A budget of B operator labels is B of the training part's HOG boxes d
 (seeded), labelled with their truth; with the training part's ground-truth crops (persons for
 free) they are the round's class labels. Budget 0 has no false-positive label, so no head: its
 row is the chance level, and the HOG score of the evaluation boxes is printed beside it as the
-detector's own separation. Every budget's round (core.train.train_round, the default preset
+detector's own separation. Every budget's round (core.model.train.train_round, the default preset
 with ``--steps``) trains the embedding on the training part's ground-truth identities; the head
 is fitted on its final features.
 
@@ -44,7 +44,7 @@ from _common import REPO, isolate, peak_rss_mb  # noqa: E402
 
 ROOT = isolate("false-positives")
 
-from core import personness  # noqa: E402
+from core.math import personness  # noqa: E402
 from core.config import settings, shared_data  # noqa: E402
 
 log = logging.getLogger("false_positives")
@@ -58,9 +58,9 @@ def clip_crops(seq: Path, every: int, train_share: float, out_dir: Path, hog_min
     import cv2
     from tqdm import tqdm
 
-    from core.detect import HogDetector
-    from core.ingest import IngestReport, parse_gt, parse_seqinfo
-    from core.tracking import iou
+    from core.model.detect import HogDetector
+    from core.data.ingest import IngestReport, parse_gt, parse_seqinfo
+    from core.math.tracking import iou
 
     info = parse_seqinfo(seq)
     boxes = parse_gt(seq / "gt" / "gt.txt", IngestReport(str(seq), "mot", "bench"))
@@ -138,7 +138,7 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from core import embed, train
+    from core.model import embed, train
 
     t0 = time.perf_counter()
     mot = shared_data() / "mot"

@@ -11,9 +11,9 @@ from _common import isolate, peak_rss_mb
 
 isolate("ingest")
 
-from core import store  # noqa: E402
+from core.data import store  # noqa: E402
 from core.config import shared_data  # noqa: E402
-from core.ingest import ingest  # noqa: E402
+from core.data.ingest import ingest  # noqa: E402
 
 
 def main() -> None:

@@ -6,46 +6,46 @@ every arm), whose model is scored by retrieval mAP on identities the round never
 
 Sets (../shared/data, real data only):
 
-  campus62  ``reid/campus62/train/`` ingested (core.ingest, re-ID folders) as per-camera tracklets:
+  campus62  ``reid/campus62/train/`` ingested (core.data.ingest, re-ID folders) as per-camera tracklets:
             one tracklet = one identity seen by one camera (124 tracklets, 991 crops: one of the 992
             files is a byte-identical copy, skipped by the ingest), identities
             hidden (moved to a ``true_identity`` field, ``identity`` None). No time stamps, so no
             free cannot-links. Evaluated cross-camera on ``val/``: val/query against val/gallery,
             same-identity same-camera gallery crops removed, a query never its own file (content
             hash keys), as benchmarks/retrain_quality.py ``cross-cam``.
-  mot       PETS09-S2L1 + TUD-Campus + TUD-Stadtmitte (core.ingest, MOT, every 5th frame of each
+  mot       PETS09-S2L1 + TUD-Campus + TUD-Stadtmitte (core.data.ingest, MOT, every 5th frame of each
             track) with tracklets as a tracker gives them. Cut rule: the MOT15 ground truth has no
             gaps (occluded people are interpolated), so tracks are cut at crossings / occlusions:
             a frame is "crossed" when its box overlaps another box of that frame with IoU >= 0.3,
             and a track is cut wherever that state changes (before | during | after each crossing,
             a tracker losing or swapping the person there); fragments under 2 crops are dropped.
             Each fragment's ``frame_first`` / ``frame_last`` is its span in the ground truth, so the
-            free cannot-links come from core.labeling.graph.overlapping (fragments seen at once).
+            free cannot-links come from core.math.graph.overlapping (fragments seen at once).
             25 % of the true identities (first by sha1 of the name) are held out of the pool
             entirely; their crops are the evaluation: one query per fragment (its middle crop), the
             other held-out crops the gallery, a query never matching its own fragment.
 
 Arms (all rounds: the same TrainConfig, from the packaged base model, seed = the run's seed):
 
-  default   the pair queue's default order (core.labeling.pair_select.plan_pairs, "likely"),
+  default   the pair queue's default order (core.math.pair_select.plan_pairs, "likely"),
             batches of 20, re-planned on the current graph after each batch; a pair the answers
-            before it made implied is dropped unanswered (as core.labeling.pairs.next_pair does)
+            before it made implied is dropped unanswered (as core.services.labeling.pairs.next_pair does)
   random    the same candidates in random order ("random")
-  per_crop  today's per-crop identity labelling: core.strategies.DEFAULT_STRATEGY over the crop
+  per_crop  today's per-crop identity labelling: core.math.strategies.DEFAULT_STRATEGY over the crop
             embeddings with the labels typed so far (k=20 per batch, "verify" mode: only typed crops
             count as labelled); each answer types ONE crop's true identity, i.e. an operator name
             on that crop's node (tracklet) in the graph
   full      every true link (all nodes of one true identity joined): one round per seed
 
 The queue's model stays "base" (the packaged ImageNet MobileNetV2) for every arm and every answer:
-the dataset is embedded once with core.embed.embed_dataset. The operator simulation runs in memory
-on the product's own code (core.labeling.identity.load once per set, then IdentityGraph.link,
+the dataset is embedded once with core.model.embed.embed_dataset. The operator simulation runs in memory
+on the product's own code (core.services.labeling.identity.load once per set, then IdentityGraph.link,
 plan_pairs, implied, name_links, component_names), because the database-backed queue costs about
-0.5 s per answer. A budget's graph becomes training samples as core.rounds.training_samples does:
+0.5 s per answer. A budget's graph becomes training samples as core.services.rounds.training_samples does:
 a crop trains as its component's name (component_names), else as its own tracklet "~<tracklet>"
-(core.labeling.identity.training_identity), identities with under 2 crops skipped; weights are 1
+(core.services.labeling.identity.training_identity), identities with under 2 crops skipped; weights are 1
 (no crop is flagged or scored here); the graph's cannot-links and the lone tracklets reach
-train_round as core.rounds.run_round passes them (guaranteed negatives; lone tracklets are
+train_round as core.services.rounds.run_round passes them (guaranteed negatives; lone tracklets are
 negatives only within a camera). Budget 0 (tracklets alone) is one round per seed shared by
 every arm; a budget whose training samples equal an earlier round's (the same seed) reuses it.
 
@@ -83,16 +83,17 @@ ROOT = isolate("labeleff")
 
 from tqdm import tqdm  # noqa: E402
 
-from core import evaluate as ev  # noqa: E402
-from core import store, strategies  # noqa: E402
+from core.math import evaluate as ev  # noqa: E402
+from core.data import store  # noqa: E402
+from core.math import strategies
 from core.config import settings, shared_data  # noqa: E402
-from core.embed import embed_dataset  # noqa: E402
-from core.ingest import IngestReport, ingest, parse_gt  # noqa: E402
-from core.labeling import identity  # noqa: E402
-from core.labeling.graph import Link, component_names, name_links  # noqa: E402
-from core.labeling.pair_select import DEFAULT_PAIR_ORDER, PAIR_ORDERS, CropMeta, plan_pairs  # noqa: E402
-from core.labeling.pairs import implied  # noqa: E402
-from core.train import TrainConfig, TrainingError, load_crops, train_round  # noqa: E402
+from core.model.embed import embed_dataset  # noqa: E402
+from core.data.ingest import IngestReport, ingest, parse_gt  # noqa: E402
+from core.services.labeling import identity  # noqa: E402
+from core.math.graph import Link, component_names, name_links  # noqa: E402
+from core.math.pair_select import DEFAULT_PAIR_ORDER, PAIR_ORDERS, CropMeta, plan_pairs  # noqa: E402
+from core.services.labeling.pairs import implied  # noqa: E402
+from core.model.train import TrainConfig, TrainingError, load_crops, train_round  # noqa: E402
 from retrain_quality import embed_arrays  # noqa: E402  (the same embedding of a round's model)
 
 log = logging.getLogger("label_efficiency")
@@ -106,7 +107,7 @@ EVERY_N = 5  # MOT: every 5th frame of each track becomes a crop
 CROSS_IOU = 0.3  # MOT cut rule: a box overlapping another with this IoU is in a crossing
 HELD_OUT = 0.25  # MOT: share of true identities held out for the evaluation
 # One round for every arm. A step of the default round (P=8 x K=8 crops of 128x64, 10 frozen
-# blocks) takes about 0.24 s on 2 free cores (core.train.TrainConfig: 1000 steps in about 4 min);
+# blocks) takes about 0.24 s on 2 free cores (core.model.train.TrainConfig: 1000 steps in about 4 min);
 # a round's fixed part (decoding ~1000 crops, validation at start and end, the evaluation) about
 # 8-10 s. 100 steps: ~35 s a round. Rounds whose samples repeat are reused (pair answers that are
 # all "different" leave the training samples as they were), so the full run trains about 50-60
@@ -133,7 +134,7 @@ class PoolSet:
 
     name: str
     title: str
-    state: Any  # core.labeling.identity.GraphState
+    state: Any  # core.services.labeling.identity.GraphState
     vectors: list  # per row of state.cols: base-model vector or None
     meta: CropMeta
     truth: dict[str, str]  # node -> true identity
@@ -161,7 +162,7 @@ def _finish_set(name: str, fields: dict[str, dict[str, Any]]) -> tuple[Any, list
     vec_col = store.view_columns(name, [ef])[ef]
     assert vec_col is not None and len(vec_col) == len(state.cols["id"])
     cols = state.cols
-    # exactly as core.labeling.pairs.compute_pairs builds it
+    # exactly as core.services.labeling.pairs.compute_pairs builds it
     meta = CropMeta(camera=cols["camera"], flagged=[bool(f) for f in cols["flagged"]],
                     night=[bool(lo) or "night" in (t or ()) for lo, t in zip(cols["low_light"], cols["tags"])],
                     shadow=["shadow" in (t or ()) for t in cols["tags"]])
@@ -311,7 +312,7 @@ def build_mot() -> PoolSet:
 
 
 def training_samples(S: PoolSet, g, names_in: dict[str, str]) -> tuple[list, list]:
-    """What core.rounds makes of graph ``g``: (path, identity, camera, 1.0) per crop as
+    """What core.services.rounds makes of graph ``g``: (path, identity, camera, 1.0) per crop as
     training_samples does, and the cannot-linked identity pairs (identity.cannot_identities)."""
     cols = S.state.cols
     comp = component_names(g, {}, {n: len(r) for n, r in S.state.rows.items()}, strong=names_in)
@@ -353,7 +354,7 @@ def simulate_pairs(S: PoolSet, arm: str, seed: int, budgets: list[int]):
     view = SimpleNamespace(graph=g, confirmed=g)
     n, exhausted = 0, False
 
-    def answered() -> set:  # as core.labeling.pairs._answered: current roots of each answered pair
+    def answered() -> set:  # as core.services.labeling.pairs._answered: current roots of each answered pair
         out = set()
         for a, b in answered_log:
             ra, rb = g.find(a), g.find(b)
@@ -388,7 +389,7 @@ def simulate_per_crop(S: PoolSet, seed: int, budgets: list[int]):
     rows = sorted(k for ks in S.state.rows.values() for k in ks if S.vectors[k] is not None)
     X = np.stack([np.asarray(S.vectors[k], np.float32) for k in rows])
     tags = [set(cols["tags"][k] or ()) for k in rows]
-    # the condition boost exactly as core.labeling.queue.compute_batch builds it
+    # the condition boost exactly as core.services.labeling.queue.compute_batch builds it
     boost = (np.array([bool(cols["low_light"][k]) for k in rows]) | np.array(["night" in t for t in tags])).astype(float)
     boost += np.array(["shadow" in t for t in tags], float)
     boost += np.array([bool(cols["flagged"][k]) for k in rows], float)
@@ -412,7 +413,7 @@ def simulate_per_crop(S: PoolSet, seed: int, budgets: list[int]):
             typed[S.state.node_of_row(k)] = S.rows_truth[k]
             n += 1
         g = copy.deepcopy(S.state.graph)
-        for ln in name_links(typed, "operator"):  # as core.labeling.graph.build applies typed names
+        for ln in name_links(typed, "operator"):  # as core.math.graph.build applies typed names
             assert g.link(ln) is None
         yield budget, n, g, dict(typed)
 
@@ -453,7 +454,7 @@ class Rounds:
 
 def merge_curves(S: PoolSet, seeds: list[int], budgets: list[int]) -> dict[str, dict[str, list]]:
     """Share of the pool's true merges found after each budget, per pair order (every order of
-    core.labeling.pair_select, not only the trained arms) and per-crop labelling: simulation
+    core.math.pair_select, not only the trained arms) and per-crop labelling: simulation
     only, no round (the evidence for the default order, from the training pool's truth)."""
     start, n_ids = len(S.state.graph.components()), n_true(S)
     out: dict[str, dict[str, list]] = {}

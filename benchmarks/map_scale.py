@@ -1,8 +1,8 @@
-"""Map layout at scale: Vigil's ``core.projection.layout`` against FiftyOne's
+"""Map layout at scale: Vigil's ``core.services.projection.layout`` against FiftyOne's
 ``fiftyone.brain.compute_visualization(method="umap")`` on the same vectors, in the same run.
 
 Vectors are real-derived: the 992 campus62 training crops embedded with the base model
-(``core.embed.embed_paths``, 256-D, unit rows), expanded to N by adding small Gaussian noise
+(``core.model.embed.embed_paths``, 256-D, unit rows), expanded to N by adding small Gaussian noise
 around them (a tenth of the typical nearest-neighbour distance) and re-normalised.
 
 Quality: "same-id 10-NN" is the share of a point's 10 nearest 2-D neighbours that show the same
@@ -100,11 +100,11 @@ def worker(method: str, vec_path: str, marker: str) -> dict:
         return r
 
     if method == "vigil":
-        from core import projection
+        from core.services import projection
 
         Y = timed(lambda: projection.layout(small, seed=0), lambda: projection.layout(X, seed=0))
     elif method == "fiftyone":
-        from core import store  # sets FiftyOne's environment
+        from core.data import store  # sets FiftyOne's environment
 
         import fiftyone as fo
         import fiftyone.brain as fob
@@ -120,7 +120,8 @@ def worker(method: str, vec_path: str, marker: str) -> dict:
         Y = np.asarray(res.points)
         ds.delete()
     elif method == "vigil_e2e":
-        from core import projection, store
+        from core.services import projection
+        from core.data import store
 
         import fiftyone as fo
 
@@ -153,7 +154,7 @@ def _labels_path(vec_path: str | Path) -> Path:
 def identity_agreement(V: np.ndarray, ident: np.ndarray, k: int = 10, sample: int = 2000) -> float:
     """Share of the k nearest neighbours (in V, any dimension) of sampled rows that show the same
     person (campus62 identity of the real crop a row derives from)."""
-    from core.projection import knn
+    from core.services.projection import knn
 
     q = np.random.default_rng(0).choice(len(V), min(sample, len(V)), replace=False)
     idx, _ = knn(V[q], V, k + 1)
@@ -167,7 +168,7 @@ def identity_agreement(V: np.ndarray, ident: np.ndarray, k: int = 10, sample: in
 
 def real_vectors() -> tuple[np.ndarray, np.ndarray]:
     """float32 [R, 256] campus62 train crops embedded with the base model, and identities [R]."""
-    from core import embed
+    from core.model import embed
     from core.config import shared_data
 
     root = shared_data() / "reid" / "campus62" / "train"
@@ -186,7 +187,7 @@ def real_vectors() -> tuple[np.ndarray, np.ndarray]:
 def expand(real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """float32 [n, D]: real rows plus Gaussian noise (norm ~ 0.1 x median NN distance), unit
     rows; and the index [n] of the real row each one derives from."""
-    from core.projection import knn
+    from core.services.projection import knn
 
     _, d = knn(real, real, 1, exclude_self=True)
     sigma = 0.1 * float(np.median(d)) / np.sqrt(real.shape[1])
@@ -261,7 +262,7 @@ def main() -> None:
 
 
 def _run_sizes(args: argparse.Namespace) -> None:
-    from core import store
+    from core.data import store
 
     # The driver stays a database client for the whole run: FiftyOne stops its MongoDB service
     # when the last client exits, and a worker starting meanwhile then finds no server.

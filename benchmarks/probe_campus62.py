@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("VIGIL_DATA_ROOT", tempfile.mkdtemp(prefix="vigil-probe-"))
 
-from core import evaluate as ev  # noqa: E402
+from core.math import evaluate as ev  # noqa: E402
 from core.config import settings, shared_data  # noqa: E402
-from core.train import TrainConfig, _embed_array, load_crops, train_round  # noqa: E402
+from core.model.train import TrainConfig, _embed_array, load_crops, train_round  # noqa: E402
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
     r = train_round(samples, cfg, init_version="base", out_dir=settings().models_dir / "probe",
                     open_identities=open_ids)
     secs = time.perf_counter() - t0
-    from core.embed import load_model
+    from core.model.embed import load_model
 
     te = [k for k in range(len(ps)) if ident[k] in held]
     out = {}

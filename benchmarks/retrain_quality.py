@@ -1,4 +1,4 @@
-"""Retrieval quality before and after one default fine-tuning round (core.train.train_round),
+"""Retrieval quality before and after one default fine-tuning round (core.model.train.train_round),
 with the operator's identities (supervised) and with none (unsupervised: tracklets only).
 
     .venv/bin/python benchmarks/retrain_quality.py [--only campus62|mot] [--steps N] [--arms supervised,unsupervised]
@@ -14,13 +14,13 @@ one camera as a lone tracklet, 124 of them, and nothing else), evaluate ``val/qu
 ``val/gallery`` (12 other identities), base model vs the round's checkpoint. Two protocols are
 printed; in both a query is
 never its own candidate (17 of the 28 query files also sit, byte-identical, in the gallery: their
-content hash is the key that removes the copy, ``core.evaluate`` ``q_keys`` / ``g_keys``):
+content hash is the key that removes the copy, ``core.math.evaluate`` ``q_keys`` / ``g_keys``):
 
 - ``all``: every other gallery crop is a candidate.
 - ``cross-cam``: Market-1501 protocol, same-identity same-camera gallery crops removed.
 
 Each protocol is printed twice: ranked by cosine similarity (the embeddings alone), and ranked by
-k-reciprocal re-ranking over query and gallery (core.evaluate.k_reciprocal_distances, the paper's
+k-reciprocal re-ranking over query and gallery (core.math.evaluate.k_reciprocal_distances, the paper's
 k1=20, k2=6, lambda=0.3, never tuned here): the ranking of the round report's re-ranked rows and
 of "More like this" on the Annotate page.
 
@@ -51,9 +51,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("VIGIL_DATA_ROOT", tempfile.mkdtemp(prefix="vigil-bench-retrain-"))
 
-from core import evaluate as ev  # noqa: E402
+from core.math import evaluate as ev  # noqa: E402
 from core.config import settings, shared_data  # noqa: E402
-from core.train import TrainConfig, load_crops, train_round  # noqa: E402
+from core.model.train import TrainConfig, load_crops, train_round  # noqa: E402
 
 log = logging.getLogger("retrain_quality")
 
@@ -65,7 +65,7 @@ def peak_mb() -> float:
 def embed_arrays(version: str, x_by_size) -> tuple[np.ndarray, tuple[int, int]]:
     import torch
 
-    from core.embed import load_model
+    from core.model.embed import load_model
 
     model, cfg = load_model(version)
     x = x_by_size(cfg.crop_size)
@@ -172,7 +172,7 @@ def mot_crops(seq: Path, scale: float, every: int, min_h: int = 32):
     """Person crops of one MOT sequence: list of (crop BGR, identity, frame)."""
     import cv2
 
-    from core.ingest import IngestReport, parse_gt
+    from core.data.ingest import IngestReport, parse_gt
 
     rep = IngestReport(str(seq), "mot", "bench")
     boxes = parse_gt(seq / "gt" / "gt.txt", rep)

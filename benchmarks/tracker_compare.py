@@ -1,10 +1,10 @@
 """Trackers compared: the old greedy IoU linker (``iou``) against ByteTrack (``bytetrack``, the
-default of core.tracking) on MOT ground truth degraded as a person detector would see it.
+default of core.math.tracking) on MOT ground truth degraded as a person detector would see it.
 
 Sequences (../shared/data/mot, real ground truth, GT coordinates, no video decoded):
 PETS09-S2L1 (7 fps, 795 frames), TUD-Campus (25 fps, 71), TUD-Stadtmitte (25 fps, 179).
 
-Simulated detector (core.mot_metrics.degrade, core.mot_metrics.Degradation; seeded):
+Simulated detector (core.math.mot_metrics.degrade, core.math.mot_metrics.Degradation; seeded):
   misses     10 % of true boxes dropped one at a time, plus occlusion runs: per frame of an
              identity a 1.5 % chance that a run of 3-12 consecutive frames starts, all dropped
              (about 20 % of the true boxes missed in all; the exact counts are printed)
@@ -20,7 +20,7 @@ Each every_n in (1, 5) (Vigil ingests every 5th frame by default) gives the trac
 motmetrics against the full, undegraded ground truth on the same frames (IoU distance, match at
 IoU >= 0.5): IDF1, ID switches, MOTA, number of tracks, mostly tracked.
 
-ByteTrack's defaults (core.tracking.ByteTrackConfig) were chosen with ``--tune``: a small grid on
+ByteTrack's defaults (core.math.tracking.ByteTrackConfig) were chosen with ``--tune``: a small grid on
 TUD-Stadtmitte only, degraded with seed 1 (the report uses seed 0), by mean IDF1 over every_n 1
 and 5. TUD-Stadtmitte is thus the tuning sequence (with another seed); PETS09-S2L1 and TUD-Campus
 are held out entirely.
@@ -42,8 +42,8 @@ from _common import isolate
 isolate("tracker")
 
 from core.config import shared_data  # noqa: E402
-from core.mot_metrics import Degradation, degrade, load_mot_gt, mot_scores  # noqa: E402
-from core.tracking import ByteTrackConfig, sampled, track_boxes  # noqa: E402
+from core.math.mot_metrics import Degradation, degrade, load_mot_gt, mot_scores  # noqa: E402
+from core.math.tracking import ByteTrackConfig, sampled, track_boxes  # noqa: E402
 
 SEQUENCES = ("PETS09-S2L1", "TUD-Campus", "TUD-Stadtmitte")
 TUNE_SEQUENCE, TUNE_SEED, REPORT_SEED = "TUD-Stadtmitte", 1, 0

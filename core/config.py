@@ -5,7 +5,7 @@ beside this repository): FiftyOne's database directory, materialised media, mode
 exports. Tests point ``VIGIL_DATA_ROOT`` at a temporary folder and ``VIGIL_DB_NAME`` at their own
 database name so they never touch an operator's data.
 
-:func:`apply_fiftyone_env` must run before ``fiftyone`` is imported; :mod:`core.store` does it.
+:func:`apply_fiftyone_env` must run before ``fiftyone`` is imported; :mod:`core.data.store` does it.
 """
 from __future__ import annotations
 

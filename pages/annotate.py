@@ -1,7 +1,7 @@
 """Annotate page, two modes. Pairs (pages/annotate_pairs.py): "same person?" questions over the
 identity graph. Crops: the labelling queue; each tab leases one item at a time (a heartbeat keeps
 the lease while the tab is open), shows it large with its tracklet context, and writes each
-decision to FiftyOne at once. UI only: core.labeling does the work."""
+decision to FiftyOne at once. UI only: core.services.labeling does the work."""
 from __future__ import annotations
 
 import uuid
@@ -10,8 +10,10 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import jobs, labeling, strategies
-from core.labeling import pairs
+from core.data import jobs
+from core.services import labeling
+from core.math import strategies
+from core.services.labeling import pairs
 from pages import annotate_pairs
 from pages.common import db_ok, job_status, require_dataset, show_error, sidebar, user_name
 

@@ -4,12 +4,13 @@ Each tab leases one pair at a time (a heartbeat keeps the lease while the tab is
 both identities side by side: crops, cameras, frames, conditions, a frame strip of each
 representative tracklet. One key a decision: Same (Y) merges the two identities, Different (N)
 keeps them apart, Not sure (S) passes, Undo (U) takes back this tab's last answer. UI only:
-core.labeling.identity and core.labeling.pairs do the work."""
+core.services.labeling.identity and core.services.labeling.pairs do the work."""
 from __future__ import annotations
 
 import streamlit as st
 
-from core.labeling import LabelingError, identity, pair_select, pairs, tracklet_strip
+from core.services.labeling import LabelingError, identity, pairs, tracklet_strip
+from core.math import pair_select
 from pages.common import db_ok, show_error
 
 LEASE_S = 120

@@ -7,7 +7,7 @@ from typing import Callable
 
 import streamlit as st
 
-from core import store
+from core.data import store
 
 log = logging.getLogger("vigil.pages")
 
@@ -97,7 +97,7 @@ def sidebar() -> None:
 
 def _jobs_panel(name: str) -> None:
     try:
-        from core import jobs
+        from core.data import jobs
     except ImportError:
         return
     running = [j for j in jobs.list_jobs(name, limit=10) if j["state"] in ("queued", "running")]
@@ -136,7 +136,7 @@ def user_name() -> str:
 def job_status(name: str, kinds: tuple[str, ...], show_result: Callable[[dict], None] | None = None) -> None:
     """Live progress of this dataset's newest job of ``kinds``; reruns the page when it ends.
     ``show_result(job)`` draws a completed job's result (``job['result']``), once per page run."""
-    from core import jobs
+    from core.data import jobs
 
     def newest() -> dict | None:
         recent = [j for k in kinds for j in jobs.list_jobs(name, kind=k, limit=1)]

@@ -5,9 +5,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import store, tasks
-from core.ingest import KINDS, REID_PATTERNS, IngestError
-from core.jobs import JobError
+from core.data import store
+from core.jobs import tasks
+from core.data.ingest import KINDS, REID_PATTERNS, IngestError
+from core.data.jobs import JobError
 from pages.common import current_dataset, job_status, show_error, sidebar, thumbnails
 
 # an ingest was queued into another dataset: the sidebar's picker starts again on that one

@@ -1,5 +1,5 @@
 """Export page: a curated view of the dataset in a standard format, and a verified ONNX model
-(optionally int8) with its metadata, metrics and model card. UI only: core.export does the work."""
+(optionally int8) with its metadata, metrics and model card. UI only: core.services.export does the work."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import export, store, tasks
-from core.jobs import JobError
+from core.services import export
+from core.data import store
+from core.jobs import tasks
+from core.data.jobs import JobError
 from pages.common import job_status, require_dataset, show_error, sidebar
 
 sidebar()

@@ -9,7 +9,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import analysis, jobs, labeling, projection, registry, store, tasks
+from core.services import analysis, labeling, projection, registry
+from core.data import jobs, store
+from core.jobs import tasks
 from pages.common import job_status, require_dataset, show_error, sidebar, thumbnails, user_name
 
 sidebar()

@@ -9,9 +9,11 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import device, jobs, registry, rounds, store
-from core.labeling import identity as graph_identity
-from core.train import ID_LOSSES, TrainConfig, preset_config, preset_job_config, presets_for
+from core.model import device
+from core.data import jobs, store
+from core.services import registry, rounds
+from core.services.labeling import identity as graph_identity
+from core.model.train import ID_LOSSES, TrainConfig, preset_config, preset_job_config, presets_for
 from pages.common import db_ok, require_dataset, show_error, sidebar
 
 # The Advanced knobs, one per TrainConfig field: (label, widget options, help). Fields not named
@@ -78,7 +80,7 @@ def config_from(values: dict, preset: str = "default", unsupervised: bool | None
 
 @st.cache_resource(show_spinner=False)
 def this_device() -> tuple[str, str]:
-    """Where this machine's rounds run (core.device; imports torch once per process)."""
+    """Where this machine's rounds run (core.model.device; imports torch once per process)."""
     where = device.select()
     return where, device.describe(where)
 
@@ -108,7 +110,7 @@ if not active:
 n_ids, n_crops = len({s[1] for s in samples}), len(samples)
 n_lone = len({s[1] for s in samples if graph_identity.is_lone(s[1])})
 lone = f", {n_lone} of them lone tracklets nobody has joined yet" if n_lone else ""
-auto_unsupervised = n_lone > 0  # core.train's auto: some training identity open (a lone tracklet)
+auto_unsupervised = n_lone > 0  # core.model.train's auto: some training identity open (a lone tracklet)
 where, where_words = this_device()
 offered = presets_for(where)
 c1, c2 = st.columns([1, 2])
@@ -122,7 +124,7 @@ with st.form("round", enter_to_submit=False):  # Enter in a knob must not queue 
                 f"of the identity graph ({n_crops} crops{lone}), holds out **{len(split.identities)} other "
                 f"identities** to evaluate the model before and after ({split.protocol}), and runs in the "
                 "background: keep labelling, activate the new version when its numbers are better.")
-    need = TrainConfig().min_val_ids + 2  # what core.rounds.run_round requires
+    need = TrainConfig().min_val_ids + 2  # what core.services.rounds.run_round requires
     if split.problem:
         st.warning(f"Retrain needs held-out identities to judge the round: {split.problem}.")
     elif n_ids < need:
@@ -254,7 +256,7 @@ if ready:
 
     latest = [v for v in versions if v["version"] == ready[-1]["version"]][0]
     with st.expander(f"Round report: {latest['version']} (by condition, camera, false matches)", expanded=True):
-        from core.evaluate import compare
+        from core.math.evaluate import compare
 
         tr = latest.get("train") or {}
         st.caption(f"Trained on {tr.get('device') or 'an unrecorded device'}; "

@@ -1,6 +1,6 @@
 """Test isolation: a temporary data root and database name for the whole session.
 
-The environment is set before anything imports ``core.store`` (and with it FiftyOne), so tests
+The environment is set before anything imports ``core.data.store`` (and with it FiftyOne), so tests
 never touch an operator's ``datasets/`` or database.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def dsname(request) -> str:
     """A fresh dataset name per test, deleted afterwards."""
     name = "t_" + uuid.uuid4().hex[:10]
     yield name
-    from core import store
+    from core.data import store
 
     store.delete_dataset(name)
 
@@ -78,7 +78,7 @@ def fake_embeddings(name: str, dim: int = 16, noise: float = 0.35, seed: int = 0
     """Unit vectors clustered by identity into ``emb_base``; activates model "base"."""
     import numpy as np
 
-    from core import store
+    from core.data import store
 
     ds = store.get_dataset(name)
     ids, idents = ds.values(["id", "identity"])
@@ -96,8 +96,8 @@ def fake_embeddings(name: str, dim: int = 16, noise: float = 0.35, seed: int = 0
 def tud_campus():
     """TUD-Campus (every 10th frame, MOT15 identities) with synthetic embeddings (identity
     centroid + noise): ingested once per session, never written; tests work on ``tud_clone``."""
-    from core import store
-    from core.ingest import ingest
+    from core.data import store
+    from core.data.ingest import ingest
 
     name = "tud_base_" + uuid.uuid4().hex[:6]
     ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
@@ -109,7 +109,7 @@ def tud_campus():
 @pytest.fixture
 def tud_clone(tud_campus, dsname) -> str:
     """A fresh clone of ``tud_campus`` per test, model "base" active (deleted by ``dsname``)."""
-    from core import store
+    from core.data import store
 
     store.get_dataset(tud_campus).clone(dsname, persistent=True)
     store.set_active_model(dsname, "base")
@@ -127,7 +127,7 @@ class Worker:
         import sys
         import time
 
-        from core import store
+        from core.data import store
 
         store.dataset_names()  # bring up the embedded MongoDB first: two processes starting it race
         logf = _ROOT / "worker.log"

@@ -17,8 +17,10 @@ APP = Path(__file__).resolve().parent.parent / "app.py"
 
 @pytest.fixture(scope="module")
 def page_dataset():
-    from core import embed, labeling, store
-    from core.ingest import ingest
+    from core.model import embed
+    from core.services import labeling
+    from core.data import store
+    from core.data.ingest import ingest
 
     name = "ann_" + uuid.uuid4().hex[:6]
     ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
@@ -42,7 +44,7 @@ def _open(name: str) -> AppTest:
 
 
 def _sample(name: str, sid: str):
-    from core import store
+    from core.data import store
 
     return store.get_dataset(name).select([sid]).first()
 
@@ -66,7 +68,7 @@ def test_label_one_item_then_undo(page_dataset):
 
 
 def test_conflict_is_shown_not_dropped(page_dataset):
-    from core import labeling
+    from core.services import labeling
 
     name = page_dataset
     at = _open(name)
@@ -87,7 +89,7 @@ def test_conflict_is_shown_not_dropped(page_dataset):
 
 
 def test_without_embeddings_the_page_offers_to_embed(page_dataset):
-    from core import store
+    from core.data import store
 
     name = page_dataset
     store.set_active_model(name, None)
@@ -100,7 +102,8 @@ def test_without_embeddings_the_page_offers_to_embed(page_dataset):
 
 
 def test_more_like_this_is_reranked_and_shown(page_dataset):
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     name = page_dataset
     at = _open(name)

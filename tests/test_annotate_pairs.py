@@ -19,7 +19,7 @@ APP = Path(__file__).resolve().parent.parent / "app.py"
 def ds(tud_clone):
     """A fresh clone per test: answers change the graph (deleted by ``dsname``)."""
     yield tud_clone
-    from core.labeling import pairs
+    from core.services.labeling import pairs
 
     pairs.clear_pairs(tud_clone)
 
@@ -39,7 +39,7 @@ def _ok(at: AppTest) -> None:
 
 
 def _tracklet_identities(name: str, node: str) -> set:
-    from core import store
+    from core.data import store
 
     ds = store.get_dataset(name)
     tracklets, idents = ds.values(["tracklet", "identity"])
@@ -47,7 +47,7 @@ def _tracklet_identities(name: str, node: str) -> set:
 
 
 def test_same_merges_and_undo_splits(ds):
-    from core.labeling import identity
+    from core.services.labeling import identity
 
     at = _open(ds)
     assert at.radio(key="ann_mode").value == "pairs"  # tracklets to compare: pairs first
@@ -84,7 +84,7 @@ def test_same_merges_and_undo_splits(ds):
 
 
 def test_different_is_not_asked_again(ds):
-    from core.labeling import identity, pairs
+    from core.services.labeling import identity, pairs
 
     at = _open(ds)
     a, b = at.session_state["pair_nodes"]
@@ -105,7 +105,7 @@ def test_different_is_not_asked_again(ds):
 
 
 def test_a_contradicting_answer_is_shown_with_both_sides(ds):
-    from core.labeling import identity
+    from core.services.labeling import identity
 
     at = _open(ds)
     a, b = at.session_state["pair_nodes"]
@@ -119,8 +119,8 @@ def test_a_contradicting_answer_is_shown_with_both_sides(ds):
 
 
 def test_switching_to_crops_gives_the_pair_back(ds):
-    from core import store
-    from core.labeling import LEASES
+    from core.data import store
+    from core.services.labeling import LEASES
 
     at = _open(ds)
     key = at.session_state["pair_item"]

@@ -22,9 +22,11 @@ OUTAGE_TEXT = "database is not reachable"
 @pytest.fixture(scope="module")
 def small_dataset():
     """TUD-Campus every 10th frame, embedded with the packaged model (ONNX Runtime), its map laid
-    out and its samples scored: what the embed job leaves behind (core.tasks.embed_task)."""
-    from core import analysis, embed, labeling, projection, store
-    from core.ingest import ingest
+    out and its samples scored: what the embed job leaves behind (core.jobs.tasks.embed_task)."""
+    from core.services import analysis, labeling, projection
+    from core.model import embed
+    from core.data import store
+    from core.data.ingest import ingest
 
     name = "apptest"
     ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
@@ -66,7 +68,7 @@ def test_data_page_shows_counts(small_dataset):
 
 
 def test_map_page_draws_the_embedded_map(small_dataset):
-    from core import store
+    from core.data import store
 
     at = _open(small_dataset, "pages/map.py")
     n = len(store.get_dataset(small_dataset))
@@ -78,7 +80,7 @@ def test_map_page_draws_the_embedded_map(small_dataset):
 
 
 def test_annotate_page_serves_an_embedded_item(small_dataset):
-    from core import store
+    from core.data import store
 
     at = _open(small_dataset, "pages/annotate.py", ann_mode="crops")
     assert not any("no embeddings yet" in i.value for i in at.info)
@@ -92,7 +94,8 @@ def test_annotate_page_serves_an_embedded_item(small_dataset):
 def test_map_bulk_action_is_logged_and_undone(small_dataset):
     """Set identity on a selection: compare-and-set writes, one "bulk" log entry, and the Map
     page's Undo last bulk action restores the samples."""
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     name = small_dataset
     ds = store.get_dataset(name)
@@ -126,12 +129,12 @@ def test_map_bulk_action_is_logged_and_undone(small_dataset):
 
 # ---------------------------------------------------------------- failures say what failed
 @pytest.mark.parametrize("page,target,doing", [
-    (None, "core.store.dataset_summary", "Reading dataset 'apptest'"),  # the sidebar, on every page
-    ("pages/map.py", "core.registry.list_versions", "Reading the dataset's models"),
-    ("pages/annotate.py", "core.labeling.embedding_status", "Reading the dataset's embeddings"),
-    ("pages/annotate.py", "core.labeling.next_item", "Getting the next item to label"),
-    ("pages/annotate.py", "core.labeling.pairs.next_pair", "Getting the next pair"),
-    ("pages/train.py", "core.registry.list_versions", "Reading the model versions"),
+    (None, "core.data.store.dataset_summary", "Reading dataset 'apptest'"),  # the sidebar, on every page
+    ("pages/map.py", "core.services.registry.list_versions", "Reading the dataset's models"),
+    ("pages/annotate.py", "core.services.labeling.embedding_status", "Reading the dataset's embeddings"),
+    ("pages/annotate.py", "core.services.labeling.next_item", "Getting the next item to label"),
+    ("pages/annotate.py", "core.services.labeling.pairs.next_pair", "Getting the next pair"),
+    ("pages/train.py", "core.services.registry.list_versions", "Reading the model versions"),
 ])
 def test_a_bug_is_not_reported_as_a_database_outage(page, target, doing, small_dataset, monkeypatch):
     def broken(*a, **k):
@@ -140,7 +143,7 @@ def test_a_bug_is_not_reported_as_a_database_outage(page, target, doing, small_d
     broken.__name__ = target.rsplit(".", 1)[1]
     at = AppTest.from_file(str(APP), default_timeout=90)
     at.session_state["dataset"] = small_dataset
-    if target == "core.labeling.next_item":  # the crop view's queue (TUD-Campus opens on pairs)
+    if target == "core.services.labeling.next_item":  # the crop view's queue (TUD-Campus opens on pairs)
         at.session_state["ann_mode"] = "crops"
     at.run()
     monkeypatch.setattr(target, broken)
@@ -160,7 +163,7 @@ def test_an_outage_is_still_reported_as_one(small_dataset, monkeypatch):
     at = AppTest.from_file(str(APP), default_timeout=90)
     at.session_state["dataset"] = small_dataset
     at.run()
-    monkeypatch.setattr("core.registry.list_versions", down)
+    monkeypatch.setattr("core.services.registry.list_versions", down)
     at.switch_page("pages/train.py").run()
     assert OUTAGE_TEXT in " ".join(e.value for e in at.error)
 
@@ -171,7 +174,7 @@ def _campus_small(name: str, tmp_path: Path, n_train: int) -> str:
     identities, two cameras): a dataset a round can train on and be judged by."""
     import shutil
 
-    from core.ingest import ingest
+    from core.data.ingest import ingest
 
     src = need_shared("reid", "campus62")
     for d in sorted((src / "train").iterdir())[:n_train]:
@@ -193,10 +196,11 @@ def test_train_page_refuses_a_round_nothing_could_judge(small_dataset):
 
 
 def test_train_page_one_retrain_button_knobs_under_advanced(dsname, tmp_path):
-    from core import jobs, rounds
-    from core.train import TrainConfig
+    from core.data import jobs
+    from core.services import rounds
+    from core.model.train import TrainConfig
 
-    from core import embed
+    from core.model import embed
 
     name = _campus_small(dsname, tmp_path, n_train=7)
     embed.embed_dataset(name, version="base")  # a round starts from the active model
@@ -238,7 +242,7 @@ UNSUPERVISED = "Learn from unlabelled footage (pseudo-identities)"
 
 def _queued_config(at: AppTest) -> dict:
     """Click Retrain; the queued train job's config (the job cancelled at once)."""
-    from core import jobs
+    from core.data import jobs
 
     at.form_submit_button[0].click().run()
     assert not at.exception, [e.value for e in at.exception]
@@ -251,7 +255,8 @@ def test_train_page_pseudo_identity_switch_goes_into_the_job(dsname, tmp_path):
     """campus62 has verified identities: the switch starts off (auto); turned on, the round's
     config says unsupervised True. The preset box offers what this machine's device fits, and
     the page says where rounds run."""
-    from core import device, store, train
+    from core.model import device, train
+    from core.data import store
 
     name = _campus_small(dsname, tmp_path, n_train=7)
     store.set_active_model(name, "base")  # a round starts from the active model (nothing embeds here)
@@ -272,7 +277,7 @@ def test_train_page_pseudo_identities_on_by_default_for_lone_tracklets(dsname, t
     """Tracklets nobody has named or joined (every training identity lone): the switch starts on
     and Retrain is enabled (lone tracklets are training identities); turned off, the round's
     config says unsupervised False."""
-    from core import store
+    from core.data import store
     from tests.test_rounds import _records
 
     rows = [(None, f"seq/{i}", f, ()) for i in range(10) for f in range(0, 60, 10)]
@@ -298,7 +303,8 @@ def test_train_page_versions_table_is_readable(small_dataset):
 def test_train_page_resumes_a_cancelled_round(worker, dsname, tmp_path):
     """A round cancelled after its first evaluation offers 'Resume round V' on the Train page;
     the click queues a train job that continues V (no new version)."""
-    from core import jobs, registry
+    from core.data import jobs
+    from core.services import registry
 
     _campus_small(dsname, tmp_path, n_train=8)
     cfg = {"steps": 400, "eval_every": 5, "ids_per_batch": 4, "samples_per_id": 4, "min_val_ids": 3,

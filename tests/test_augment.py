@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from core import augment as A
-from core.conditions import blur, brightness
+from core.math import augment as A
+from core.math.conditions import blur, brightness
 from tests.conftest import need_shared
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core import backbones, embed
+from core.model import backbones, embed
 from tests.conftest import need_shared
 
 

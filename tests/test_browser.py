@@ -88,7 +88,7 @@ def make_run(data_root):
     """``make run`` on a free port, on this session's data root and database. Streamlit's file
     watcher is off: it would put inotify watches on the whole checkout (the virtual environment
     too) and compete with the job worker for the two cores; nothing here edits the app's source."""
-    from core import store
+    from core.data import store
 
     store.dataset_names()  # this process brings up the shared MongoDB first
     port = _free_port()
@@ -141,7 +141,8 @@ def _shot(page, name: str) -> None:
 
 
 def test_operator_loop(page, app):  # page first: Chromium starts while make run works
-    from core import jobs, registry, store
+    from core.data import jobs, store
+    from core.services import registry
 
     _mark("app served, browser up")
 
@@ -152,7 +153,7 @@ def test_operator_loop(page, app):  # page first: Chromium starts while make run
     _shot(page, "01-data")
     _mark("data page")
 
-    # Map page: `make run` queued the demo's embedding (core.demo); the map appears when it is
+    # Map page: `make run` queued the demo's embedding (core.cli.demo); the map appears when it is
     # done, without a click
     _goto(page, app, "map")
     page.locator(".js-plotly-plot").first.wait_for(timeout=400_000)

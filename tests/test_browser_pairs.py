@@ -27,8 +27,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def pairs_dataset():
-    from core import store
-    from core.ingest import ingest
+    from core.data import store
+    from core.data.ingest import ingest
 
     name = "aaa_pairs_" + uuid.uuid4().hex[:6]  # first in the sidebar's dataset picker
     # two sequences: their tracklets are never seen together, so there is more to ask than
@@ -64,8 +64,8 @@ def page(app):
 
 
 def test_pair_questions_merge_tracklets(app, page, pairs_dataset):
-    from core import store
-    from core.labeling import identity
+    from core.data import store
+    from core.services.labeling import identity
 
     name = pairs_dataset
     # the app's root first: a server whose first request is a deep link serves Streamlit's

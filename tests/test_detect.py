@@ -1,4 +1,4 @@
-"""core.detect: detection files from PETS09 ground truth, ONNX detectors built here with known
+"""core.model.detect: detection files from PETS09 ground truth, ONNX detectors built here with known
 raw outputs (one per layout) run by the real ONNX Runtime on a real PETS frame, and HOG on
 real PETS frames."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from core import detect
-from core.detect import DetectionError, HogDetector, OnnxDetector, find_detection_file, read_detections
+from core.model import detect
+from core.model.detect import DetectionError, HogDetector, OnnxDetector, find_detection_file, read_detections
 from tests.conftest import need_shared
 
 PETS = ("mot", "PETS09-S2L1")

@@ -1,10 +1,10 @@
-"""core.device: CUDA when torch sees a GPU, else the CPU (never an error for a missing GPU);
+"""core.model.device: CUDA when torch sees a GPU, else the CPU (never an error for a missing GPU);
 VIGIL_DEVICE overrides; the train CLI's device, preset and mode flags."""
 from __future__ import annotations
 
 import pytest
 
-from core import device, train
+from core.model import device, train
 
 
 @pytest.fixture
@@ -14,7 +14,7 @@ def no_gpu(monkeypatch):
 
 
 def test_cuda_asked_for_without_a_gpu_falls_back_to_the_cpu(no_gpu, caplog):
-    with caplog.at_level("WARNING", logger="core.device"):
+    with caplog.at_level("WARNING", logger="core.model.device"):
         assert device.select("cuda") == "cpu"
     assert "no GPU" in caplog.text
     assert device.select() == device.select("auto") == "cpu"
@@ -49,7 +49,7 @@ class Queued:
         self.name = name
 
     def _all(self) -> list:
-        from core import jobs
+        from core.data import jobs
 
         return [(self.name, j["kind"], j["args"]) for j in reversed(jobs.list_jobs(self.name, kind="train"))]
 
@@ -65,7 +65,7 @@ class Queued:
 
 @pytest.fixture
 def queued(dsname):
-    from core import jobs, store
+    from core.data import jobs, store
 
     store.get_dataset(dsname, create=True)
     q = Queued(dsname)
@@ -75,7 +75,7 @@ def queued(dsname):
 
 
 def test_cli_unsupervised_and_supervised_are_mutually_exclusive(capsys, queued):
-    from core.__main__ import main
+    from core.cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["train", "--dataset", queued.name, "--unsupervised", "--supervised"])
@@ -85,7 +85,7 @@ def test_cli_unsupervised_and_supervised_are_mutually_exclusive(capsys, queued):
 
 
 def test_cli_mode_device_and_preset_go_into_the_job_config(no_gpu, capsys, queued):
-    from core.__main__ import main
+    from core.cli.main import main
 
     assert main(["train", "--dataset", queued.name, "--background", "--unsupervised", "--steps", "60"]) == 0
     assert main(["train", "--dataset", queued.name, "--background", "--supervised", "--device", "cpu"]) == 0
@@ -97,7 +97,7 @@ def test_cli_mode_device_and_preset_go_into_the_job_config(no_gpu, capsys, queue
 
 
 def test_cli_quality_preset_is_refused_without_a_gpu(no_gpu, capsys, queued):
-    from core.__main__ import main
+    from core.cli.main import main
 
     assert main(["train", "--dataset", queued.name, "--background", "--preset", "quality"]) == 2
     err = capsys.readouterr().err
@@ -106,7 +106,7 @@ def test_cli_quality_preset_is_refused_without_a_gpu(no_gpu, capsys, queued):
 
 
 def test_cli_quality_preset_queues_its_fields_on_a_gpu(monkeypatch, capsys, queued):
-    from core.__main__ import main
+    from core.cli.main import main
 
     monkeypatch.delenv("VIGIL_DEVICE", raising=False)
     monkeypatch.setattr(device, "cuda_available", lambda: True)
@@ -120,7 +120,7 @@ def test_cli_quality_preset_queues_its_fields_on_a_gpu(monkeypatch, capsys, queu
 
 @pytest.mark.parametrize("flag", [["--unsupervised"], ["--supervised"], ["--device", "cuda"], ["--preset", "default"]])
 def test_cli_resumed_round_refuses_config_flags(flag, capsys, queued):
-    from core.__main__ import main
+    from core.cli.main import main
 
     assert main(["train", "--dataset", queued.name, "--background", "--resume", "v1", *flag]) == 2
     assert "keeps the config it started with" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core import embed
+from core.model import embed
 from tests.conftest import need_shared
 
 
@@ -167,7 +167,7 @@ def test_checkpoint_roundtrip_and_stale_onnx(random_version):
 
 
 def test_embed_dataset_tracklets_and_similarity(val, dsname, tmp_path):
-    from core import store
+    from core.data import store
     import fiftyone as fo
 
     gallery = val[1]

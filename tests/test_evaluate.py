@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core import evaluate as E
+from core.math import evaluate as E
 
 
 def unit(*angles: float) -> np.ndarray:

@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 def reid_ds():
     """campus62 val crops (192 images; tags query/gallery/all; cameras 01/02) with labelling
     fields and condition tags on some query crops, and two fake embedding fields."""
-    from core import store
-    from core.ingest import ingest
+    from core.data import store
+    from core.data.ingest import ingest
 
     name = "export_reid"
     store.delete_dataset(name)
@@ -58,7 +58,8 @@ def _tree_snapshot(root: Path) -> set[str]:
 def test_fiftyone_round_trip_keeps_labels_tags_flags(reid_ds):
     import fiftyone as fo
 
-    from core import export, store
+    from core.services import export
+    from core.data import store
     from core.config import settings
 
     rep = export.export_dataset(reid_ds, "fiftyone", "rt/query", tags=["query"],
@@ -91,7 +92,8 @@ def test_fiftyone_round_trip_keeps_labels_tags_flags(reid_ds):
 
 
 def test_classification_tree_one_folder_per_identity(reid_ds):
-    from core import export, store
+    from core.services import export
+    from core.data import store
 
     schema_before = set(store.get_dataset(reid_ds).get_field_schema())
     rep = export.export_dataset(reid_ds, "classification-tree", "tree", tags=["gallery"],
@@ -106,7 +108,8 @@ def test_classification_tree_one_folder_per_identity(reid_ds):
 def test_manifest_csv_parquet_and_embeddings(reid_ds):
     import pandas as pd
 
-    from core import export, store
+    from core.services import export
+    from core.data import store
 
     rep = export.export_dataset(reid_ds, "manifest", "man", tags=["query"],
                                 include_embeddings="v1")
@@ -133,8 +136,9 @@ def test_manifest_csv_parquet_and_embeddings(reid_ds):
 def test_coco_frames_reload_with_same_boxes(dsname):
     import fiftyone as fo
 
-    from core import export, store
-    from core.ingest import ingest
+    from core.services import export
+    from core.data import store
+    from core.data.ingest import ingest
 
     ingest(need_shared("mot", "PETS09-S2L1"), "mot", dsname, every_n=50)
     rep = export.export_dataset(dsname, "coco", "coco", max_frames=5, frame_step=7)
@@ -169,7 +173,7 @@ def test_coco_frames_reload_with_same_boxes(dsname):
 # --------------------------------------------------------------------------- path safety
 
 def test_path_escapes_are_refused(reid_ds, tmp_path):
-    from core import export
+    from core.services import export
 
     root = export.export_root()
     outside = tmp_path / "outside"
@@ -196,7 +200,7 @@ def test_path_escapes_are_refused(reid_ds, tmp_path):
 
 
 def test_failed_export_leaves_nothing_and_existing_is_kept(reid_ds):
-    from core import export
+    from core.services import export
 
     root = export.export_root()
     before = _tree_snapshot(root)
@@ -215,7 +219,7 @@ def test_failed_export_leaves_nothing_and_existing_is_kept(reid_ds):
 def test_cli_export_dataset_prints_where_it_wrote(reid_ds, capsys):
     import argparse
 
-    from core import export
+    from core.services import export
 
     p = argparse.ArgumentParser()
     export.add_commands(p.add_subparsers(dest="cmd"))
@@ -252,7 +256,8 @@ def test_onnx_export_verified_with_metadata_and_int8(reid_ds, tmp_path):
     import onnx
     import torch
 
-    from core import embed, export
+    from core.model import embed
+    from core.services import export
 
     rep = export.export_model("base", "edge", dataset=reid_ds, int8=True)
     out = Path(rep["path"])
@@ -306,7 +311,8 @@ def test_onnx_export_verified_with_metadata_and_int8(reid_ds, tmp_path):
 def test_export_page_exports_a_tagged_view(reid_ds, worker):
     from streamlit.testing.v1 import AppTest
 
-    from core import export, jobs
+    from core.services import export
+    from core.data import jobs
 
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
     at.session_state["dataset"] = reid_ds
@@ -334,7 +340,8 @@ def test_export_page_exports_a_tagged_view(reid_ds, worker):
 
 
 def test_version_record_from_registry_else_checkpoint(reid_ds):
-    from core import embed, export, registry
+    from core.model import embed
+    from core.services import export, registry
 
     cfg = embed.ModelConfig(emb_dim=32, brightness_invariant=True)
     model = embed.build_model(cfg, pretrained=False)
@@ -357,9 +364,10 @@ def _campus_val_crops() -> list[str]:
 
 
 def test_tampered_onnx_graph_fails_verification(data_root):
-    """A round's model file (core.embed.onnx_path, what embedding jobs run) whose graph no longer
+    """A round's model file (core.model.embed.onnx_path, what embedding jobs run) whose graph no longer
     matches its PyTorch model: verify_onnx raises with the figure and the tolerance."""
-    from core import embed, export
+    from core.model import embed
+    from core.services import export
 
     cfg = embed.ModelConfig()
     embed.save_checkpoint("t-verify", embed.build_model(cfg, pretrained=True), cfg, step=1)
@@ -376,7 +384,7 @@ def test_tampered_onnx_graph_fails_verification(data_root):
 
 
 def test_model_export_fails_above_the_tolerance_and_leaves_nothing(data_root):
-    from core import export
+    from core.services import export
 
     root = export.export_root()
     before = _tree_snapshot(root)
@@ -396,7 +404,7 @@ def test_eval_set_caps_spread_over_identities(reid_ds):
     12 stay on both sides, evenly."""
     from collections import Counter
 
-    from core import export
+    from core.services import export
 
     full = export.eval_set(reid_ds)
     assert len(full["q_paths"]) == 28 and len(full["g_paths"]) == 181
@@ -420,8 +428,9 @@ def test_export_metrics_never_count_a_self_match(dsname):
     """A file in query/ and gallery/ is one sample with both tags. With cameras unknown, nothing
     but its key keeps it from being its own rank-1 match: an identity whose only gallery crop is
     its query's own file has nothing to find, so that query is skipped, never a hit."""
-    from core import export, store
-    from core.ingest import ingest
+    from core.services import export
+    from core.data import store
+    from core.data.ingest import ingest
 
     ingest(need_shared("reid", "campus62", "val"), "reid", dsname)
     ds = store.get_dataset(dsname)

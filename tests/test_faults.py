@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from core import embed, jobs, registry, store, tasks
-from core.ingest import ingest
+from core.model import embed
+from core.data import jobs, store
+from core.services import registry
+from core.jobs import tasks
+from core.data.ingest import ingest
 from tests.conftest import need_shared
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The synthetic site (16 identities over 3 cameras), embedded with the packaged model."""
-    from core.synthetic import generate
+    from core.data.synthetic import generate
 
     name = "faults_demo"
     out = generate(tmp_path_factory.mktemp("synth"))
@@ -56,7 +59,7 @@ LONG_ROUND = {"config": {"steps": 5000, "eval_every": 1000, "crop_size": [64, 32
 
 
 def test_training_process_killed_mid_round(worker, demo):
-    from core import labeling
+    from core.services import labeling
 
     ids = store.get_dataset(demo).take(5, seed=0).values("id")
     for i in ids:
@@ -102,7 +105,7 @@ def test_worker_killed_and_restarted(worker, demo):
 
 SESSION = """
 import sys, json, time
-from core import labeling
+from core.services import labeling
 name, session, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 print("ready", flush=True)
 sys.stdin.readline()
@@ -214,7 +217,7 @@ def test_mongodb_restarted_under_the_app(worker, demo):
     import fiftyone.core.odm.database as fod
     from streamlit.testing.v1 import AppTest
 
-    from core import labeling
+    from core.services import labeling
 
     for i in store.get_dataset(demo).take(3, seed=7).values("id"):
         labeling.decide(demo, "mongo-op", i, "dora", label="person")

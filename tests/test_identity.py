@@ -20,8 +20,8 @@ def ds(tud_clone):
 
 def agree(name: str):
     """The sample fields say what the graph replayed from the log says; returns the state."""
-    from core import store
-    from core.labeling import identity
+    from core.data import store
+    from core.services.labeling import identity
 
     st = identity.load(name)
     cols = store.view_columns(name, ["identity", "graph_identity", "identity_base"])
@@ -44,14 +44,14 @@ def agree(name: str):
 
 
 def identities_of(name: str, node: str) -> set:
-    from core import store
+    from core.data import store
 
     cols = store.view_columns(name, ["identity", "tracklet"])
     return {i for i, tr in zip(cols["identity"], cols["tracklet"]) if f"t:{tr}" == node}
 
 
 def test_free_constraints_and_nothing_written_on_a_fresh_dataset(ds):
-    from core.labeling import identity
+    from core.services.labeling import identity
 
     st = agree(ds)
     assert len(st.rows) == 8 and st.graph.separated(T1, T6) is not None  # seen in one frame
@@ -60,7 +60,7 @@ def test_free_constraints_and_nothing_written_on_a_fresh_dataset(ds):
 
 
 def test_merge_conflict_cannot_link_and_undo_keep_log_and_samples_agreeing(ds):
-    from core.labeling import base, identity
+    from core.services.labeling import base, identity
 
     before8 = identities_of(ds, T8)
     # cannot-link from an operator: 6 and 7 are two people; a later "same" is refused
@@ -93,7 +93,7 @@ def test_merge_conflict_cannot_link_and_undo_keep_log_and_samples_agreeing(ds):
 
 
 def test_two_operators_answering_at_once_end_in_the_state_of_the_whole_log(ds):
-    from core.labeling import identity
+    from core.services.labeling import identity
 
     errors, results = [], []
     barrier = threading.Barrier(3)
@@ -120,8 +120,8 @@ def test_two_operators_answering_at_once_end_in_the_state_of_the_whole_log(ds):
 
 
 def test_a_typed_identity_names_its_whole_tracklet(ds):
-    from core import store
-    from core.labeling import decide
+    from core.data import store
+    from core.services.labeling import decide
 
     cols = store.view_columns(ds, ["tracklet"])
     crop = next(sid for sid, tr in zip(cols["id"], cols["tracklet"]) if f"t:{tr}" == T7)
@@ -131,7 +131,7 @@ def test_a_typed_identity_names_its_whole_tracklet(ds):
 
 
 def test_the_pair_queue_leases_each_pair_to_one_tab_and_never_asks_what_is_known(ds):
-    from core.labeling import identity, pairs
+    from core.services.labeling import identity, pairs
 
     a = pairs.next_pair(ds, "tab1", k=5)
     b = pairs.next_pair(ds, "tab2", k=5)
@@ -161,8 +161,8 @@ def test_cannot_links_become_guaranteed_negatives_in_training_batches(ds):
     """The graph's cannot-links reach the sampler: partners meet in batches far more often."""
     import numpy as np
 
-    from core.labeling import identity
-    from core.batches import WeightedIdentitySampler
+    from core.services.labeling import identity
+    from core.model.batches import WeightedIdentitySampler
 
     pairs_ = identity.cannot_identities(identity.load(ds))
     assert ("TUD-Campus:1", "TUD-Campus:6") in {tuple(sorted(p)) for p in pairs_}  # seen in one frame
@@ -189,8 +189,9 @@ def test_ingested_identities_are_verified_or_trusted_as_the_switch_says(ds, mode
     """Two tracklets the data calls one person: to be verified, the queue may ask and a
     'different' splits them (the second keeps the name told apart); trusted, 'different' is a
     conflict with the data and nothing changes."""
-    from core import labeling, store
-    from core.labeling import identity, pairs
+    from core.services import labeling
+    from core.data import store
+    from core.services.labeling import identity, pairs
 
     labeling.set_label_schema(ds, {**vars(labeling.label_schema(ds)), "mode": mode})
     cols = store.view_columns(ds, ["tracklet"])
@@ -216,7 +217,7 @@ def test_lone_tracklets_are_negatives_only_where_they_are_known_to_be_other_peop
     other's negative; in one camera, or across a cannot-link, it does."""
     import torch
 
-    from core.batches import KnownNegativesMiner, known_negatives
+    from core.model.batches import KnownNegativesMiner, known_negatives
 
     ids = ["~c1/1", "~c1/2", "~c2/1", "P"]
     cams = {"~c1/1": {"c1"}, "~c1/2": {"c1"}, "~c2/1": {"c2"}, "P": {"c1", "c2"}}

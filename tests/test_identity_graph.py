@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from core.labeling.graph import IdentityGraph, Link, build, component_names, overlapping, tally
-from core.labeling import pair_select as ps
+from core.math.graph import IdentityGraph, Link, build, component_names, overlapping, tally
+from core.math import pair_select as ps
 
 
 def test_merge_chains_and_conflicts_keep_both_sides():

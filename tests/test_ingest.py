@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from core import conditions, store
-from core.ingest import IngestError, ingest
+from core.math import conditions
+from core.data import store
+from core.data.ingest import IngestError, ingest
 from tests.conftest import need_shared
 
 
@@ -274,7 +275,7 @@ def test_unreadable_subfolder_is_reported(dsname, tmp_path, monkeypatch):
 
 
 def test_synthetic_demo_imports_through_mot(tmp_path, dsname):
-    from core.synthetic import generate
+    from core.data.synthetic import generate
 
     out = generate(tmp_path / "synth")
     report = ingest(out, "mot", dsname, every_n=6)

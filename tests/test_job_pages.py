@@ -7,8 +7,8 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from core import jobs, store
-from core.ingest import ingest
+from core.data import jobs, store
+from core.data.ingest import ingest
 from tests.conftest import need_shared
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -61,7 +61,7 @@ def test_ingest_button_queues_a_job_and_shows_its_report(worker, dsname, tmp_pat
 
 
 def test_export_page_queues_jobs_and_shows_reports(worker, dsname):
-    from core import export
+    from core.services import export
 
     ingest(need_shared("mot", "TUD-Campus"), "mot", dsname, every_n=10)
     n = len(store.get_dataset(dsname))

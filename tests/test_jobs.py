@@ -8,8 +8,8 @@ import time
 import psutil
 import pytest
 
-from core import jobs, store
-from core.ingest import ingest
+from core.data import jobs, store
+from core.data.ingest import ingest
 from tests.conftest import need_shared
 
 

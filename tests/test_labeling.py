@@ -20,20 +20,20 @@ REPO = Path(__file__).resolve().parent.parent
 def ds(tud_clone):
     """conftest's TUD-Campus clone, its queues cleared afterwards."""
     yield tud_clone
-    from core import labeling
+    from core.services import labeling
 
     labeling.wait_for_refills()
     labeling.clear_queue(tud_clone)
 
 
 def _state(name, sid):
-    from core import labeling
+    from core.services import labeling
 
     return labeling.sample_state(name, sid)[0]
 
 
 def _label_all(name, session, spec, out, stop_after=None, pause=0.0):
-    from core import labeling
+    from core.services import labeling
 
     while True:
         it = labeling.next_item(name, session, lease_s=60, queue=spec)
@@ -51,7 +51,8 @@ def _label_all(name, session, spec, out, stop_after=None, pause=0.0):
 
 
 def _check_all_present(name, served: dict[str, list[str]]):
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     everyone = [s for v in served.values() for s in v]
     assert len(everyone) == len(set(everyone)), "an item was served to two sessions"
@@ -72,7 +73,8 @@ def _check_all_present(name, served: dict[str, list[str]]):
 
 
 def test_two_sessions_in_threads_share_the_dataset(ds):
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     spec = labeling.QueueSpec(k=8, refill_below=3, seed=1)
     served: dict[str, list[str]] = {"alice": [], "bob": []}
@@ -99,7 +101,7 @@ def test_two_sessions_in_threads_share_the_dataset(ds):
 
 WORKER = """
 import sys, json
-from core import labeling
+from core.services import labeling
 name, session, key = sys.argv[1:4]
 print("ready", flush=True)
 sys.stdin.readline()
@@ -118,7 +120,7 @@ print(json.dumps(out), flush=True)
 def test_two_processes_never_get_the_same_item(ds):
     import json
 
-    from core import labeling
+    from core.services import labeling
 
     spec = labeling.build_queue(ds, "random", k=40, seed=3, refill_below=0)
     proc = subprocess.Popen([sys.executable, "-c", WORKER, ds, "proc2", spec.key], cwd=REPO,
@@ -145,7 +147,7 @@ def test_two_processes_never_get_the_same_item(ds):
 
 
 def test_lease_expiry_conflict_and_no_overwrite(ds):
-    from core import labeling
+    from core.services import labeling
 
     spec = labeling.build_queue(ds, "random", k=6, seed=2, refill_below=0)
     a = labeling.next_item(ds, "s1", lease_s=0.6, queue=spec.key, refill=False)
@@ -172,7 +174,8 @@ def test_lease_expiry_conflict_and_no_overwrite(ds):
 
 
 def test_decision_fields_and_undo_restores_before_values(ds):
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     it = labeling.next_item(ds, "u1", queue=labeling.QueueSpec(k=5, seed=4))
     before = _state(ds, it.sample_id)
@@ -209,7 +212,8 @@ def test_decision_fields_and_undo_restores_before_values(ds):
 
 
 def test_modes_decide_what_is_labelled_and_map_picks_go_first(ds):
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     n = len(store.get_dataset(ds))
     # "trust": every crop arrived with a MOT identity, so nothing is left to label
@@ -236,7 +240,8 @@ def test_modes_decide_what_is_labelled_and_map_picks_go_first(ds):
 
 
 def test_identities_merge_flag_progress_and_agreement(ds):
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     spec = labeling.QueueSpec(k=40, strategy="random", seed=6, refill_below=0)
     for _ in range(12):  # confirm ingested identities: the kNN model agrees more as labels accrue
@@ -272,7 +277,8 @@ def test_bulk_decision_is_checked_logged_and_undone_as_one_step(ds, monkeypatch)
     """The Map page's bulk actions: schema checks, compare-and-set per sample (a concurrent
     write is kept, not overwritten), one "bulk" log entry with before / after per sample, one
     undo step that restores what nobody changed since and lists the rest."""
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     ids = store.get_dataset(ds).values("id")[:14]
     sel, later = ids[:10], ids[10:]
@@ -283,7 +289,7 @@ def test_bulk_decision_is_checked_logged_and_undone_as_one_step(ds, monkeypatch)
     before = {s: labeling.sample_state(ds, s) for s in sel}
     tags_before = {s: t for s, t in zip(sel, store.get_dataset(ds).select(sel, ordered=True).values("tags"))}
     # another operator labels sel[5] between the bulk action's read and its write
-    from core.labeling import decision as labeling_decision  # where bulk_decide looks _state up
+    from core.services.labeling import decision as labeling_decision  # where bulk_decide looks _state up
 
     raced, real_state = [], labeling_decision._state
 
@@ -343,7 +349,8 @@ def test_bulk_decision_is_checked_logged_and_undone_as_one_step(ds, monkeypatch)
 
 
 def test_tracklet_strip_and_path(ds):
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     view = store.get_dataset(ds)
     sid, tracklet, first, last = view.values(["id", "tracklet", "frame_first", "frame_last"])
@@ -357,7 +364,7 @@ def test_tracklet_strip_and_path(ds):
     path = labeling.tracklet_path(ds, tracklet[i])
     assert len(path) >= 2 and [p[0] for p in path] == sorted(p[0] for p in path)
     # the box is drawn around the person: pixels changed only on the crop's box outline
-    from core import media
+    from core.data import media
 
     vp = view.values("video_path")[i]
     by_frame = {p[0] for p in path}
@@ -377,10 +384,10 @@ def test_tracklet_strip_and_path(ds):
 def test_query_cli_prints_the_batch(ds, capsys):
     import argparse
 
-    from core import labeling
+    from core.cli import labeling as cli_labeling
 
     p = argparse.ArgumentParser()
-    labeling.add_commands(p.add_subparsers(dest="cmd"))
+    cli_labeling.add_commands(p.add_subparsers(dest="cmd"))
     a = p.parse_args(["query", "--dataset", ds, "--strategy", "margin", "--k", "7"])
     assert a.fn(a) == 0
     out = capsys.readouterr().out.splitlines()

@@ -7,14 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from core.misclustered import (
-    MAX_CANDIDATE_SHARE,
-    candidate_limit,
-    condition_cluster_scores,
-    condition_clusters,
-    label_evidence,
-    misclustered_candidates,
-)
+from core.math.misclustered import (MAX_CANDIDATE_SHARE, candidate_limit, condition_cluster_scores, condition_clusters, label_evidence, misclustered_candidates)
 from tests.conftest import need_shared
 from tests.test_strategies import D, blobs
 
@@ -209,7 +202,7 @@ def _campus62_crops():
 
 
 def test_campus62_candidates_are_few_and_planted_label_errors_rise():
-    from core import embed
+    from core.model import embed
 
     paths, ids = _campus62_crops()
     x, errors = embed.embed_paths(paths)
@@ -235,8 +228,10 @@ def test_campus62_candidates_are_few_and_planted_label_errors_rise():
 def test_compute_scores_stores_a_short_list(dsname):
     """The store side (what the embed job and the Map page use): campus62 val crops embedded with
     the packaged model; only the short list has a positive mis_score and reasons, flags included."""
-    from core import analysis, embed, store
-    from core.ingest import ingest
+    from core.services import analysis
+    from core.model import embed
+    from core.data import store
+    from core.data.ingest import ingest
 
     ingest(need_shared("reid", "campus62", "val"), "reid", dsname)
     embed.embed_dataset(dsname, version="base")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.labeling import pair_select as ps
-from core.labeling.graph import IdentityGraph, Link
+from core.math import pair_select as ps
+from core.math.graph import IdentityGraph, Link
 
 # TUD-Campus (every 10th frame): 8 tracks; only 1/8, 6/7 and 6/8 are never seen in one frame
 T1, T6, T7, T8 = (f"t:TUD-Campus/{k}" for k in (1, 6, 7, 8))
@@ -36,16 +36,16 @@ def test_open_proposals_drop_what_the_graph_settled_and_sort_by_distance():
 @pytest.fixture
 def ds(tud_clone):
     yield tud_clone
-    from core import registry
-    from core.labeling import pairs
+    from core.services import registry
+    from core.services.labeling import pairs
 
     pairs.clear_pairs(tud_clone)
     registry._coll().delete_many({"dataset": tud_clone})
 
 
 def _round(name: str, proposals: list[dict] | None, status: str = "ready") -> str:
-    """Record a round's version as core.rounds does: created training, then finished."""
-    from core import registry
+    """Record a round's version as core.services.rounds does: created training, then finished."""
+    from core.services import registry
 
     v = registry.new_version(name, "base", {"pseudo": True})
     if status == "ready":
@@ -59,7 +59,7 @@ def _round(name: str, proposals: list[dict] | None, status: str = "ready") -> st
 
 
 def test_a_rounds_proposals_are_served_first_closest_first_ahead_of_the_queue(ds):
-    from core.labeling import identity, pairs
+    from core.services.labeling import identity, pairs
 
     before = pairs.next_pair(ds, "tab0", k=5)  # a batch of candidates is queued already
     assert before is not None and not before.reason.startswith("proposed") and before.proposed_by is None
@@ -82,14 +82,14 @@ def test_a_rounds_proposals_are_served_first_closest_first_ahead_of_the_queue(ds
     assert pairs.next_pair(ds, "tab0", k=5).key == before.key  # leases kept
     assert pairs.next_pair(ds, "tab1", k=5).key == served[0]
     # the queue's own item of that pair was taken over, not doubled
-    from core.labeling.base import PAIRS, _coll
+    from core.services.labeling.base import PAIRS, _coll
 
     docs = list(_coll(PAIRS).find({"dataset": ds}))
     assert len({d["key"] for d in docs}) == len(docs) == 3
 
 
 def test_proposals_come_before_the_candidates_of_the_same_batch(ds):
-    from core.labeling import identity, pairs
+    from core.services.labeling import identity, pairs
 
     base = pairs.compute_pairs(ds, k=8, rng=0)
     assert len(base) >= 2
@@ -103,7 +103,7 @@ def test_proposals_come_before_the_candidates_of_the_same_batch(ds):
 
 
 def test_a_proposal_an_answer_has_joined_or_separated_is_not_served(ds):
-    from core.labeling import identity, pairs
+    from core.services.labeling import identity, pairs
 
     identity.decide_pair(ds, "s0", T1, T8, "same", "ann")  # before the round finished
     v = _round(ds, [{"a": T1, "b": T8, "distance": 0.05},  # one identity now
@@ -121,7 +121,7 @@ def test_a_proposal_an_answer_has_joined_or_separated_is_not_served(ds):
 
 
 def test_without_open_proposals_the_queue_is_unchanged(ds):
-    from core.labeling import pairs
+    from core.services.labeling import pairs
 
     base = pairs.compute_pairs(ds, k=8, rng=0)
     assert base and not any(c.get("proposed_by") for c in base)
@@ -139,8 +139,8 @@ def test_without_open_proposals_the_queue_is_unchanged(ds):
 
 
 def test_the_active_rounds_proposals_win_else_the_newest_ready_rounds(ds):
-    from core import store
-    from core.labeling import pairs
+    from core.data import store
+    from core.services.labeling import pairs
 
     v1 = _round(ds, [{"a": T1, "b": T8, "distance": 0.1}])
     v2 = _round(ds, [{"a": T6, "b": T7, "distance": 0.2}])

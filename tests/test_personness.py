@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import personness as P
+from core.math import personness as P
 from tests.conftest import need_shared
 
 
@@ -84,8 +84,8 @@ def test_shadow_labels_lower_the_personness_of_unlabelled_shadows(data_root, tmp
     second also has crops of four shadow photographs labelled shadow. Crops of the three other
     shadow photographs, labelled in neither, score lower under the second round's model: it
     learnt shadows are not people. The exported ONNX graph carries the same score."""
-    from core import embed
-    from core import train as T
+    from core.model import embed
+    from core.model import train as T
     from core.config import settings
 
     campus = need_shared("reid", "campus62", "train")
@@ -115,7 +115,7 @@ def test_shadow_labels_lower_the_personness_of_unlabelled_shadows(data_root, tmp
         _v, _e, s_onnx = embed.embed_paths(shadow_new, version=version, backend="onnx", person=True)
         np.testing.assert_allclose(s_onnx, s_new, atol=1e-4)
     # the exported model for an edge device carries the output and the card says how to threshold it
-    from core import export
+    from core.services import export
 
     rep = export.export_model(version, verify_on=held_persons[:8])
     card = Path(rep["card"]).read_text()
@@ -134,8 +134,9 @@ def test_shadow_labels_lower_the_personness_of_unlabelled_shadows(data_root, tmp
 def test_round_class_labels_come_from_the_operators_classes(dsname, tmp_path):
     """What a round fits the head on: crops labelled person (a MOT ingest's ground truth) against
     crops given any other class; unlabelled and failed crops are left out."""
-    from core import rounds, store
-    from core.ingest import ingest
+    from core.services import rounds
+    from core.data import store
+    from core.data.ingest import ingest
 
     seq = need_shared("mot", "TUD-Campus")
     ingest(seq, "mot", dsname, every_n=10)

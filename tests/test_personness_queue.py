@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from core.strategies import STRATEGIES, personness, select
+from core.math.strategies import STRATEGIES, personness, select
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,7 +87,8 @@ def test_boost_stays_within_its_tier_and_no_scores_falls_back():
 @pytest.fixture
 def raw(tud_clone):
     """TUD-Campus crops with their class labels removed, as raw footage arrives."""
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     ids = store.get_dataset(tud_clone).values("id")
     store.set_values(tud_clone, "label", {i: None for i in ids})
@@ -97,7 +98,7 @@ def raw(tud_clone):
 
 
 def _serve(name, spec, n):
-    from core import labeling
+    from core.services import labeling
 
     sess = "s-" + uuid.uuid4().hex[:6]
     out = []
@@ -110,8 +111,9 @@ def _serve(name, spec, n):
 
 
 def test_queue_serves_the_least_sure_first(raw):
-    from core import labeling, registry, store
-    from core.labeling.queue import person_threshold
+    from core.services import labeling, registry
+    from core.data import store
+    from core.services.labeling.queue import person_threshold
 
     name, ids = raw
     assert len(ids) >= 30
@@ -148,7 +150,8 @@ def test_queue_serves_the_least_sure_first(raw):
 
 
 def test_queue_falls_back_to_detector_score_without_a_head(raw):
-    from core import labeling, store
+    from core.services import labeling
+    from core.data import store
 
     name, ids = raw  # model "base" active: no person-ness field
     assert len(ids) > 35
@@ -174,7 +177,7 @@ def test_annotate_page_suggests_it_for_class_labels(raw):
 
     from streamlit.testing.v1 import AppTest
 
-    from core import store
+    from core.data import store
 
     name, ids = raw
     store.set_values(name, "det_score", {i: 0.9 - 0.01 * j for j, i in enumerate(ids)})  # last: lowest

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core import projection as P
+from core.services import projection as P
 
 N_BLOBS = 6
 
@@ -115,7 +115,7 @@ def test_layout_edge_cases():
 def _dataset(dsname: str, X: np.ndarray):
     import fiftyone as fo
 
-    from core import store
+    from core.data import store
 
     ds = store.get_dataset(dsname, create=True)
     store.add_samples(
@@ -125,7 +125,7 @@ def _dataset(dsname: str, X: np.ndarray):
 
 
 def test_compute_layout_caches_registers_and_starts_from_previous_version(dsname):
-    from core import store
+    from core.data import store
 
     X, lab = blobs(n=400, seed=3)
     ds = _dataset(dsname, X)
@@ -182,7 +182,7 @@ def test_compute_layout_caches_registers_and_starts_from_previous_version(dsname
 
 
 def test_compute_layout_without_embeddings_says_what_to_do(dsname):
-    from core import store
+    from core.data import store
 
     _dataset(dsname, np.zeros((2, 4), np.float32))
     with pytest.raises(store.StoreError, match="embed"):

@@ -1,11 +1,11 @@
-"""Pseudo-identities (core.pseudo): the clustering never joins what the graph keeps apart, and a
+"""Pseudo-identities (core.math.pseudo): the clustering never joins what the graph keeps apart, and a
 round with zero labels learns from real footage."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from core import pseudo
+from core.math import pseudo
 
 
 def _unit(x):
@@ -89,7 +89,7 @@ def _mot_crops(tmp_path, seqs=(("TUD-Stadtmitte", 3), ("TUD-Campus", 2)), min_h:
     """Person crops cut from the clips at their ground-truth boxes: (path, track, sequence, frame)."""
     import cv2
 
-    from core.ingest import IngestReport, parse_gt
+    from core.data.ingest import IngestReport, parse_gt
     from tests.conftest import need_shared
 
     out = []
@@ -125,8 +125,8 @@ def test_a_round_with_zero_labels_improves_on_base_for_people_it_never_saw(data_
     """Tracks of TUD-Stadtmitte and TUD-Campus, identities hidden: every track a lone tracklet,
     tracks seen in one frame cannot-linked. Scored on held-out people: the first half of each of
     their tracks finds the second half."""
-    from core import evaluate as ev
-    from core.embed import load_model
+    from core.math import evaluate as ev
+    from core.model.embed import load_model
 
     crops = _mot_crops(tmp_path)
     tracks = sorted({c[1] for c in crops})
@@ -154,7 +154,7 @@ def test_a_round_with_zero_labels_improves_on_base_for_people_it_never_saw(data_
     ids = np.array([c[1] for c in test])
 
     def score(version: str) -> float:
-        from core.train import _embed_array, load_crops
+        from core.model.train import _embed_array, load_crops
 
         model, cfg = load_model(version)
         e = _embed_array(model, load_crops([c[0] for c in test], cfg.crop_size))
@@ -167,7 +167,7 @@ def test_a_round_with_zero_labels_improves_on_base_for_people_it_never_saw(data_
 
 
 def _unsup_round(samples, cannot, out):
-    from core import train as T
+    from core.model import train as T
 
     return T.train_round(samples, T.TrainConfig(**UNSUP), out_dir=out, cannot=cannot,
                          open_identities=sorted({s[1] for s in samples}))
@@ -178,7 +178,7 @@ def test_an_unsupervised_round_resumes_to_the_same_result(data_root):
     stopped after an evaluation between two re-clusterings ends where the whole round ends."""
     import torch
 
-    from core import train as T
+    from core.model import train as T
     from tests.test_train import RESUMABLE, _campus_samples
 
     samples = [(p, f"~{i}-{c}", c, w) for p, i, c, w in _campus_samples(8)]
@@ -202,7 +202,7 @@ def test_an_unsupervised_round_resumes_to_the_same_result(data_root):
 def test_cluster_memory_scores_crops_against_momentum_centroids():
     import torch
 
-    from core.batches import ClusterMemory
+    from core.model.batches import ClusterMemory
 
     centroids = np.eye(3, 4, dtype=np.float32)  # three unit centroids
     mem = ClusterMemory(centroids, momentum=0.5, temperature=0.05)
@@ -219,7 +219,7 @@ def test_cluster_memory_scores_crops_against_momentum_centroids():
 def test_pseudo_identities_are_on_where_any_tracklet_is_unlabelled(data_root):
     """Auto mode: a round with some lone tracklets clusters them (they may join each other or a
     named identity); a round on named identities alone trains on them as before."""
-    from core import train as T
+    from core.model import train as T
     from tests.test_train import RESUMABLE, _campus_samples
 
     samples = _campus_samples(8)

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from core import store
-from core.ingest import HOG_WARNING, Detection, IngestError, ingest
+from core.data import store
+from core.data.ingest import HOG_WARNING, Detection, IngestError, ingest
 from tests.conftest import need_shared
 from tests.test_detect import make_model
 
@@ -107,7 +107,8 @@ def test_hog_is_the_last_resort_and_says_so(dsname, tmp_path):
 
 
 def test_a_detector_that_cannot_be_used_is_refused_before_anything_is_queued(dsname, tmp_path):
-    from core import jobs, tasks
+    from core.data import jobs
+    from core.jobs import tasks
 
     clips = _clip(tmp_path)
     bad = tmp_path / "broken.onnx"

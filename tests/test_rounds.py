@@ -1,4 +1,4 @@
-"""The round's evaluation split (core.rounds): what a query may find, and empty splits refused
+"""The round's evaluation split (core.services.rounds): what a query may find, and empty splits refused
 before any training. Real datasets in the test database; vectors written by hand where the
 answer must be worked out exactly."""
 from __future__ import annotations
@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from core import registry, rounds, store
+from core.services import registry, rounds
+from core.data import store
 
 
 def _records(tmp_path, rows):
@@ -47,14 +48,15 @@ def test_hold_out_leaves_the_query_tracklet_out_of_its_gallery(tmp_path, dsname)
 
 
 def test_round_refuses_a_split_with_nothing_to_find_before_training(tmp_path, dsname):
-    from core import jobs, train
+    from core.jobs import worker
+    from core.model import train
 
     # lone tracklets of 3 crops: too short to find one half from the other
     rows = [(f"p{i}", f"seq/{i}", f, ()) for i in range(6) for f in range(0, 30, 10)]
     store.add_records(dsname, _records(tmp_path, rows))
     split = rounds.eval_split(dsname)
     assert not split.query and "tracklet" in split.problem
-    rep = jobs.LocalReporter("test round")
+    rep = worker.LocalReporter("test round")
     try:
         with pytest.raises(train.TrainingError, match="label the same person in another tracklet"):
             rounds.run_round(dsname, {"config": {"steps": 5}}, rep)
@@ -65,7 +67,7 @@ def test_round_refuses_a_split_with_nothing_to_find_before_training(tmp_path, ds
 
 
 def test_evaluate_cli_says_why_there_is_nothing_to_evaluate(tmp_path, dsname, capsys):
-    from core.__main__ import main
+    from core.cli.main import main
 
     rows = [(f"p{i}", f"seq/{i}", f, ()) for i in range(6) for f in range(0, 30, 10)]
     store.add_records(dsname, _records(tmp_path, rows))
@@ -124,7 +126,7 @@ def test_merge_proposals_become_graph_nodes_and_the_summary_one_line(tmp_path, d
     """A round's proposals name training identities ("~<tracklet>" or a name): the registry gets
     graph nodes, a named identity as its component's node with most crops; names the graph lacks,
     pairs it already joins and the malformed are left out; order (most confident first) kept."""
-    from core.labeling import identity as graph_identity
+    from core.services.labeling import identity as graph_identity
 
     rows = [(None, f"seq/{i}", f, ()) for i in range(3) for f in range(0, 30, 10)]
     rows += [("ann", "seq/a1", f, ()) for f in range(0, 30, 10)] + [("ann", "seq/a2", 40, ())]

@@ -10,13 +10,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from core import labeling, registry, store
+from core.services import labeling, registry
+from core.data import store
 
 REPO = Path(__file__).resolve().parent.parent
 
 JOB = """
 import sys, time
-from core import labeling, store
+from core.services import labeling
+from core.data import store
 name, seconds = sys.argv[1], float(sys.argv[2])
 print("ready", flush=True)
 end, n = time.time() + seconds, 0

@@ -5,13 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.strategies import (
-    DEFAULT_STRATEGY,
-    STRATEGIES,
-    Selection,
-    class_probabilities,
-    select,
-)
+from core.math.strategies import DEFAULT_STRATEGY, STRATEGIES, Selection, class_probabilities, select
 
 D = 16
 

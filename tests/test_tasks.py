@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from core import export, jobs, store, tasks
-from core.ingest import IngestError, ingest
+from core.services import export
+from core.data import jobs, store
+from core.jobs import tasks
+from core.data.ingest import IngestError, ingest
 from tests.conftest import need_shared
 
 
@@ -138,8 +140,8 @@ def test_export_job_cancelled_leaves_no_folder(worker, campus):
 # --------------------------------------------------------------------------- first run
 
 def test_demo_queues_its_embedding_once(dsname, capsys):
-    from core import demo
-    from core.__main__ import main
+    from core.cli import demo
+    from core.cli.main import main
 
     try:
         assert main(["demo", "--dataset", dsname]) == 0

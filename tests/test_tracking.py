@@ -1,5 +1,5 @@
-"""Trackers (core.tracking) on real MOT boxes: ByteTrack against the old greedy IoU linker on
-PETS09-S2L1's ground truth degraded as a detector would see it (core.mot_metrics.degrade, the same
+"""Trackers (core.math.tracking) on real MOT boxes: ByteTrack against the old greedy IoU linker on
+PETS09-S2L1's ground truth degraded as a detector would see it (core.math.mot_metrics.degrade, the same
 simulated detector as benchmarks/tracker_compare.py), and detect_and_track on the TUD-Campus clip."""
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from core.media import VideoReader
-from core.mot_metrics import degrade, load_mot_gt, mot_scores
-from core.tracking import (ByteTrack, ByteTrackConfig, IoUTracker, Tracklet, detect_and_track, iou, link,
-                           make_tracker, sampled, track_boxes)
+from core.data.media import VideoReader
+from core.math.mot_metrics import degrade, load_mot_gt, mot_scores
+from core.math.tracking import (ByteTrack, ByteTrackConfig, IoUTracker, Tracklet, detect_and_track, iou, link, make_tracker, sampled, track_boxes)
 from tests.conftest import need_shared
 
 SEED = 0  # the benchmark's report seed; ByteTrack's defaults were tuned on TUD-Stadtmitte, seed 1

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import train as T
+from core.model import train as T
 from tests.conftest import need_shared, tamper_onnx
 
 
@@ -56,7 +56,7 @@ SMALL = dict(crop_size=(64, 32), frozen_blocks=10, steps=30, ids_per_batch=6, sa
 def test_short_round_improves_validation_map_and_checkpoint_loads(data_root):
     import torch
 
-    from core import embed
+    from core.model import embed
     from core.config import settings
 
     samples = _campus_samples(12)
@@ -72,7 +72,7 @@ def test_short_round_improves_validation_map_and_checkpoint_loads(data_root):
     assert r["best_step"] > 0
     assert [c[0] for c in calls] == list(range(1, 31)) and all(c[1] == 30 for c in calls)
     assert calls[-1][3] is not None and np.isfinite(calls[-1][2])
-    # checkpoint: plain, loadable with weights_only=True, and by core.embed as a model version
+    # checkpoint: plain, loadable with weights_only=True, and by core.model.embed as a model version
     ck = torch.load(Path(r["checkpoint"]), map_location="cpu", weights_only=True)
     assert set(ck) >= {"model", "config", "optimizer", "step", "metrics"}
     assert ck["step"] == r["best_step"] and ck["metrics"]["val"]["mAP"] == r["best_metrics"]["mAP"]
@@ -172,7 +172,7 @@ def test_killed_round_resumes_from_its_last_evaluation_to_the_same_result(data_r
 
 _KILLED_CHILD = """
 import json, sys, time
-from core import train as T
+from core.model import train as T
 job = json.loads(open(sys.argv[1]).read())
 slow = lambda step, total, loss, metrics: time.sleep(0.5 if step > 5 else 0)  # room for the kill
 T.train_round([tuple(s) for s in job["samples"]], T.TrainConfig.from_dict(job["config"]), out_dir=job["out"],
@@ -218,9 +218,11 @@ def test_failed_round_resumes_in_its_own_version_from_the_cli(data_root, dsname,
     core train --resume V` then exports afresh and finishes V; a finished round is not resumed."""
     import shutil
 
-    from core import embed, export, jobs, registry, rounds
-    from core.__main__ import main
-    from core.ingest import ingest
+    from core.model import embed
+    from core.services import export, registry, rounds
+    from core.data import jobs
+    from core.cli.main import main
+    from core.data.ingest import ingest
 
     src = need_shared("reid", "campus62")
     for d in sorted((src / "train").iterdir())[:8]:

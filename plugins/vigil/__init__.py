@@ -1,8 +1,8 @@
 """FiftyOne plugin: Vigil's background jobs as delegated operations.
 
-Queued by :func:`core.jobs.submit`, run by ``fiftyone delegated launch`` (``python -m core
+Queued by :func:`core.data.jobs.submit`, run by ``fiftyone delegated launch`` (``python -m core
 worker``), visible in the FiftyOne App's runs list. The operator is a thin shell: the work is in
-:func:`core.jobs.run`.
+:func:`core.jobs.worker.run`.
 """
 import os
 import sys
@@ -27,9 +27,9 @@ class RunJob(foo.Operator):
         )
 
     def execute(self, ctx):
-        from core import jobs
+        from core.jobs import worker
 
-        return jobs.run(ctx)
+        return worker.run(ctx)
 
 
 def register(p):

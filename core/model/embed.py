@@ -1,0 +1,727 @@
+"""Embedding model, model versions on disk, ONNX export, batched ONNX Runtime extraction.
+
+The model (:class:`EmbeddingModel`) takes what OpenCV decodes, ``[N, H, W, 3]`` BGR uint8 (or
+float 0..255), so the whole input pipeline (BGR->RGB, [0, 1], optional brightness-invariant
+luma normalisation, ImageNet mean/std) is part of the network and PyTorch, ONNX and training
+apply it identically:
+
+    input -> [brightness_invariant: normalize_luma] -> mean/std -> backbone features
+          -> global average pooling -> [neck: BatchNorm1d] -> Linear(feature_dim, emb_dim)
+          -> L2 normalisation
+          [flip_average, eval mode only: the same for the mirrored image, summed, normalised]
+
+Model versions: ``"base"`` is the packaged pretrained backbone with a deterministic head (seeded
+orthogonal init, no file needed). Any other version ``V`` lives in
+``settings().models_dir / V /`` as ``checkpoint.pt`` (dict: model, config, optimizer, step,
+metrics; loaded with ``weights_only=True``) and ``model.onnx`` (exported on first use).
+
+Extraction (:func:`embed_paths`) decodes and resizes in a thread pool while ONNX Runtime runs the
+previous batch; at most ``batch_size * (prefetch + 1)`` images are held at once. Failed files
+get a reason in ``errors`` and a NaN row in the output (rows stay aligned with ``paths``).
+
+Dataset level: :func:`embed_dataset` writes ``store.embedding_field(version)`` and
+``embed_error``; :func:`tracklet_embeddings`; :func:`similar` ("more like this").
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from core.model import backbones
+from core.math import personness
+from core.config import settings
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+KINDS = ("crop", "image")
+EXPORT_FORMAT = 1  # bump when the graph's input/output contract changes (re-exports stale files)
+LUMA = (0.299, 0.587, 0.114)  # RGB weights (ITU-R BT.601)
+Progress = Callable[[int, int], None]
+
+
+class EmbedError(RuntimeError):
+    """A model version or dataset that cannot be embedded, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines an embedding model's architecture (stored in checkpoints).
+
+    ``crop_size`` / ``image_size`` are (H, W) per sample kind; ``frozen_blocks`` counts backbone
+    blocks from the input whose parameters do not train; ``seed`` makes the head init
+    reproducible."""
+
+    backbone: str = backbones.DEFAULT_BACKBONE
+    emb_dim: int = 256
+    brightness_invariant: bool = False
+    crop_size: tuple[int, int] = backbones.DEFAULT_INPUT_SIZES["crop"]
+    image_size: tuple[int, int] = backbones.DEFAULT_INPUT_SIZES["image"]
+    frozen_blocks: int = 0
+    seed: int = 0
+    last_stride: int = 2  # 1: the backbone's last downsampling is removed (2x finer feature map)
+    flip_average: bool = False  # eval mode: mean of the image's and its mirror's embeddings
+    neck: bool = False  # batch norm on the pooled features before the projection head
+    person_head: bool = False  # a person-ness head (MLP) on the pooled features (core.math.personness)
+
+    def input_size(self, kind: str | None) -> tuple[int, int]:
+        """(H, W) for a sample kind ("crop" or "image"; None counts as crop)."""
+        if kind in (None, "crop"):
+            return tuple(self.crop_size)
+        if kind == "image":
+            return tuple(self.image_size)
+        raise ValueError(f"unknown sample kind {kind!r}; expected one of {KINDS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["crop_size"], d["image_size"] = list(self.crop_size), list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            log.warning("ignoring unknown model config keys %s", sorted(unknown))
+        kw = {k: v for k, v in d.items() if k in known}
+        for k in ("crop_size", "image_size"):
+            if k in kw:
+                kw[k] = tuple(int(v) for v in kw[k])
+        return cls(**kw)
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+def normalize_luma(x: "torch.Tensor", target_mean: float = 0.45, target_std: float = 0.225,
+                   eps: float = 1e-2) -> "torch.Tensor":
+    """Brightness-invariant input: per image, shift and scale all channels so the luma has a
+    fixed mean and standard deviation, then clip to [0, 1].
+
+    ``x``: RGB ``[N, 3, H, W]`` float in [0, 1] -> same shape. Removes global gain and offset
+    (a dark night frame and a bright day frame of the same scene come out alike); ``eps`` keeps
+    flat images from blowing up noise. Plain torch ops, so ONNX export applies it identically."""
+    import torch
+
+    y = LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]  # [N, 1, H, W]
+    m = y.mean(dim=(2, 3), keepdim=True)
+    s = torch.sqrt(((y - m) ** 2).mean(dim=(2, 3), keepdim=True) + eps * eps)
+    return ((x - m) * (target_std / s) + target_mean).clamp(0.0, 1.0)
+
+
+def _torch():
+    import torch
+    from torch import nn
+
+    return torch, nn
+
+
+def build_model(config: ModelConfig = ModelConfig(), pretrained: bool = True) -> "EmbeddingModel":
+    """An :class:`EmbeddingModel` in eval mode; ``pretrained`` loads the backbone's offline
+    ImageNet weights (raises :class:`core.model.backbones.WeightsUnavailable` when absent)."""
+    return _model_class()(config, pretrained=pretrained).eval()
+
+
+_MODEL_CLS = None
+
+
+def _model_class():
+    """Define the nn.Module subclass on first use (keeps torch out of this module's import)."""
+    global _MODEL_CLS
+    if _MODEL_CLS is not None:
+        return _MODEL_CLS
+    torch, nn = _torch()
+
+    class EmbeddingModel(nn.Module):
+        """``[N, H, W, 3]`` BGR uint8/float 0..255 -> ``[N, emb_dim]`` unit vectors."""
+
+        def __init__(self, config: ModelConfig, pretrained: bool = True):
+            super().__init__()
+            bb = backbones.get_backbone(config.backbone)
+            self.config = config
+            self.backbone = bb.create(pretrained=pretrained)
+            if config.last_stride == 1:
+                bb.remove_last_stride(self.backbone)
+            elif config.last_stride != 2:
+                raise ValueError(f"last_stride must be 1 or 2, not {config.last_stride}")
+            self.register_buffer("mean", torch.tensor(bb.mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(bb.std).view(1, 3, 1, 1), persistent=False)
+            self.neck = nn.BatchNorm1d(bb.feature_dim) if config.neck else None
+            self.head = nn.Linear(bb.feature_dim, config.emb_dim)
+            # fitted after a round's training (core.math.personness), not by the identity losses
+            self.person = nn.Sequential(nn.Linear(bb.feature_dim, personness.HIDDEN), nn.ReLU(),
+                                        nn.Linear(personness.HIDDEN, 1)) if config.person_head else None
+            if self.person is not None:
+                self.person.requires_grad_(False)
+            g = torch.Generator().manual_seed(config.seed)
+            # orthogonal rows: a near-isometric projection, so pretrained geometry survives
+            nn.init.orthogonal_(self.head.weight, generator=g)
+            nn.init.zeros_(self.head.bias)
+            blocks = bb.blocks(self.backbone)
+            if config.frozen_blocks > len(blocks):
+                raise ValueError(f"frozen_blocks={config.frozen_blocks} but {config.backbone} "
+                                 f"has {len(blocks)} blocks")
+            for b in blocks[: config.frozen_blocks]:
+                for p in b.parameters():
+                    p.requires_grad_(False)
+
+        def prepare(self, x: "torch.Tensor") -> "torch.Tensor":
+            """BGR ``[N, H, W, 3]`` 0..255 -> normalised RGB ``[N, 3, H, W]`` float."""
+            x = x.to(torch.float32).permute(0, 3, 1, 2)
+            x = torch.cat([x[:, 2:3], x[:, 1:2], x[:, 0:1]], dim=1) / 255.0
+            if self.config.brightness_invariant:
+                x = normalize_luma(x)
+            return (x - self.mean) / self.std
+
+        def pool(self, f: "torch.Tensor") -> "torch.Tensor":
+            """Feature map ``[N, C, h, w]`` -> ``[N, C]``: global average, then the neck if any."""
+            p = f.mean(dim=(2, 3))
+            return p if self.neck is None else self.neck(p)
+
+        def outputs(self, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None"]:
+            """Normalised RGB ``[N, 3, H, W]`` -> (unit embeddings ``[N, emb_dim]``, pooled
+            features ``[N, C]``, person-ness ``[N]`` in 0..1 or None without a person head)."""
+            f = self.pool(self.backbone(x))
+            e = self.head(f)
+            if self.config.flip_average and not self.training:
+                e = e + self.head(self.pool(self.backbone(torch.flip(x, dims=(3,)))))
+            e = e / torch.sqrt((e * e).sum(dim=1, keepdim=True) + 1e-12)
+            p = None if self.person is None else torch.sigmoid(self.person(f))[:, 0]
+            return e, f, p
+
+        def forward_normalized(self, x: "torch.Tensor") -> "torch.Tensor":
+            """Normalised RGB ``[N, 3, H, W]`` -> ``[N, emb_dim]`` unit vectors."""
+            return self.outputs(x)[0]
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            return self.forward_normalized(self.prepare(x))
+
+        def forward_with_person(self, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+            """BGR ``[N, H, W, 3]`` -> (embeddings, person-ness ``[N]``): the exported graph's outputs."""
+            e, _f, p = self.outputs(self.prepare(x))
+            return e, p
+
+    _MODEL_CLS = EmbeddingModel
+    return _MODEL_CLS
+
+
+def __getattr__(name: str):  # core.model.embed.EmbeddingModel without importing torch at import time
+    if name == "EmbeddingModel":
+        return _model_class()
+    raise AttributeError(name)
+
+
+# --- model versions on disk --------------------------------------------------------------------
+
+def version_dir(version: str) -> Path:
+    if not version or "/" in version or "\\" in version or version.startswith("."):
+        raise EmbedError(f"invalid model version {version!r}")
+    return settings().models_dir / version
+
+
+def checkpoint_path(version: str) -> Path:
+    return version_dir(version) / "checkpoint.pt"
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(version: str, model: "nn.Module", config: ModelConfig,
+                    optimizer: dict | None = None, step: int = 0,
+                    metrics: dict | None = None) -> Path:
+    """Write ``models_dir/version/checkpoint.pt`` atomically (and drop a stale ``model.onnx``)."""
+    if version == BASE:
+        raise EmbedError('"base" is the packaged model; save under another version name')
+    p = checkpoint_path(version)
+    atomic_torch_save({"model": model.state_dict(), "config": config.to_dict(),
+                        "optimizer": optimizer, "step": int(step), "metrics": metrics or {}}, p)
+    (p.parent / "model.onnx").unlink(missing_ok=True)
+    return p
+
+
+def load_checkpoint(version: str) -> dict[str, Any]:
+    import torch
+
+    p = checkpoint_path(version)
+    if not p.exists():
+        raise EmbedError(f"model version {version!r} has no checkpoint at {p}")
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def person_head(version: str) -> dict[str, Any] | None:
+    """The summary of ``version``'s person-ness head as its round stored it in the checkpoint
+    (:meth:`core.math.personness.PersonHead.summary`: counts, CV AUC, threshold, ...), ``{}`` for a
+    head without one; None for a model without a head (``base``, no checkpoint)."""
+    if version == BASE or not checkpoint_path(version).exists():
+        return None
+    ck = load_checkpoint(version)
+    if not (ck.get("config") or {}).get("person_head"):
+        return None
+    return (ck.get("result") or {}).get("person") or {}
+
+
+def load_model(version: str = BASE) -> tuple["EmbeddingModel", ModelConfig]:
+    """The eval-mode model of ``version`` and its config. ``"base"`` needs no file."""
+    if version == BASE:
+        cfg = ModelConfig()
+        return build_model(cfg, pretrained=True), cfg
+    ck = load_checkpoint(version)
+    cfg = ModelConfig.from_dict(dict(ck["config"]))
+    model = build_model(cfg, pretrained=False)
+    model.load_state_dict(ck["model"], strict=True)
+    return model.eval(), cfg
+
+
+def model_config(version: str = BASE) -> ModelConfig:
+    return ModelConfig() if version == BASE else \
+        ModelConfig.from_dict(dict(load_checkpoint(version)["config"]))
+
+
+def _onnx_meta(version: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"export_format": EXPORT_FORMAT, "version": version}
+    if version == BASE:
+        meta["config"] = ModelConfig().to_dict()
+    else:
+        st = checkpoint_path(version).stat()
+        meta["checkpoint"] = [st.st_size, st.st_mtime_ns]
+    return meta
+
+
+ONNX_OUTPUTS = ("embedding", "person")  # "person" only for a model with a person-ness head
+
+
+def _WithPerson(model: "nn.Module") -> "nn.Module":
+    """``model`` exported with both outputs (embedding, person-ness)."""
+    _, nn = _torch()
+
+    class WithPerson(nn.Module):
+        def __init__(self, m: "nn.Module"):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.forward_with_person(x)
+
+    return WithPerson(model).eval()
+
+
+def export_onnx(model: "nn.Module", path: Path, opset: int = 17) -> Path:
+    """Export ``model`` (uint8 ``[N, H, W, 3]`` BGR -> ``embedding`` ``[N, D]``, and ``person``
+    ``[N]`` in 0..1 when it has a person-ness head) with dynamic batch, height and width,
+    atomically (temp file in the same folder, then rename)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    dummy = torch.zeros(2, 64, 32, 3, dtype=torch.uint8)
+    outputs = ONNX_OUTPUTS if getattr(model, "person", None) is not None else ONNX_OUTPUTS[:1]
+    try:
+        model = model.eval()
+        with torch.no_grad():
+            torch.onnx.export(
+                _WithPerson(model) if len(outputs) > 1 else model, (dummy,), tmp, input_names=["image"],
+                output_names=list(outputs), opset_version=opset, dynamo=False,
+                dynamic_axes={"image": {0: "batch", 1: "height", 2: "width"}, **{o: {0: "batch"} for o in outputs}})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+_EXPORT_LOCK = threading.Lock()
+
+
+def onnx_path(version: str = BASE) -> Path:
+    """``models_dir/version/model.onnx``, exported first when missing or stale."""
+    d = version_dir(version)
+    p, meta_p = d / "model.onnx", d / "model.onnx.json"
+    with _EXPORT_LOCK:
+        meta = _onnx_meta(version) if version == BASE or checkpoint_path(version).exists() else None
+        if meta is None and not p.exists():
+            raise EmbedError(f"model version {version!r} has neither checkpoint nor ONNX in {d}")
+        fresh = p.exists() and (meta is None or (
+            meta_p.exists() and json.loads(meta_p.read_text()) == meta))
+        if not fresh:
+            t0 = time.perf_counter()
+            model, _ = load_model(version)
+            export_onnx(model, p)
+            tmp = meta_p.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, meta_p)
+            log.info("exported %s to %s in %.1fs", version, p, time.perf_counter() - t0)
+    return p
+
+
+_SESSIONS: "OrderedDict[tuple, Any]" = OrderedDict()
+_SESSION_LOCK = threading.Lock()
+
+
+def onnx_providers() -> list[str]:
+    """ONNX Runtime's CUDA provider first where this machine has a GPU (core.model.device) and the
+    installed onnxruntime has the provider (onnxruntime-gpu), else the CPU alone."""
+    import onnxruntime as ort
+
+    from core.model import device
+
+    if device.select() == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def onnx_session(version: str = BASE, threads: int | None = None):
+    """A cached onnxruntime session (deterministic compute, fixed thread count; on the GPU where
+    :func:`onnx_providers` has it)."""
+    import onnxruntime as ort
+
+    p = onnx_path(version)
+    threads = threads or max(1, os.cpu_count() or 1)
+    providers = onnx_providers()
+    key = (str(p), p.stat().st_mtime_ns, threads, tuple(providers))
+    with _SESSION_LOCK:
+        if key in _SESSIONS:
+            _SESSIONS.move_to_end(key)
+            return _SESSIONS[key]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.use_deterministic_compute = True
+    # no busy-waiting between ops: on a shared CPU (decode threads, other jobs) it only steals time
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(p), sess_options=so, providers=providers)
+    with _SESSION_LOCK:
+        _SESSIONS[key] = sess
+        while len(_SESSIONS) > 4:
+            _SESSIONS.popitem(last=False)
+    return sess
+
+
+# --- extraction --------------------------------------------------------------------------------
+
+def load_image(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
+    """Decode ``path`` with OpenCV and resize to ``size`` (H, W): ``[H, W, 3]`` BGR uint8.
+
+    Raises ValueError with a reason for a missing, unreadable or corrupt file."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise ValueError(f"file not found: {p}")
+    img = cv2.imread(p, cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        raise ValueError(f"cannot decode image (corrupt or unsupported): {p}")
+    h, w = size
+    if img.shape[:2] != (h, w):
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    return img
+
+
+def _load_safe(path: str, size: tuple[int, int]) -> np.ndarray | str:
+    try:
+        return load_image(path, size)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a per-file reason
+        return str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+
+
+def _batches(paths: Sequence[str], size: tuple[int, int], batch_size: int, threads: int,
+             prefetch: int = 2) -> Iterator[tuple[int, list[np.ndarray | str]]]:
+    """Yield (start index, decoded images or error strings) per batch, decoding ahead in a pool
+    while the caller runs the model (at most ``prefetch + 1`` batches in memory)."""
+    from collections import deque
+
+    n = len(paths)
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="embed-decode") as ex:
+        pending: deque = deque()
+        nxt = 0
+
+        def submit() -> None:
+            nonlocal nxt
+            chunk = paths[nxt: nxt + batch_size]
+            pending.append((nxt, [ex.submit(_load_safe, os.fspath(p), size) for p in chunk]))
+            nxt += len(chunk)
+
+        while nxt < n and len(pending) <= prefetch:
+            submit()
+        while pending:
+            start, futs = pending.popleft()
+            if nxt < n:
+                submit()
+            yield start, [f.result() for f in futs]
+
+
+def embed_paths(paths: Sequence[str | os.PathLike], version: str = BASE, kind: str = "crop",
+                batch_size: int = 64, threads: int = 2, progress: Progress | None = None,
+                backend: str = "auto", ort_threads: int | None = None, person: bool = False,
+                ) -> tuple[np.ndarray, dict[int, str]] | tuple[np.ndarray, dict[int, str], np.ndarray | None]:
+    """Embed image files with model ``version``.
+
+    Returns ``vectors`` float32 ``[N, D]`` aligned with ``paths`` (unit rows; a NaN row where the
+    file failed) and ``errors`` {index: reason}. ``threads`` decode/resize workers;
+    ``backend`` "onnx" (ONNX Runtime), "torch" (PyTorch eager: parity checks, and the GPU where
+    onnxruntime has no CUDA provider) or "auto" (default): ONNX Runtime, unless this machine has a
+    GPU that only torch can use.
+    ``progress(done, total)`` after each batch. Memory stays bounded: images are decoded a few
+    batches ahead and dropped after their batch. ``person``: also return the person-ness float32
+    ``[N]`` (NaN where the file failed), or None for a model without a person-ness head."""
+    paths = list(paths)
+    n = len(paths)
+    dev = "cpu"
+    if backend == "auto":
+        from core.model import device
+
+        dev = device.select()
+        backend = "torch" if dev == "cuda" and onnx_providers()[0] != "CUDAExecutionProvider" else "onnx"
+    if backend == "onnx":
+        sess = onnx_session(version, ort_threads)
+        cfg = model_config(version)
+        out_dim = sess.get_outputs()[0].shape[1]
+        dim = out_dim if isinstance(out_dim, int) else cfg.emb_dim
+
+        has_person = len(sess.get_outputs()) > 1
+
+        def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            out = sess.run(None, {"image": x})
+            return out[0], (out[1] if has_person else None)
+    elif backend == "torch":
+        import torch
+
+        model, cfg = load_model(version)
+        model.to(dev)
+        dim = cfg.emb_dim
+        has_person = model.person is not None
+
+        def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            with torch.inference_mode():
+                e, p = model.forward_with_person(torch.from_numpy(x).to(dev))
+                return e.cpu().numpy(), (None if p is None else p.cpu().numpy())
+    else:
+        raise ValueError(f"unknown backend {backend!r}; use 'onnx' or 'torch'")
+    size = cfg.input_size(kind)
+    vectors = np.full((n, dim), np.nan, dtype=np.float32)
+    scores = np.full(n, np.nan, dtype=np.float32) if has_person else None
+    errors: dict[int, str] = {}
+    done = 0
+    for start, items in _batches(paths, size, batch_size, threads):
+        ok = [i for i, it in enumerate(items) if isinstance(it, np.ndarray)]
+        for i, it in enumerate(items):
+            if not isinstance(it, np.ndarray):
+                errors[start + i] = it
+        if ok:
+            x = np.stack([items[i] for i in ok])
+            e, p = run(x)
+            rows = [start + i for i in ok]
+            vectors[rows] = e.astype(np.float32, copy=False)
+            if scores is not None:
+                scores[rows] = p
+        done += len(items)
+        if progress is not None:
+            progress(done, n)
+    if errors:
+        log.warning("%d of %d files failed to embed (first: %s)", len(errors), n,
+                    next(iter(errors.values())))
+    return (vectors, errors, scores) if person else (vectors, errors)
+
+
+# --- dataset level -----------------------------------------------------------------------------
+
+ERROR_FIELD = "embed_error"
+_WRITE_CHUNK = 4096
+
+
+def embed_dataset(name: str, version: str | None = None, progress: Progress | None = None,
+                  batch_size: int = 64, threads: int = 2, backend: str = "auto",
+                  ) -> dict[str, Any]:
+    """Embed every sample of dataset ``name`` with ``version`` (None: the dataset's active model,
+    else "base") into ``store.embedding_field(version)``.
+
+    Crops use the config's crop size, samples of kind "image" its image size. A failed sample
+    gets ``embed_error`` (its reason) and a ``None`` vector; successes clear ``embed_error``.
+    Vectors are written in chunks of 4096 samples; a model with a person-ness head also writes
+    each crop's score to ``store.person_field(version)``. Sets the active model when none is set.
+    Returns {version, field, total, embedded, failed, errors (sample id -> reason, first 100),
+    seconds}."""
+    from core.data import store
+
+    t0 = time.perf_counter()
+    ds = store.get_dataset(name)
+    version = version or store.active_model(name) or BASE
+    field = store.embedding_field(version)
+    if backend == "onnx":
+        onnx_path(version)  # export before the clock of the first batch; raises early
+    ids, paths, kinds = ds.values(["id", "filepath", "kind"]) if len(ds) else ([], [], [])
+    total = len(ids)
+    embedded, failed = 0, 0
+    errors_out: dict[str, str] = {}
+    done_before = 0
+    by_kind: dict[str, list[int]] = {}
+    for i, k in enumerate(kinds):
+        by_kind.setdefault("image" if k == "image" else "crop", []).append(i)
+    for kind, idx in by_kind.items():
+        for c0 in range(0, len(idx), _WRITE_CHUNK):
+            chunk = idx[c0: c0 + _WRITE_CHUNK]
+
+            def prog(d: int, _t: int, base: int = done_before) -> None:
+                if progress is not None:
+                    progress(base + d, total)
+
+            vecs, errs, person = embed_paths([paths[i] for i in chunk], version=version, kind=kind,
+                                             batch_size=batch_size, threads=threads, progress=prog,
+                                             backend=backend, person=True)
+            values: dict[str, Any] = {}
+            err_values: dict[str, str | None] = {}
+            for j, i in enumerate(chunk):
+                sid = ids[i]
+                if j in errs:
+                    values[sid] = None
+                    err_values[sid] = errs[j]
+                    if len(errors_out) < 100:
+                        errors_out[sid] = errs[j]
+                else:
+                    values[sid] = vecs[j]
+                    err_values[sid] = None
+            store.set_values(name, field, values)
+            store.set_values(name, ERROR_FIELD, err_values)
+            if person is not None and kind == "crop":
+                store.set_values(name, store.person_field(version), {
+                    ids[i]: (None if j in errs else float(person[j])) for j, i in enumerate(chunk)})
+            failed += len(errs)
+            embedded += len(chunk) - len(errs)
+            done_before += len(chunk)
+    if total:  # a default for a fresh dataset; never over an operator's activation meanwhile
+        store.set_active_model(name, version, only_if_unset=True)
+    clear_similarity_cache(name)
+    seconds = time.perf_counter() - t0
+    log.info("embedded %s with %s: %d ok, %d failed in %.1fs", name, version, embedded, failed,
+             seconds)
+    return {"version": version, "field": field, "total": total, "embedded": embedded,
+            "failed": failed, "errors": errors_out, "seconds": seconds}
+
+
+def _field_vectors(name: str, version: str | None) -> tuple[list[str], np.ndarray, str]:
+    from core.data import store
+
+    version = version or store.active_model(name) or BASE
+    field = store.embedding_field(version)
+    ds = store.get_dataset(name)
+    if field not in ds.get_field_schema():
+        raise EmbedError(f"dataset {name!r} has no embeddings of model {version!r}; embed first")
+    view = ds.exists(field)
+    if len(view) == 0:
+        return [], np.zeros((0, 0), np.float32), version
+    ids, vecs = view.values(["id", field])
+    return ids, np.asarray(np.stack(vecs), dtype=np.float32), version
+
+
+def tracklet_embeddings(name: str, version: str | None = None) -> dict[str, np.ndarray]:
+    """Tracklet (clip) embeddings: per value of the ``tracklet`` field, the mean of its crops'
+    vectors, re-normalised to unit length. Returns {tracklet: [D] float32}."""
+    from core.data import store
+
+    version = version or store.active_model(name) or BASE
+    field = store.embedding_field(version)
+    ds = store.get_dataset(name)
+    if field not in ds.get_field_schema():
+        raise EmbedError(f"dataset {name!r} has no embeddings of model {version!r}; embed first")
+    view = ds.exists(field).exists("tracklet")
+    if len(view) == 0:
+        return {}
+    tracklets, vecs = view.values(["tracklet", field])
+    groups: dict[str, list[np.ndarray]] = {}
+    for t, v in zip(tracklets, vecs):
+        groups.setdefault(t, []).append(np.asarray(v, dtype=np.float32))
+    out = {}
+    for t, vs in groups.items():
+        m = np.mean(vs, axis=0)
+        out[t] = (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
+    return out
+
+
+_NN_CACHE: "OrderedDict[tuple[str, str, int], tuple[Any, list[str], dict[str, int], np.ndarray]]" \
+    = OrderedDict()
+_NN_LOCK = threading.Lock()
+
+
+def clear_similarity_cache(name: str | None = None) -> None:
+    with _NN_LOCK:
+        for key in [k for k in _NN_CACHE if name is None or k[0] == name]:
+            del _NN_CACHE[key]
+
+
+RERANK_CANDIDATES = 100  # nearest samples that similar(rerank=True) re-ranks among themselves
+
+
+def similar(name: str, sample_id: str, k: int = 12, version: str | None = None, rerank: bool = False,
+            ) -> list[tuple[str, float]]:
+    """"More like this": the ``k`` nearest samples to ``sample_id`` by cosine distance over the
+    embeddings of ``version`` (None: the active model), nearest first, itself excluded.
+
+    ``rerank``: the :data:`RERANK_CANDIDATES` nearest are re-ordered by k-reciprocal re-ranking
+    (core.math.evaluate.k_reciprocal_distances) among themselves and the query, and the distances
+    returned are the re-ranked ones (in [0, 1]): crops of the same person from another camera
+    that resemble the query only through that person's other crops move up.
+
+    The scikit-learn index is cached in-process per (dataset, version, embedded count) and dropped
+    by :func:`embed_dataset` in this process."""
+    from core.data import store
+    from sklearn.neighbors import NearestNeighbors
+
+    version = version or store.active_model(name) or BASE
+    field = store.embedding_field(version)
+    ds = store.get_dataset(name)
+    count = ds.exists(field).count() if field in ds.get_field_schema() else 0
+    key = (name, version, count)
+    with _NN_LOCK:
+        hit = _NN_CACHE.get(key)
+    if hit is None:
+        ids, X, _ = _field_vectors(name, version)
+        if not ids:
+            raise EmbedError(f"dataset {name!r} has no embeddings of model {version!r}")
+        nn_ = NearestNeighbors(metric="cosine", algorithm="brute").fit(X)
+        hit = (nn_, ids, {s: i for i, s in enumerate(ids)}, X)
+        with _NN_LOCK:
+            _NN_CACHE[key] = hit
+            while len(_NN_CACHE) > 8:
+                _NN_CACHE.popitem(last=False)
+    nn_, ids, pos, X = hit
+    if sample_id not in pos:
+        raise EmbedError(f"sample {sample_id} has no embedding of model {version!r}")
+    kk = min(max(k + 1, RERANK_CANDIDATES if rerank else 0), len(ids))
+    dist, ind = nn_.kneighbors(X[pos[sample_id]][None], n_neighbors=kk)
+    out = [(j, float(d)) for d, j in zip(dist[0], ind[0]) if ids[j] != sample_id]
+    if rerank and out:
+        from core.math.evaluate import k_reciprocal_distances
+
+        cand = [j for j, _ in out]
+        d = k_reciprocal_distances(X[[pos[sample_id], *cand]], n_rows=1)[0, 1:]
+        out = [(cand[o], float(d[o])) for o in np.argsort(d, kind="stable")]
+    return [(ids[j], d) for j, d in out[:k]]
+
+
+# --- CLI ---------------------------------------------------------------------------------------

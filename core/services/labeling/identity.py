@@ -1,0 +1,350 @@
+"""Who is who: the identity graph of a dataset, fed from MongoDB, and the pair decisions.
+
+Nodes are tracklets (``t:<tracklet>``: every crop of one MOT track or linked video track) and
+single crops (``s:<sample id>``: re-ID folders, image folders) of the person crops; vehicle,
+shadow and other non-person crops and whole images are not nodes. Links:
+
+- must: same tracklet (a node is one tracklet), identities that came with the data
+  ("ingested": trusted or to be verified as the schema's mode says, see
+  :func:`core.math.graph.build`), identities an operator typed on a crop (the latest
+  typed on a tracklet names it, and outvotes names that came with the data), an operator's
+  "same" for a pair;
+- cannot: two tracklets seen in the same frame of one sequence (free), an operator's "different".
+
+The pair answers are entries of the append-only decision log (``vigil_decisions``, kind
+"pair": who, when, the two nodes, the answer, the model version that asked and its P(same));
+undo is an "undo" entry. The graph is replayed from the log (:func:`load`) and the sample
+field ``identity`` is written from it (:func:`sync`) under a per-dataset lock, compare-and-set
+on ``label_version``, so two operators answering at once end in the state of the whole log.
+A sample the graph renamed keeps what it had before in ``identity_base`` and the name written
+in ``graph_identity``: a value anyone else writes later is respected as a new input.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Sequence
+
+from core.data import store
+from core.math.graph import Conflict, IdentityGraph, Link, build, component_names, overlapping
+from core.services.labeling.base import (DECISIONS, LEASES, PAIRS, LabelingError, _coll, _log, _now, _oid, _samples)
+from core.services.labeling.leases import _claim_sample
+from core.services.labeling.schema import label_schema
+
+log = logging.getLogger(__name__)
+
+ANSWERS = ("same", "different", "unsure")
+LOCKS = "vigil_locks"
+_COLUMNS = ["identity", "identity_base", "graph_identity", "labelled_by", "labelled_at", "tracklet", "sequence", "frame",
+            "frame_first", "frame_last", "camera", "label", "kind", "filepath", "low_light", "tags", "flagged"]
+
+
+class PairConflict(LabelingError):
+    """A pair answer that contradicts the graph; ``conflict`` names both sides and the links in
+    the way. Nothing was applied (the attempt is logged as kind "pair_conflict")."""
+
+    def __init__(self, conflict: Conflict):
+        self.conflict = conflict
+        super().__init__(f"not applied: {conflict.describe()}. Undo the answer in the way, or answer "
+                         "'different' / 'not sure'")
+
+
+def node_of(tracklet: str | None, sample_id: str) -> str:
+    return f"t:{tracklet}" if tracklet else f"s:{sample_id}"
+
+
+def is_person(label: Any, kind: Any) -> bool:
+    return kind != "image" and label in (None, "person")
+
+
+@dataclass
+class GraphState:
+    """The graph of a dataset as the log stood when it was loaded. ``rows``: node -> row
+    indices into ``cols`` (the person crops' columns); ``names``: node -> identity written
+    from the graph (None: a lone node nobody named); ``pairs``: the applied pair entries.
+    ``confirmed``: the graph the operator is asked about and answers are checked against: the
+    same graph when ingested identities are trusted, else the graph without them (free
+    constraints, typed identities and answers only), so the queue asks to confirm what the
+    data says and a "different" overrides it."""
+
+    graph: IdentityGraph
+    cols: dict[str, list]
+    rows: dict[str, list[int]]
+    names: dict[str, str | None]
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    trust_ingested: bool = True
+    confirmed: IdentityGraph | None = None  # without ingested links when they are to be verified
+
+    def __post_init__(self) -> None:
+        if self.confirmed is None:
+            self.confirmed = self.graph
+
+    def node_of_row(self, k: int) -> str:
+        return node_of(self.cols["tracklet"][k], self.cols["id"][k])
+
+    def crops(self, node: str) -> int:
+        return len(self.rows.get(node, ()))
+
+    def component_crops(self, node: str) -> int:
+        return sum(self.crops(n) for n in self.graph.component(node))
+
+
+def _input_name(cols: dict[str, list], k: int) -> str | None:
+    """A sample's own identity: what it had before the graph renamed it, unless someone wrote
+    another value since."""
+    ident, written = cols["identity"][k], cols["graph_identity"][k]
+    if written is not None and ident == written:
+        return cols["identity_base"][k]
+    return ident
+
+
+def pair_entries(name: str) -> list[dict[str, Any]]:
+    """The pair answers of the log that stand (not undone), in log order."""
+    return list(_coll(DECISIONS).find({"dataset": name, "kind": "pair", "undone": False}, sort=[("seq", 1)]))
+
+
+def load(name: str) -> GraphState:
+    """Replay the graph from the samples and the decision log (see the module docstring)."""
+    _samples(name)  # the graph's fields declared
+    cols = store.view_columns(name, _COLUMNS)
+    rows: dict[str, list[int]] = {}
+    ingested: dict[str, Counter] = {}
+    typed: dict[str, tuple] = {}  # node -> (labelled_at, name): the latest typed name wins
+    spans: dict[str, tuple] = {}
+    for k, sid in enumerate(cols["id"]):
+        if not is_person(cols["label"][k], cols["kind"][k]):
+            continue
+        tr = cols["tracklet"][k]
+        node = node_of(tr, sid)
+        rows.setdefault(node, []).append(k)
+        nm = _input_name(cols, k)
+        if nm and cols["labelled_by"][k]:
+            mark = (str(cols["labelled_at"][k] or ""), nm)
+            typed[node] = max(typed.get(node, mark), mark)
+        elif nm:
+            ingested.setdefault(node, Counter())[nm] += 1
+        if tr and cols["sequence"][k] is not None:
+            f0 = cols["frame_first"][k] if cols["frame_first"][k] is not None else cols["frame"][k]
+            f1 = cols["frame_last"][k] if cols["frame_last"][k] is not None else cols["frame"][k]
+            if f0 is not None and f1 is not None:
+                seq, a, b = spans.get(node, (cols["sequence"][k], f0, f1))
+                spans[node] = (seq, min(a, f0), max(b, f1))
+    top = {n: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for n, c in ingested.items()}
+    mine = {n: mark[1] for n, mark in typed.items()}
+    entries = pair_entries(name)
+    links = [Link(e["a"], e["b"], e["answer"] == "same", "operator", e["_id"]) for e in entries
+             if e.get("answer") in ("same", "different") and e["a"] in rows and e["b"] in rows]
+    trust = label_schema(name).mode == "trust"
+    free = overlapping(spans)
+    g = build(rows, free=free, operator_names=mine, ingested_names=top, decisions=links, trust_ingested=trust)
+    names = component_names(g, top, {n: len(r) for n, r in rows.items()}, strong=mine)
+    confirmed = g if trust or not top else build(rows, free=free, operator_names=mine, decisions=links)
+    return GraphState(g, cols, rows, names, entries, trust, confirmed)
+
+
+# --------------------------------------------------------------------------------------------
+# writing the sample fields from the graph
+# --------------------------------------------------------------------------------------------
+
+def _lock(name: str, owner: str, hold_s: float = 60.0, wait_s: float = 60.0) -> None:
+    from pymongo.errors import DuplicateKeyError
+
+    deadline = time.time() + wait_s
+    while True:
+        now = _now()
+        try:
+            _coll(LOCKS).find_one_and_update({"_id": f"{name}|graph", "until": {"$lt": now}},
+                                             {"$set": {"owner": owner, "until": now + timedelta(seconds=hold_s)}},
+                                             upsert=True)
+            return
+        except DuplicateKeyError:
+            if time.time() > deadline:
+                raise LabelingError("the identity graph is being written by another session for over a "
+                                    "minute; try again")
+            time.sleep(0.05)
+
+
+def _unlock(name: str, owner: str) -> None:
+    _coll(LOCKS).delete_one({"_id": f"{name}|graph", "owner": owner})
+
+
+def sync(name: str) -> tuple[GraphState, list[str]]:
+    """Write ``identity`` of every person crop from the graph as the whole log stands now
+    (under the dataset's graph lock); returns the state and the ids of the samples changed."""
+    owner = uuid.uuid4().hex
+    _lock(name, owner)
+    try:
+        state = load(name)
+        coll, _ = _samples(name)
+        cols, changed = state.cols, []
+        now = _now().replace(tzinfo=None)
+        for node, ks in state.rows.items():
+            want = state.names.get(node)
+            for k in ks:
+                ident, written, base = cols["identity"][k], cols["graph_identity"][k], cols["identity_base"][k]
+                managed = written is not None and ident == written
+                if managed:
+                    target = want if want is not None else base
+                    sets = {"identity": target, "graph_identity": want, "identity_base": base if want else None}
+                elif want is not None and want != ident:
+                    target = want
+                    sets = {"identity": want, "graph_identity": want, "identity_base": ident}
+                else:
+                    continue
+                if target == ident and sets["graph_identity"] == written:
+                    continue
+                sid = cols["id"][k]
+                res = coll.update_one({"_id": _oid(sid), "identity": ident, "graph_identity": written},
+                                      {"$set": {**sets, "last_modified_at": now}, "$inc": {"label_version": 1}})
+                if res.matched_count:
+                    if target != ident:
+                        changed.append(sid)
+                else:  # someone wrote this sample since it was read: their value is the next input
+                    log.info("%s: sample %s changed during a graph sync; left as it is", name, sid)
+        if changed:
+            log.info("%s: identity graph wrote %d samples", name, len(changed))
+        return state, changed
+    finally:
+        _unlock(name, owner)
+
+
+# --------------------------------------------------------------------------------------------
+# pair decisions
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class PairResult:
+    """What one answer did. ``identity``: the merged identity's name ("same"); ``labelled``:
+    crops whose identity the answer changed; ``component_crops``: crops of the resulting
+    identity (of ``a``)."""
+
+    id: str
+    a: str
+    b: str
+    answer: str
+    identity: str | None
+    labelled: int
+    component_crops: int
+
+
+def _check_nodes(state: GraphState, nodes: Sequence[str]) -> None:
+    missing = [n for n in nodes if n not in state.rows]
+    if missing:
+        raise LabelingError(f"{missing} are not tracklets or person crops of this dataset (deleted or "
+                            "relabelled as not a person?): ask for the next pair")
+
+
+def decide_pair(name: str, session_id: str, a: str, b: str, answer: str, user: str,
+                model_version: str | None = None, p_same: float | None = None,
+                cosine: float | None = None) -> PairResult:
+    """Log one operator answer on the pair of nodes (``same`` / ``different`` / ``unsure``) and
+    write the sample identities from the graph. A ``same`` across a cannot-link or a
+    ``different`` inside one identity raises :class:`PairConflict` and changes nothing."""
+    if answer not in ANSWERS:
+        raise LabelingError(f"answer must be one of {ANSWERS}, not {answer!r}")
+    if a == b:
+        raise LabelingError("a pair needs two different tracklets")
+    state = load(name)
+    _check_nodes(state, (a, b))
+    doc = {"dataset": name, "sample_id": None, "kind": "pair", "a": a, "b": b, "answer": answer, "user": user,
+           "session_id": session_id, "at": _now(), "model_version": model_version,
+           "p_same": None if p_same is None else float(p_same), "cosine": None if cosine is None else float(cosine),
+           "before": {"a": state.names.get(a), "b": state.names.get(b)}, "after": {"answer": answer}}
+    if answer != "unsure":
+        conflict = state.confirmed.check(Link(a, b, answer == "same", "operator"))
+        if conflict is not None:
+            _log({**doc, "kind": "pair_conflict", "blocking": [vars(x) for x in conflict.blocking]})
+            close_pair(name, session_id, a, b, "conflict")
+            raise PairConflict(conflict)
+    did = _log(doc)
+    close_pair(name, session_id, a, b, answer)
+    after, changed = sync(name)
+    ident = after.names.get(a) if answer == "same" else None
+    log.info("%s: pair %s / %s answered %s by %s (%d crops labelled)", name, a, b, answer, user, len(changed))
+    return PairResult(did, a, b, answer, ident, len(changed), after.component_crops(a))
+
+
+def undo_pair(name: str, session_id: str, user: str | None = None) -> dict[str, Any] | None:
+    """Take back this session's last pair answer (an "undo" log entry; the graph is replayed
+    without it and the identities rewritten). Returns the undone entry, None when there is none."""
+    d = _coll(DECISIONS).find_one({"dataset": name, "session_id": session_id, "kind": "pair", "undone": False},
+                                  sort=[("seq", -1)])
+    if d is None:
+        return None
+    who = user or d.get("user")
+    res = _coll(DECISIONS).update_one({"_id": d["_id"], "undone": False},
+                                      {"$set": {"undone": True, "undone_at": _now(), "undone_by": who}})
+    if res.modified_count == 0:
+        return None
+    _log({"dataset": name, "sample_id": None, "kind": "undo", "user": who, "session_id": session_id, "at": _now(),
+          "undoes": d["_id"], "before": d.get("after"), "after": d.get("before")})
+    reopen_pair(name, session_id, d["a"], d["b"])
+    sync(name)
+    return d
+
+
+def conflicts(name: str) -> list[Conflict]:
+    """Operator answers the graph could not apply as the log stands (two operators answering at
+    once can make one), newest last: shown to the operator, never applied silently."""
+    return load(name).confirmed.conflicts
+
+
+def cannot_identities(state: GraphState) -> list[tuple[str, str]]:
+    """The graph's cannot-links as pairs of training identities (see :func:`training_identity`;
+    components that do not train, lone crops nobody named, are left out)."""
+    def train_name(root: str) -> str | None:
+        nm = state.names.get(root)
+        if nm is None and root.startswith("t:") and len(state.graph.component(root)) == 1:
+            return training_identity(None, root[len("t:"):])
+        return nm
+
+    out = []
+    for ra, rb in state.graph.cannot_pairs():
+        a, b = train_name(ra), train_name(rb)
+        if a and b and a != b:
+            out.append((a, b))
+    return out
+
+
+LONE = "~"  # training identities of lone tracklets: "~<tracklet>"
+
+
+def training_identity(identity: str | None, tracklet: str | None) -> str | None:
+    """The identity a crop trains as: its (graph-written) identity, else its own tracklet (a
+    lone tracklet is one person), else none (a lone crop nobody named teaches nothing)."""
+    return identity or (f"{LONE}{tracklet}" if tracklet else None)
+
+
+def is_lone(training_name: str) -> bool:
+    """True for the training identity of a lone tracklet nobody has named or joined."""
+    return training_name.startswith(LONE)
+
+
+# --------------------------------------------------------------------------------------------
+# the pair queue's items, closed and reopened by answers (the queue itself: core.services.labeling.pairs)
+# --------------------------------------------------------------------------------------------
+
+def pair_key(a: str, b: str) -> str:
+    return "|".join(sorted((a, b)))
+
+
+def close_pair(name: str, session_id: str, a: str, b: str, status: str) -> None:
+    """The pair was answered: its items are done and the session's lease goes."""
+    key = pair_key(a, b)
+    _coll(PAIRS).update_many({"dataset": name, "key": key, "status": {"$in": ["pending", "leased"]}},
+                             {"$set": {"status": "done", "answer": status, "closed_by": session_id}})
+    _coll(LEASES).delete_one({"_id": f"{name}|pair:{key}", "session": session_id})
+
+
+def reopen_pair(name: str, session_id: str, a: str, b: str) -> None:
+    """An undone answer: the pair goes back to this session first."""
+    key = pair_key(a, b)
+    until = _now() + timedelta(seconds=120)
+    if _claim_sample(name, "pair:" + key, session_id, until):
+        _coll(PAIRS).update_many({"dataset": name, "key": key, "closed_by": session_id},
+                                 {"$set": {"status": "leased", "leased_by": session_id, "lease_until": until,
+                                           "rank": -1}})

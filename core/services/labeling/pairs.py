@@ -1,0 +1,276 @@
+"""The pair queue: "same person?" questions over the identity graph, with leases per tab.
+
+A batch is computed from the graph as it stands (:func:`core.services.labeling.identity.load`) and the
+active model's vectors: each identity (component) meets its nearest identities, never a pair
+inside one identity, held apart by a cannot-link or already answered between the two
+identities; the order is :func:`core.math.pair_select.order_pairs` (uncertainty x diversity x the night /
+shadow / flagged boost by default, ``random`` the control). Items live in ``vigil_pairs``; a
+served pair is leased to one session (``vigil_leases``, key ``pair:<a>|<b>``), so two operators
+never get the same pair at once, whichever order they use. A pair that an answer elsewhere has
+made implied meanwhile is dropped when its turn comes.
+
+Merges a clustering round proposed (``proposals`` of its registry record,
+:func:`round_proposals`) are asked first, closest first, ahead of every pending candidate:
+:func:`next_pair` queues the ones still open in front of the queue when it finds any not yet
+queued (not in the ``random`` order, the control).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from pymongo.errors import DuplicateKeyError
+
+from core.services import registry
+from core.data import store
+import core.math.pair_select as pair_select
+from core.services.labeling.base import LEASES, PAIRS, LabelingError, _coll, _now
+import core.services.labeling.identity as identity
+from core.services.labeling.identity import close_pair, pair_key, reopen_pair  # noqa: F401 (part of the queue's API)
+from core.services.labeling.leases import _claim_sample
+
+log = logging.getLogger(__name__)
+
+SHOWN = 6  # crops shown per side
+
+
+@dataclass
+class Side:
+    """One identity of a pair: its representative ``node`` (the one the answer links), its
+    current ``identity`` name, and what the page shows."""
+
+    node: str
+    identity: str | None
+    crops: int
+    tracklets: int
+    cameras: list[str]
+    sequences: list[str]
+    frames: tuple[int, int] | None
+    low_light: float
+    sample_ids: list[str] = field(default_factory=list)
+    filepaths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PairItem:
+    a: Side
+    b: Side
+    cosine: float
+    p_same: float
+    score: float
+    reason: str
+    order: str
+    model_version: str | None
+    lease_until: datetime
+    rank: int
+    proposed_by: str | None = None  # the round whose clustering proposed this pair
+
+    @property
+    def key(self) -> str:
+        return pair_key(self.a.node, self.b.node)
+
+
+def _doc_id(name: str, order: str, a: str, b: str) -> str:
+    return f"{name}|{order}|{pair_key(a, b)}"
+
+
+def _side(state, node: str) -> Side:
+    g, cols = state.confirmed, state.cols
+    members = g.component(node)
+    ks = [k for n in members for k in state.rows.get(n, ())]
+    cams = sorted({str(cols["camera"][k]) for k in ks if cols["camera"][k] is not None})
+    seqs = sorted({str(cols["sequence"][k]) for k in ks if cols["sequence"][k] is not None})
+    fr = [cols["frame"][k] for k in ks if cols["frame"][k] is not None]
+    low = float(np.mean([bool(cols["low_light"][k]) for k in ks])) if ks else 0.0
+    # a few crops spread over the identity's tracklets: the representative's first
+    own = state.rows.get(node, [])
+    mine = set(own)
+    order = own + [k for k in ks if k not in mine]
+    pick = [order[int(i)] for i in np.linspace(0, len(order) - 1, min(SHOWN, len(order)))] if order else []
+    return Side(node, state.names.get(node), len(ks), len(members), cams, seqs,
+                (int(min(fr)), int(max(fr))) if fr else None, low,
+                [cols["id"][k] for k in pick], [cols["filepath"][k] for k in pick])
+
+
+def _answered(state) -> set[tuple[str, str]]:
+    """Component-root pairs (of the confirmed graph) an operator has answered."""
+    g = state.confirmed
+    out = set()
+    for e in state.pairs:
+        if e["a"] in g and e["b"] in g:
+            ra, rb = g.find(e["a"]), g.find(e["b"])
+            out.add((ra, rb) if ra < rb else (rb, ra))
+    return out
+
+
+def implied(state, a: str, b: str, answered: set | None = None) -> bool:
+    """True when the graph already says whether ``a`` and ``b`` are one person, or an operator
+    answered about their two identities (in the confirmed graph: with ingested identities to be
+    verified, a pair the data joins is still asked)."""
+    g = state.confirmed
+    if a not in g or b not in g or g.same(a, b) or g.separated(a, b) is not None:
+        return True
+    ra, rb = g.find(a), g.find(b)
+    return ((ra, rb) if ra < rb else (rb, ra)) in (answered if answered is not None else _answered(state))
+
+
+def round_proposals(name: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(version, proposals) of the finished round whose proposed merges the queue asks first:
+    the active version's when it has any, else the newest ready round's (``(None, [])``)."""
+    rec = registry.proposals_record(name, store.active_model(name))
+    return (rec["version"], list(rec["proposals"])) if rec else (None, [])
+
+
+def compute_pairs(name: str, state=None, order: str = pair_select.DEFAULT_PAIR_ORDER, k: int = 20,
+                  rng: np.random.Generator | int | None = None, exclude: set[str] = frozenset(),
+                  boost: bool = True, proposals: bool = True) -> list[dict[str, Any]]:
+    """The next ``k`` questions of the dataset (:func:`core.math.pair_select.plan_pairs` on its graph
+    and the active model's vectors), the open proposals of :func:`round_proposals` first
+    (``proposals=False``: without them). ``exclude``: pair keys not to ask (queued elsewhere)."""
+    state = state or identity.load(name)
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    version = store.active_model(name)
+    by, props = round_proposals(name) if proposals and order != "random" else (None, [])
+    if not version:
+        raise LabelingError(f"dataset {name!r} has no embeddings yet: embed it first (Map or Annotate page)")
+    ef = store.embedding_field(version)
+    vc = store.view_columns(name, [ef])
+    by_id = dict(zip(vc["id"], vc[ef]))  # by id: a sample ingested since the graph was read is not in it
+    vec_col = [by_id.get(sid) for sid in state.cols["id"]]
+    if not any(vec_col[k_] is not None for ks in state.rows.values() for k_ in ks):
+        raise LabelingError("no person crop has vectors of the active model yet: wait for the embedding job")
+    cols = state.cols
+    decided = [(float(e["cosine"]), e["answer"] == "same") for e in state.pairs
+               if e.get("answer") in ("same", "different") and e.get("cosine") is not None
+               and e.get("model_version") == version]  # cosines of this model only
+    meta = pair_select.CropMeta(
+        camera=cols["camera"], flagged=[bool(f) for f in cols["flagged"]],
+        night=[bool(lo) or "night" in (t or ()) for lo, t in zip(cols["low_light"], cols["tags"])],
+        shadow=["shadow" in (t or ()) for t in cols["tags"]])
+    out = pair_select.plan_pairs(state.confirmed, state.rows, vec_col, meta, _answered(state), decided,
+                                 order=order, k=k, rng=rng, exclude=exclude, boost=boost,
+                                 proposals=props, proposed_by=by)
+    for c in out:
+        c["model_version"] = version
+    return out
+
+
+def _busy(coll, name: str) -> set[str]:
+    return {d["key"] for d in coll.find({"dataset": name, "status": {"$in": ["pending", "leased"]}}, {"key": 1})}
+
+
+def _put(coll, name: str, order: str, c: dict[str, Any], batch: int, rank: int, promote: bool = False) -> bool:
+    """Queue question ``c`` as pending at ``rank``; False when it is queued already
+    (``promote``: a pending item of the same pair that no round proposed is taken over)."""
+    doc = {**c, "dataset": name, "order": order, "key": pair_key(c["a"], c["b"]), "status": "pending",
+           "batch": batch, "rank": rank, "leased_by": None}
+    free: dict[str, Any] = {"status": {"$nin": ["pending", "leased"]}}
+    if promote:
+        free = {"$or": [free, {"status": "pending", "proposed_by": None}]}
+    try:  # a closed item of the same pair is reused; a pending or leased one is left alone
+        coll.update_one({"_id": _doc_id(name, order, c["a"], c["b"]), **free}, {"$set": doc}, upsert=True)
+    except DuplicateKeyError:  # queued meanwhile by another session
+        return False
+    return True
+
+
+def _queue(name: str, order: str, k: int, rng, state, boost: bool = True) -> int:
+    """Append a batch to the queue of ``order``; returns how many pairs it added."""
+    coll = _coll(PAIRS)
+    coll.create_index([("dataset", 1), ("order", 1), ("status", 1), ("rank", 1)])
+    busy = _busy(coll, name)
+    last = coll.find_one({"dataset": name, "order": order}, sort=[("batch", -1)])
+    batch = int(last["batch"]) + 1 if last else 0
+    return sum(_put(coll, name, order, c, batch, batch * 10_000 + i)
+               for i, c in enumerate(compute_pairs(name, state, order, k, rng, exclude=busy, boost=boost)))
+
+
+def _queue_proposals(name: str, order: str, k: int, rng, state, boost: bool = True) -> int:
+    """Put the open proposals not queued yet in front of the queue of ``order`` (ranks below
+    every item's), closest first; returns how many. Cheap when there are none: the graph
+    check runs before any vector is read."""
+    if order == "random":
+        return 0
+    by, props = round_proposals(name)
+    if not props:
+        return 0
+    coll = _coll(PAIRS)
+    # a pending candidate of this queue that a round now proposes moves to the front with it
+    busy = {d["key"] for d in coll.find({"dataset": name, "status": {"$in": ["pending", "leased"]}},
+                                        {"key": 1, "order": 1, "status": 1, "proposed_by": 1})
+            if not (d.get("order") == order and d["status"] == "pending" and d.get("proposed_by") is None)}
+    if not pair_select.open_proposals(state.confirmed, state.rows, props, _answered(state), busy):
+        return 0
+    try:
+        items = [c for c in compute_pairs(name, state, order, k, rng, exclude=busy, boost=boost)
+                 if c.get("proposed_by") is not None]
+    except LabelingError as e:  # no vectors yet: _queue says so when the queue runs dry
+        log.warning("%s: proposals of %s not queued: %s", name, by, e)
+        return 0
+    low = coll.find_one({"dataset": name, "order": order}, sort=[("rank", 1)])
+    last = coll.find_one({"dataset": name, "order": order}, sort=[("batch", -1)])
+    start = min(0, int(low["rank"]) if low else 0) - len(items)
+    batch = int(last["batch"]) if last else 0
+    return sum(_put(coll, name, order, c, batch, start + i, promote=True) for i, c in enumerate(items))
+
+
+def next_pair(name: str, session_id: str, order: str = pair_select.DEFAULT_PAIR_ORDER, lease_s: float = 120,
+              k: int = 20, rng: np.random.Generator | int | None = None, boost: bool = True) -> PairItem | None:
+    """Lease the next pair question to ``session_id`` (its own leased pair first); None when the
+    graph leaves nothing to ask. Recomputes a batch when the queue runs dry."""
+    if order not in pair_select.PAIR_ORDERS:
+        raise LabelingError(f"unknown pair order {order!r}; use one of {pair_select.PAIR_ORDERS}")
+    coll = _coll(PAIRS)
+    state = identity.load(name)
+    _queue_proposals(name, order, k, rng, state, boost)
+    for attempt in range(2):
+        answered = _answered(state)
+        now = _now()
+        mine = list(coll.find({"dataset": name, "order": order, "status": "leased", "leased_by": session_id},
+                              sort=[("rank", 1)]))
+        rest = coll.find({"dataset": name, "order": order, "$or": [
+            {"status": "pending"}, {"status": "leased", "lease_until": {"$lt": now}}]}, sort=[("rank", 1)])
+        for d in [*mine, *rest]:
+            if implied(state, d["a"], d["b"], answered):
+                coll.update_one({"_id": d["_id"], "status": d["status"]}, {"$set": {"status": "implied"}})
+                continue
+            until = _now() + timedelta(seconds=lease_s)
+            if not _claim_sample(name, "pair:" + d["key"], session_id, until):
+                continue  # another tab holds this pair (from another order's queue)
+            res = coll.update_one({"_id": d["_id"], "$or": [
+                {"status": "pending"}, {"status": "leased", "leased_by": session_id},
+                {"status": "leased", "lease_until": {"$lt": now}}]},
+                {"$set": {"status": "leased", "leased_by": session_id, "lease_until": until}})
+            if res.matched_count == 0:
+                _coll(LEASES).delete_one({"_id": f"{name}|pair:{d['key']}", "session": session_id})
+                continue
+            return PairItem(_side(state, d["a"]), _side(state, d["b"]), d["cosine"], d["p_same"], d["score"],
+                            d["reason"], order, d.get("model_version"), until, d["rank"], d.get("proposed_by"))
+        if attempt == 0 and _queue(name, order, k, rng, state, boost) == 0:
+            return None
+    return None
+
+
+def renew_pair(name: str, session_id: str, a: str, b: str, lease_s: float = 120) -> bool:
+    until = _now() + timedelta(seconds=lease_s)
+    key = pair_key(a, b)
+    if not _claim_sample(name, "pair:" + key, session_id, until):
+        return False
+    _coll(PAIRS).update_many({"dataset": name, "key": key, "status": "leased", "leased_by": session_id},
+                             {"$set": {"lease_until": until}})
+    return True
+
+
+def release_pairs(name: str, session_id: str) -> int:
+    """Give this session's leased pairs back to the queue."""
+    n = _coll(PAIRS).update_many({"dataset": name, "status": "leased", "leased_by": session_id},
+                                 {"$set": {"status": "pending", "leased_by": None}}).modified_count
+    _coll(LEASES).delete_many({"dataset": name, "session": session_id, "sample_id": {"$regex": "^pair:"}})
+    return n
+
+
+def clear_pairs(name: str) -> int:
+    return _coll(PAIRS).delete_many({"dataset": name, "status": {"$in": ["pending", "leased", "implied"]}}).deleted_count

@@ -1,0 +1,72 @@
+"""The active model's vectors of a dataset: how many samples have them, all of them with
+chosen fields (queue computation, kNN predictions), and one sample's."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from core.data import store
+from core.services.labeling.base import LabelingError
+
+
+def embedding_status(name: str) -> dict[str, Any]:
+    """{version, field, embedded, total}: how many samples have vectors of the active model."""
+    ds = store.get_dataset(name)
+    version = store.active_model(name)
+    total = len(ds)
+    if not version:
+        return {"version": None, "field": None, "embedded": 0, "total": total}
+    f = store.embedding_field(version)
+    n = ds.exists(f).count() if f in ds.get_field_schema() else 0
+    return {"version": version, "field": f, "embedded": n, "total": total}
+
+
+def _load(name: str, fields: Sequence[str], labelled_only: str | None = None) -> dict[str, Any]:
+    """ids, X float32 [N, D] (active model) and ``fields`` of every embedded sample.
+    ``labelled_only``: "verify" keeps samples with ``labelled_by``; "trust" those with the
+    target value or ``labelled_by`` (target passed through ``fields[0]``)."""
+    from fiftyone import ViewField as F
+
+    version = store.active_model(name)
+    if not version:
+        raise LabelingError(f"dataset {name!r} has no embeddings yet: embed it first (Map or Annotate page)")
+    ds = store.get_dataset(name)
+    ef = store.embedding_field(version)
+    if ef not in ds.get_field_schema():
+        raise LabelingError(f"dataset {name!r} has no embeddings of model {version!r}: embed it first")
+    view = ds.exists(ef)
+    if labelled_only == "verify":
+        view = view.exists("labelled_by")
+    elif labelled_only == "trust":
+        view = view.match((F("labelled_by") != None) | (F(fields[0]) != None))  # noqa: E711
+    fields = [f for f in fields if f in ds.get_field_schema() or f == "tags"]
+    cols = ["id", ef, *fields]
+    vals = view.values(cols)
+    out = dict(zip(cols, vals))
+    vecs = out.pop(ef)
+    out["X"] = np.stack([np.asarray(v, np.float32) for v in vecs]) if vecs else np.zeros((0, 1), np.float32)
+    out["version"] = version
+    return out
+
+
+def _labelled_vectors(name: str, target: str, mode: str) -> tuple[list[str], np.ndarray, list[Any]]:
+    data = _load(name, [target, "labelled_by"], labelled_only=mode)
+    vals = data.get(target) or [None] * len(data["id"])
+    keep = [i for i, v in enumerate(vals) if v is not None]
+    return [data["id"][i] for i in keep], data["X"][keep] if keep else np.zeros((0, 1), np.float32), [vals[i] for i in keep]
+
+
+def _vector(name: str, sample_id: str) -> np.ndarray | None:
+    """The active model's vector of one sample (float32 [D]), None when it has none."""
+    version = store.active_model(name)
+    if not version:
+        return None
+    ds = store.get_dataset(name)
+    ef = store.embedding_field(version)
+    if ef not in ds.get_field_schema():
+        return None
+    vals = ds.select([sample_id]).values(ef)
+    if not vals or vals[0] is None:
+        return None
+    return np.asarray(vals[0], np.float32)
