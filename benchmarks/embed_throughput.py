@@ -5,7 +5,7 @@ Both embed the same 640 campus62 crops (48x128 PNG, resized to 256x128) with the
 
 - FiftyOne: ``dataset.compute_embeddings(TorchImageModel(...))`` with FiftyOne's defaults
   (DataLoader, PIL decode, torchvision transforms, PyTorch eager).
-- Vigil: ``core.model.embed.embed_dataset`` (OpenCV decode/resize in a thread pool, ONNX Runtime).
+- Vigil: ``core.services.embedding.embed_dataset`` (OpenCV decode/resize in a thread pool, ONNX Runtime).
 
 Then Vigil's engine alone on 10,000 paths (the crops repeated) to show the rate holds and
 memory stays bounded (streaming). Peak memory is the resident set (process plus children,
@@ -89,6 +89,8 @@ def main() -> None:
 
     from core.model import embed
 
+    from core.services import embedding
+
     crops_dir = shared_data() / "reid" / "campus62" / "train"
     if not crops_dir.exists():
         sys.exit(f"real data not available: {crops_dir} (see ../shared/data/README.md)")
@@ -142,7 +144,7 @@ def main() -> None:
 
         with PeakRSS() as mem_v:
             t0 = time.perf_counter()
-            report = embed.embed_dataset(name, "base", progress=prog, batch_size=args.batch_size)
+            report = embedding.embed_dataset(name, "base", progress=prog, batch_size=args.batch_size)
             t_v = time.perf_counter() - t0
         bar.close()
         rate_v = len(crops) / t_v

@@ -59,7 +59,7 @@ def clip_crops(seq: Path, every: int, train_share: float, out_dir: Path, hog_min
     from tqdm import tqdm
 
     from core.model.detect import HogDetector
-    from core.data.ingest import IngestReport, parse_gt, parse_seqinfo
+    from core.services.ingest import IngestReport, parse_gt, parse_seqinfo
     from core.math.tracking import iou
 
     info = parse_seqinfo(seq)

@@ -13,7 +13,7 @@ isolate("ingest")
 
 from core.data import store  # noqa: E402
 from core.config import shared_data  # noqa: E402
-from core.data.ingest import ingest  # noqa: E402
+from core.services.ingest import ingest  # noqa: E402
 
 
 def main() -> None:

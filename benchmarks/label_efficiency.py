@@ -6,14 +6,14 @@ every arm), whose model is scored by retrieval mAP on identities the round never
 
 Sets (../shared/data, real data only):
 
-  campus62  ``reid/campus62/train/`` ingested (core.data.ingest, re-ID folders) as per-camera tracklets:
+  campus62  ``reid/campus62/train/`` ingested (core.services.ingest, re-ID folders) as per-camera tracklets:
             one tracklet = one identity seen by one camera (124 tracklets, 991 crops: one of the 992
             files is a byte-identical copy, skipped by the ingest), identities
             hidden (moved to a ``true_identity`` field, ``identity`` None). No time stamps, so no
             free cannot-links. Evaluated cross-camera on ``val/``: val/query against val/gallery,
             same-identity same-camera gallery crops removed, a query never its own file (content
             hash keys), as benchmarks/retrain_quality.py ``cross-cam``.
-  mot       PETS09-S2L1 + TUD-Campus + TUD-Stadtmitte (core.data.ingest, MOT, every 5th frame of each
+  mot       PETS09-S2L1 + TUD-Campus + TUD-Stadtmitte (core.services.ingest, MOT, every 5th frame of each
             track) with tracklets as a tracker gives them. Cut rule: the MOT15 ground truth has no
             gaps (occluded people are interpolated), so tracks are cut at crossings / occlusions:
             a frame is "crossed" when its box overlaps another box of that frame with IoU >= 0.3,
@@ -38,7 +38,7 @@ Arms (all rounds: the same TrainConfig, from the packaged base model, seed = the
   full      every true link (all nodes of one true identity joined): one round per seed
 
 The queue's model stays "base" (the packaged ImageNet MobileNetV2) for every arm and every answer:
-the dataset is embedded once with core.model.embed.embed_dataset. The operator simulation runs in memory
+the dataset is embedded once with core.services.embedding.embed_dataset. The operator simulation runs in memory
 on the product's own code (core.services.labeling.identity.load once per set, then IdentityGraph.link,
 plan_pairs, implied, name_links, component_names), because the database-backed queue costs about
 0.5 s per answer. A budget's graph becomes training samples as core.services.rounds.training_samples does:
@@ -87,8 +87,8 @@ from core.math import evaluate as ev  # noqa: E402
 from core.data import store  # noqa: E402
 from core.math import strategies
 from core.config import settings, shared_data  # noqa: E402
-from core.model.embed import embed_dataset  # noqa: E402
-from core.data.ingest import IngestReport, ingest, parse_gt  # noqa: E402
+from core.services.embedding import embed_dataset  # noqa: E402
+from core.services.ingest import IngestReport, ingest, parse_gt  # noqa: E402
 from core.services.labeling import identity  # noqa: E402
 from core.math.graph import Link, component_names, name_links  # noqa: E402
 from core.math.pair_select import DEFAULT_PAIR_ORDER, PAIR_ORDERS, CropMeta, plan_pairs  # noqa: E402

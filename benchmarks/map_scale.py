@@ -1,4 +1,4 @@
-"""Map layout at scale: Vigil's ``core.services.projection.layout`` against FiftyOne's
+"""Map layout at scale: Vigil's ``core.math.layout.layout`` against FiftyOne's
 ``fiftyone.brain.compute_visualization(method="umap")`` on the same vectors, in the same run.
 
 Vectors are real-derived: the 992 campus62 training crops embedded with the base model
@@ -100,9 +100,9 @@ def worker(method: str, vec_path: str, marker: str) -> dict:
         return r
 
     if method == "vigil":
-        from core.services import projection
+        from core.math import layout as L
 
-        Y = timed(lambda: projection.layout(small, seed=0), lambda: projection.layout(X, seed=0))
+        Y = timed(lambda: L.layout(small, seed=0), lambda: L.layout(X, seed=0))
     elif method == "fiftyone":
         from core.data import store  # sets FiftyOne's environment
 
@@ -120,6 +120,7 @@ def worker(method: str, vec_path: str, marker: str) -> dict:
         Y = np.asarray(res.points)
         ds.delete()
     elif method == "vigil_e2e":
+        from core.math import layout as L
         from core.services import projection
         from core.data import store
 
@@ -131,7 +132,7 @@ def worker(method: str, vec_path: str, marker: str) -> dict:
         for s in range(0, len(X), 10_000):
             store.add_samples(ds, [fo.Sample(filepath=f"/bench/{i}.png", emb_base=X[i]) for i in range(s, min(len(X), s + 10_000))])
         out["dataset_s"] = time.time() - t
-        m = timed(lambda: projection.layout(small, seed=0), lambda: projection.compute_layout(name, "base"))
+        m = timed(lambda: L.layout(small, seed=0), lambda: projection.compute_layout(name, "base"))
         t = time.time()
         again = projection.compute_layout(name, "base")
         out["cached_s"] = time.time() - t
@@ -154,7 +155,7 @@ def _labels_path(vec_path: str | Path) -> Path:
 def identity_agreement(V: np.ndarray, ident: np.ndarray, k: int = 10, sample: int = 2000) -> float:
     """Share of the k nearest neighbours (in V, any dimension) of sampled rows that show the same
     person (campus62 identity of the real crop a row derives from)."""
-    from core.services.projection import knn
+    from core.math.layout import knn
 
     q = np.random.default_rng(0).choice(len(V), min(sample, len(V)), replace=False)
     idx, _ = knn(V[q], V, k + 1)
@@ -187,7 +188,7 @@ def real_vectors() -> tuple[np.ndarray, np.ndarray]:
 def expand(real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """float32 [n, D]: real rows plus Gaussian noise (norm ~ 0.1 x median NN distance), unit
     rows; and the index [n] of the real row each one derives from."""
-    from core.services.projection import knn
+    from core.math.layout import knn
 
     _, d = knn(real, real, 1, exclude_self=True)
     sigma = 0.1 * float(np.median(d)) / np.sqrt(real.shape[1])

@@ -172,7 +172,7 @@ def mot_crops(seq: Path, scale: float, every: int, min_h: int = 32):
     """Person crops of one MOT sequence: list of (crop BGR, identity, frame)."""
     import cv2
 
-    from core.data.ingest import IngestReport, parse_gt
+    from core.services.ingest import IngestReport, parse_gt
 
     rep = IngestReport(str(seq), "mot", "bench")
     boxes = parse_gt(seq / "gt" / "gt.txt", rep)

@@ -42,7 +42,8 @@ from _common import isolate
 isolate("tracker")
 
 from core.config import shared_data  # noqa: E402
-from core.math.mot_metrics import Degradation, degrade, load_mot_gt, mot_scores  # noqa: E402
+from core.math.mot_metrics import Degradation, degrade, mot_scores  # noqa: E402
+from core.services.ingest import load_mot_gt  # noqa: E402
 from core.math.tracking import ByteTrackConfig, sampled, track_boxes  # noqa: E402
 
 SEQUENCES = ("PETS09-S2L1", "TUD-Campus", "TUD-Stadtmitte")

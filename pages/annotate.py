@@ -10,9 +10,8 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.data import jobs
+from core import jobs
 from core.services import labeling
-from core.math import strategies
 from core.services.labeling import pairs
 from pages import annotate_pairs
 from pages.common import db_ok, job_status, require_dataset, show_error, sidebar, user_name
@@ -77,8 +76,8 @@ if mode == "pairs":
     st.stop()
 
 # ---------------------------------------------------------------- queue settings
-names = list(strategies.STRATEGIES)
-SUGGESTED = {"identity": strategies.DEFAULT_STRATEGY, "label": "personness"}  # per target
+names = list(labeling.STRATEGIES)
+SUGGESTED = {"identity": labeling.DEFAULT_STRATEGY, "label": "personness"}  # per target
 c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 1, 2])
 target = c2.radio("Label", list(labeling.TARGETS), horizontal=True, key="ann_target",
                   format_func=lambda t: "identity" if t == "identity" else "class")
@@ -89,7 +88,7 @@ if st.session_state.get("ann_target_prev") not in (None, target) and \
 st.session_state["ann_target_prev"] = target
 st.session_state.setdefault("ann_strategy", SUGGESTED[target])
 strategy = c1.selectbox(
-    "Strategy", names, key="ann_strategy", format_func=lambda s: strategies.DESCRIPTIONS.get(s, s),
+    "Strategy", names, key="ann_strategy", format_func=lambda s: labeling.DESCRIPTIONS.get(s, s),
     help="uncertainty_diversity (the default for identities): uncertain and spread out; random is the "
          "control. For class labels: personness asks \"Is this a person?\" about the crops the active "
          "model is least sure of first (person-ness nearest its threshold; without a person-ness head, "

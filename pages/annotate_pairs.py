@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.services.labeling import LabelingError, identity, pairs, tracklet_strip
-from core.math import pair_select
+from core.services.labeling import DEFAULT_PAIR_ORDER, PAIR_ORDERS, LabelingError, identity, pairs, tracklet_strip
 from pages.common import db_ok, show_error
 
 LEASE_S = 120
@@ -119,9 +118,9 @@ def _conflict_text(exc: identity.PairConflict) -> str:
 
 def render(name: str, sid: str, user: str) -> None:
     """The pair view of dataset ``name`` for the tab ``sid`` labelling as ``user``."""
-    orders = list(pair_select.PAIR_ORDERS)
+    orders = list(PAIR_ORDERS)
     c1, c2 = st.columns([2, 5])
-    order = c1.radio("Order", orders, index=orders.index(pair_select.DEFAULT_PAIR_ORDER), horizontal=True,
+    order = c1.radio("Order", orders, index=orders.index(DEFAULT_PAIR_ORDER), horizontal=True,
                      key="pair_order", help="likely: the pairs most probably one person first (each Same labels both "
                                             "identities; the default); uncertainty: those the model is least sure of; "
                                             "random: the control")

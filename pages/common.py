@@ -7,7 +7,7 @@ from typing import Callable
 
 import streamlit as st
 
-from core.data import store
+from core.services import datasets as store
 
 log = logging.getLogger("vigil.pages")
 
@@ -28,22 +28,11 @@ def db_error(exc: Exception, retry: bool = False) -> None:
         st.button("Retry", icon=":material/refresh:", key="db_retry")
 
 
-def _is_outage(exc: BaseException) -> bool:
-    """True for errors that mean MongoDB does not answer (not for a bug or a bad request)."""
-    try:
-        import pymongo.errors as pe
-
-        outage: tuple[type, ...] = (ConnectionError, pe.ConnectionFailure, pe.ServerSelectionTimeoutError)
-    except ImportError:  # pragma: no cover - pymongo ships with FiftyOne
-        outage = (ConnectionError,)
-    return isinstance(exc, outage)
-
-
 def show_error(exc: BaseException, doing: str, what_to_do: str = "", retry: bool = False) -> None:
     """The one way pages report a failure: a database outage says so (and that nothing is lost);
     anything else says what failed, why, and what the operator can do, and is logged with its
     traceback (core raises errors whose message already says what to do)."""
-    if _is_outage(exc):
+    if store.is_outage(exc):
         db_error(exc, retry=retry)
         return
     log.error("%s failed", doing, exc_info=exc)
@@ -71,7 +60,7 @@ def sidebar() -> None:
         st.stop()
     with st.sidebar:
         try:
-            names = store.dataset_names()
+            names = store.names()
         except Exception as exc:  # an outage says so; anything else says what failed
             show_error(exc, "listing the datasets", "Reload the page; if it persists, check the app log.")
             st.stop()
@@ -83,7 +72,7 @@ def sidebar() -> None:
         idx = names.index(cur) if cur in names else 0
         st.session_state["dataset"] = st.selectbox("Dataset", names, index=idx, key="dataset_picker")
         try:
-            s = store.dataset_summary(st.session_state["dataset"])
+            s = store.summary(st.session_state["dataset"])
         except Exception as exc:
             show_error(exc, f"reading dataset {st.session_state['dataset']!r}",
                        "Pick another dataset above, or reload the page; the app log has the details.")
@@ -97,7 +86,7 @@ def sidebar() -> None:
 
 def _jobs_panel(name: str) -> None:
     try:
-        from core.data import jobs
+        from core import jobs
     except ImportError:
         return
     running = [j for j in jobs.list_jobs(name, limit=10) if j["state"] in ("queued", "running")]
@@ -136,7 +125,7 @@ def user_name() -> str:
 def job_status(name: str, kinds: tuple[str, ...], show_result: Callable[[dict], None] | None = None) -> None:
     """Live progress of this dataset's newest job of ``kinds``; reruns the page when it ends.
     ``show_result(job)`` draws a completed job's result (``job['result']``), once per page run."""
-    from core.data import jobs
+    from core import jobs
 
     def newest() -> dict | None:
         recent = [j for k in kinds for j in jobs.list_jobs(name, kind=k, limit=1)]

@@ -5,10 +5,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core.data import store
+from core.services import datasets as store
 from core.jobs import tasks
-from core.data.ingest import KINDS, REID_PATTERNS, IngestError
-from core.data.jobs import JobError
+from core.services.ingest import KINDS, REID_PATTERNS, IngestError
+from core.jobs import JobError
 from pages.common import current_dataset, job_status, show_error, sidebar, thumbnails
 
 # an ingest was queued into another dataset: the sidebar's picker starts again on that one
@@ -36,7 +36,7 @@ def ingest_report(job: dict) -> None:
 
 
 # ---------------------------------------------------------------- ingest
-with st.expander("Ingest footage", expanded=not store.dataset_names()):
+with st.expander("Ingest footage", expanded=not store.names()):
     with st.form("ingest"):
         c1, c2 = st.columns([3, 1])
         path = c1.text_input("Folder on this machine", placeholder="/footage/site-a/MOT or /footage/reid")
@@ -89,7 +89,7 @@ if not name:
 
 # ---------------------------------------------------------------- overview
 try:
-    summary = store.dataset_summary(name)
+    summary = store.summary(name)
 except Exception as exc:  # noqa: BLE001
     show_error(exc, f"reading dataset {name!r}", "Reload the page, or pick another dataset in the sidebar.")
     st.stop()
@@ -137,17 +137,16 @@ tags = f4.multiselect("Tags", list(store.tag_counts(name)))
 filters = {"camera": None if camera == "(any)" else camera, "identity": identity.strip() or None}
 if light != "(any)":
     filters["low_light"] = light == "low light"
-view = store.filtered_view(name, filters, tags)
-n = len(view)
+n = store.matching_count(name, filters, tags)
 per_page = 48
 pages = max(1, (n + per_page - 1) // per_page)
 page = st.number_input(f"{n} samples match · page", 1, pages, 1) if pages > 1 else 1
-rows = store.sample_rows(view.skip((page - 1) * per_page), ["identity", "camera", "low_light"], limit=per_page)
+rows = store.browse(name, filters, tags, ["identity", "camera", "low_light"], offset=(page - 1) * per_page, limit=per_page)
 thumbnails(rows)
 
 if st.button("Open in FiftyOne App", help="Serves the FiftyOne App on 127.0.0.1 showing this view"):
     try:
-        url = store.open_in_app(name, [r["id"] for r in store.sample_rows(view, [], limit=5000)])
+        url = store.open_in_app(name, store.matching_ids(name, filters, tags, limit=5000))
         st.success(f"FiftyOne App: [{url}]({url})")
     except Exception as exc:  # noqa: BLE001
         show_error(exc, "starting the FiftyOne App", "Check that its port is free and try again.")

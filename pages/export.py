@@ -10,9 +10,9 @@ import plotly.express as px
 import streamlit as st
 
 from core.services import export
-from core.data import store
+from core.services import datasets as store
 from core.jobs import tasks
-from core.data.jobs import JobError
+from core.jobs import JobError
 from pages.common import job_status, require_dataset, show_error, sidebar
 
 sidebar()
@@ -21,7 +21,7 @@ name = require_dataset()
 try:
     tags = store.tag_counts(name)
     cameras = [c for c in store.counts(name, "camera") if c != "(none)"]
-    saved = store.get_dataset(name).list_saved_views()
+    saved = store.saved_views(name)
     emb_versions = export.embedding_versions(name)
     versions = export.model_versions()
     root = export.export_root()

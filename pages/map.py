@@ -10,7 +10,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.services import analysis, labeling, projection, registry
-from core.data import jobs, store
+from core import jobs
+from core.services import datasets as store
 from core.jobs import tasks
 from pages.common import job_status, require_dataset, show_error, sidebar, thumbnails, user_name
 
@@ -228,7 +229,7 @@ clusters = analysis.condition_clusters(name)
 for c in clusters[:5]:
     with st.expander(f":material/warning: {c['condition']} cluster: {c['size']} samples"):
         st.write(c["reason"])
-        thumbnails(store.sample_rows(store.get_dataset(name).select(c["members"][:16]), ["identity"]), ("identity",))
+        thumbnails(store.rows_of(name, c["members"][:16], ["identity"]), ("identity",))
         if st.button("Select these on the map", key=f"selc_{c['condition']}_{c['size']}"):
             st.session_state[sel_key] = list(c["members"])
             st.rerun()

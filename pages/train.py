@@ -9,11 +9,11 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.model import device
-from core.data import jobs, store
+from core import jobs
+from core.services import datasets as store
 from core.services import registry, rounds
 from core.services.labeling import identity as graph_identity
-from core.model.train import ID_LOSSES, TrainConfig, preset_config, preset_job_config, presets_for
+from core.services.training import (ID_LOSSES, TrainConfig, describe_device, preset_config, preset_job_config, presets_for, select_device)
 from pages.common import db_ok, require_dataset, show_error, sidebar
 
 # The Advanced knobs, one per TrainConfig field: (label, widget options, help). Fields not named
@@ -81,8 +81,8 @@ def config_from(values: dict, preset: str = "default", unsupervised: bool | None
 @st.cache_resource(show_spinner=False)
 def this_device() -> tuple[str, str]:
     """Where this machine's rounds run (core.model.device; imports torch once per process)."""
-    where = device.select()
-    return where, device.describe(where)
+    where = select_device()
+    return where, describe_device(where)
 
 
 def _reset_knobs() -> None:
@@ -256,7 +256,7 @@ if ready:
 
     latest = [v for v in versions if v["version"] == ready[-1]["version"]][0]
     with st.expander(f"Round report: {latest['version']} (by condition, camera, false matches)", expanded=True):
-        from core.math.evaluate import compare
+        from core.services.training import compare
 
         tr = latest.get("train") or {}
         st.caption(f"Trained on {tr.get('device') or 'an unrecorded device'}; "

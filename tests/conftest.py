@@ -97,7 +97,7 @@ def tud_campus():
     """TUD-Campus (every 10th frame, MOT15 identities) with synthetic embeddings (identity
     centroid + noise): ingested once per session, never written; tests work on ``tud_clone``."""
     from core.data import store
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     name = "tud_base_" + uuid.uuid4().hex[:6]
     ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)

@@ -17,14 +17,14 @@ APP = Path(__file__).resolve().parent.parent / "app.py"
 
 @pytest.fixture(scope="module")
 def page_dataset():
-    from core.model import embed
+    from core.services import embedding
     from core.services import labeling
     from core.data import store
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     name = "ann_" + uuid.uuid4().hex[:6]
     ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
-    report = embed.embed_dataset(name, version="base")  # the real chain: packaged model, ONNX Runtime
+    report = embedding.embed_dataset(name, version="base")  # the real chain: packaged model, ONNX Runtime
     assert report["embedded"] == len(store.get_dataset(name)) and not report["failed"], report
     assert store.active_model(name) == "base"
     yield name

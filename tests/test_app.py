@@ -24,13 +24,13 @@ def small_dataset():
     """TUD-Campus every 10th frame, embedded with the packaged model (ONNX Runtime), its map laid
     out and its samples scored: what the embed job leaves behind (core.jobs.tasks.embed_task)."""
     from core.services import analysis, labeling, projection
-    from core.model import embed
+    from core.services import embedding
     from core.data import store
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     name = "apptest"
     ingest(need_shared("mot", "TUD-Campus"), "mot", name, every_n=10)
-    embed.embed_dataset(name, version="base")
+    embedding.embed_dataset(name, version="base")
     projection.compute_layout(name, "base", n_epochs=60)
     analysis.compute_scores(name, "base")
     yield name
@@ -174,7 +174,7 @@ def _campus_small(name: str, tmp_path: Path, n_train: int) -> str:
     identities, two cameras): a dataset a round can train on and be judged by."""
     import shutil
 
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     src = need_shared("reid", "campus62")
     for d in sorted((src / "train").iterdir())[:n_train]:
@@ -200,10 +200,11 @@ def test_train_page_one_retrain_button_knobs_under_advanced(dsname, tmp_path):
     from core.services import rounds
     from core.model.train import TrainConfig
 
-    from core.model import embed
+
+    from core.services import embedding
 
     name = _campus_small(dsname, tmp_path, n_train=7)
-    embed.embed_dataset(name, version="base")  # a round starts from the active model
+    embedding.embed_dataset(name, version="base")  # a round starts from the active model
     at = _open(name, "pages/train.py")
     assert [b.label for b in at.form_submit_button] == ["Retrain"]
     # one sentence says what Retrain does

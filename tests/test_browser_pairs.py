@@ -28,7 +28,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def pairs_dataset():
     from core.data import store
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     name = "aaa_pairs_" + uuid.uuid4().hex[:6]  # first in the sidebar's dataset picker
     # two sequences: their tracklets are never seen together, so there is more to ask than

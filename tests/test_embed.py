@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from core.model import embed
+
+from core.services import embedding
 from tests.conftest import need_shared
 
 
@@ -187,7 +189,7 @@ def test_embed_dataset_tracklets_and_similarity(val, dsname, tmp_path):
     assert store.active_model(dsname) is None
 
     seen = []
-    report = embed.embed_dataset(dsname, progress=lambda d, t: seen.append((d, t)))
+    report = embedding.embed_dataset(dsname, progress=lambda d, t: seen.append((d, t)))
     assert report["version"] == "base" and report["field"] == "emb_base"
     assert (report["embedded"], report["failed"], report["total"]) == (12, 1, 13)
     assert seen[-1] == (13, 13)
@@ -203,7 +205,7 @@ def test_embed_dataset_tracklets_and_similarity(val, dsname, tmp_path):
     import shutil
 
     shutil.copy(gallery[-1], tmp_path / "vanished.png")  # a person not among the three
-    again = embed.embed_dataset(dsname)
+    again = embedding.embed_dataset(dsname)
     assert (again["embedded"], again["failed"]) == (13, 0)
     ids2, vecs2, errs2 = ds.values(["id", "emb_base", "embed_error"])
     assert all(e is None for e in errs2)
@@ -211,7 +213,7 @@ def test_embed_dataset_tracklets_and_similarity(val, dsname, tmp_path):
         if s != missing.id:
             assert np.array_equal(np.asarray(v), np.asarray(by_id[s][0]))
 
-    tr = embed.tracklet_embeddings(dsname)
+    tr = embedding.tracklet_embeddings(dsname)
     assert len(tr) == 6
     t0 = f"{people[0]}/0"
     members = [np.asarray(v) for v, t in zip(*ds.values(["emb_base", "tracklet"])) if t == t0]
@@ -220,13 +222,13 @@ def test_embed_dataset_tracklets_and_similarity(val, dsname, tmp_path):
     assert abs(np.linalg.norm(tr[t0]) - 1) < 1e-5
 
     query = ds.match({"identity": people[0]}).first().id
-    nn = embed.similar(dsname, query, k=5)
+    nn = embedding.similar(dsname, query, k=5)
     assert len(nn) == 5 and query not in [s for s, _ in nn]
     dists = [d for _, d in nn]
     assert dists == sorted(dists) and 0 <= dists[0] < 1
     ident = dict(zip(*ds.values(["id", "identity"])))
     assert ident[nn[0][0]] == people[0]  # the nearest crop is the same person
-    rr = embed.similar(dsname, query, k=5, rerank=True)
+    rr = embedding.similar(dsname, query, k=5, rerank=True)
     assert len(rr) == 5 and query not in [s for s, _ in rr]
     assert [d for _, d in rr] == sorted(d for _, d in rr) and all(0 <= d <= 1 for _, d in rr)
     assert ident[rr[0][0]] == people[0]

@@ -22,7 +22,7 @@ def reid_ds():
     """campus62 val crops (192 images; tags query/gallery/all; cameras 01/02) with labelling
     fields and condition tags on some query crops, and two fake embedding fields."""
     from core.data import store
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     name = "export_reid"
     store.delete_dataset(name)
@@ -138,7 +138,7 @@ def test_coco_frames_reload_with_same_boxes(dsname):
 
     from core.services import export
     from core.data import store
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     ingest(need_shared("mot", "PETS09-S2L1"), "mot", dsname, every_n=50)
     rep = export.export_dataset(dsname, "coco", "coco", max_frames=5, frame_step=7)
@@ -219,10 +219,11 @@ def test_failed_export_leaves_nothing_and_existing_is_kept(reid_ds):
 def test_cli_export_dataset_prints_where_it_wrote(reid_ds, capsys):
     import argparse
 
+    from core.cli import export as cli_export
     from core.services import export
 
     p = argparse.ArgumentParser()
-    export.add_commands(p.add_subparsers(dest="cmd"))
+    cli_export.add_commands(p.add_subparsers(dest="cmd"))
     a = p.parse_args(["export-dataset", "--dataset", reid_ds, "--format", "classification-tree",
                       "--tag", "query", "--out", "cli-tree"])
     assert a.fn(a) == 0
@@ -430,7 +431,7 @@ def test_export_metrics_never_count_a_self_match(dsname):
     its query's own file has nothing to find, so that query is skipped, never a hit."""
     from core.services import export
     from core.data import store
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     ingest(need_shared("reid", "campus62", "val"), "reid", dsname)
     ds = store.get_dataset(dsname)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from core.model import embed
+
+from core.services import embedding
 from core.data import jobs, store
 from core.services import registry
 from core.jobs import tasks
-from core.data.ingest import ingest
+from core.services.ingest import ingest
 from tests.conftest import need_shared
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def demo(tmp_path_factory):
     name = "faults_demo"
     out = generate(tmp_path_factory.mktemp("synth"))
     ingest(out, "mot", name, every_n=6)
-    embed.embed_dataset(name)
+    embedding.embed_dataset(name)
     yield name
     store.delete_dataset(name)
 

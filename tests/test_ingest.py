@@ -11,7 +11,7 @@ import pytest
 
 from core.math import conditions
 from core.data import store
-from core.data.ingest import IngestError, ingest
+from core.services.ingest import IngestError, ingest
 from tests.conftest import need_shared
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 from core.data import jobs, store
-from core.data.ingest import ingest
+from core.services.ingest import ingest
 from tests.conftest import need_shared
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from core.data import jobs, store
-from core.data.ingest import ingest
+from core.services.ingest import ingest
 from tests.conftest import need_shared
 
 

@@ -229,12 +229,12 @@ def test_compute_scores_stores_a_short_list(dsname):
     """The store side (what the embed job and the Map page use): campus62 val crops embedded with
     the packaged model; only the short list has a positive mis_score and reasons, flags included."""
     from core.services import analysis
-    from core.model import embed
+    from core.services import embedding
     from core.data import store
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     ingest(need_shared("reid", "campus62", "val"), "reid", dsname)
-    embed.embed_dataset(dsname, version="base")
+    embedding.embed_dataset(dsname, version="base")
     ids = sorted(store.get_dataset(dsname).values("id"))
     store.set_values(dsname, "flagged", {i: i in ids[:2] for i in ids})
     summary = analysis.compute_scores(dsname, "base")

@@ -136,7 +136,7 @@ def test_round_class_labels_come_from_the_operators_classes(dsname, tmp_path):
     crops given any other class; unlabelled and failed crops are left out."""
     from core.services import rounds
     from core.data import store
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     seq = need_shared("mot", "TUD-Campus")
     ingest(seq, "mot", dsname, every_n=10)

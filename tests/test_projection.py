@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.math import layout as L
 from core.services import projection as P
 
 N_BLOBS = 6
@@ -28,24 +29,24 @@ def blobs(n: int = 1200, d: int = 256, seed: int = 1, noise: float = 0.02):
 
 def purity(Y: np.ndarray, lab: np.ndarray, k: int = 10) -> float:
     """Share of each point's k nearest 2-D neighbours from its own blob."""
-    idx, _ = P.knn(Y, Y, k, exclude_self=True)
+    idx, _ = L.knn(Y, Y, k, exclude_self=True)
     return float((lab[idx] == lab[:, None]).mean())
 
 
 @pytest.fixture(scope="module")
 def blob_map():
     X, lab = blobs()
-    return X, lab, P.layout(X, seed=0, n_epochs=100)
+    return X, lab, L.layout(X, seed=0, n_epochs=100)
 
 
 def test_knn_is_exact():
     rng = np.random.default_rng(0)
     q, r = rng.normal(size=(50, 20)).astype(np.float32), rng.normal(size=(300, 20)).astype(np.float32)
-    idx, dist = P.knn(q, r, 5)
+    idx, dist = L.knn(q, r, 5)
     d = ((q[:, None] - r[None]) ** 2).sum(-1)
     assert (idx == np.argsort(d, 1)[:, :5]).all()
     assert np.allclose(dist, np.sqrt(np.sort(d, 1)[:, :5]), atol=1e-4)
-    own, _ = P.knn(r, r, 3, exclude_self=True)
+    own, _ = L.knn(r, r, 3, exclude_self=True)
     assert not (own == np.arange(300)[:, None]).any()
 
 
@@ -59,14 +60,14 @@ def test_blobs_stay_separated_and_seed_is_deterministic(blob_map):
     radius = max(np.quantile(np.linalg.norm(Y[lab == c] - cents[c], axis=1), 0.9) for c in range(N_BLOBS))
     gaps = np.linalg.norm(cents[:, None] - cents[None], axis=-1)[~np.eye(N_BLOBS, dtype=bool)]
     assert gaps.min() > radius
-    again = P.layout(X, seed=0, n_epochs=100)
+    again = L.layout(X, seed=0, n_epochs=100)
     assert np.array_equal(Y, again)
 
 
 def test_landmarks_place_the_rest_in_their_blob():
     X, lab = blobs(n=1500, seed=2)
     stages = []
-    Y = P.layout(X, seed=0, n_landmarks=400, n_epochs=60, progress=lambda s, f: stages.append((s, f)))
+    Y = L.layout(X, seed=0, n_landmarks=400, n_epochs=60, progress=lambda s, f: stages.append((s, f)))
     assert purity(Y, lab) > 0.95  # 1,100 of 1,500 points placed from landmarks, not optimised
     seen = [s for s, _ in stages]
     assert {"pca", "neighbors", "umap", "place", "done"} <= set(seen) and stages[-1] == ("done", 1.0)
@@ -86,7 +87,7 @@ def test_aligned_layout_keeps_untouched_points_in_place(blob_map):
     new = rng.random(n) < 0.05
     init = Y1.copy()
     init[new] = np.nan
-    Y2 = P.layout(X2, init=init, seed=0)
+    Y2 = L.layout(X2, init=init, seed=0)
     extent = float(np.ptp(Y1, 0).max())
     disp = np.linalg.norm(Y2 - Y1, axis=1) / extent
     untouched = ~moved & ~new
@@ -94,17 +95,17 @@ def test_aligned_layout_keeps_untouched_points_in_place(blob_map):
     # a fresh layout aligned afterwards moves them 30-40 %).
     assert np.median(disp[untouched]) < 0.06
     assert np.median(disp[moved]) > 2 * np.median(disp[untouched])
-    fresh = P.align_to(P.layout(X2, seed=1, n_epochs=50), Y1)
+    fresh = L.align_to(L.layout(X2, seed=1, n_epochs=50), Y1)
     assert np.median(np.linalg.norm(fresh - Y1, axis=1)[untouched] / extent) > np.median(disp[untouched])
 
 
 def test_layout_edge_cases():
-    assert P.layout(np.zeros((0, 8), np.float32)).shape == (0, 2)
-    assert P.layout(np.ones((3, 8), np.float32)).shape == (3, 2)
+    assert L.layout(np.zeros((0, 8), np.float32)).shape == (0, 2)
+    assert L.layout(np.ones((3, 8), np.float32)).shape == (3, 2)
     with pytest.raises(ValueError, match="NaN"):
-        P.layout(np.full((30, 4), np.nan, np.float32))
+        L.layout(np.full((30, 4), np.nan, np.float32))
     with pytest.raises(ValueError, match="init"):
-        P.layout(np.zeros((30, 4), np.float32), init=np.zeros((29, 2), np.float32))
+        L.layout(np.zeros((30, 4), np.float32), init=np.zeros((29, 2), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def _mot_crops(tmp_path, seqs=(("TUD-Stadtmitte", 3), ("TUD-Campus", 2)), min_h:
     """Person crops cut from the clips at their ground-truth boxes: (path, track, sequence, frame)."""
     import cv2
 
-    from core.data.ingest import IngestReport, parse_gt
+    from core.services.ingest import IngestReport, parse_gt
     from tests.conftest import need_shared
 
     out = []

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from core.data import store
-from core.data.ingest import HOG_WARNING, Detection, IngestError, ingest
+from core.services.ingest import HOG_WARNING, Detection, IngestError, ingest
 from tests.conftest import need_shared
 from tests.test_detect import make_model
 

@@ -10,7 +10,7 @@ import pytest
 from core.services import export
 from core.data import jobs, store
 from core.jobs import tasks
-from core.data.ingest import IngestError, ingest
+from core.services.ingest import IngestError, ingest
 from tests.conftest import need_shared
 
 

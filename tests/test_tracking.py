@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from core.data.media import VideoReader
-from core.math.mot_metrics import degrade, load_mot_gt, mot_scores
-from core.math.tracking import (ByteTrack, ByteTrackConfig, IoUTracker, Tracklet, detect_and_track, iou, link, make_tracker, sampled, track_boxes)
+from core.math.mot_metrics import degrade, mot_scores
+from core.services.ingest import detect_and_track, load_mot_gt
+from core.math.tracking import (ByteTrack, ByteTrackConfig, IoUTracker, Tracklet, iou, link, make_tracker, sampled, track_boxes)
 from tests.conftest import need_shared
 
 SEED = 0  # the benchmark's report seed; ByteTrack's defaults were tuned on TUD-Stadtmitte, seed 1

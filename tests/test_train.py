@@ -222,7 +222,7 @@ def test_failed_round_resumes_in_its_own_version_from_the_cli(data_root, dsname,
     from core.services import export, registry, rounds
     from core.data import jobs
     from core.cli.main import main
-    from core.data.ingest import ingest
+    from core.services.ingest import ingest
 
     src = need_shared("reid", "campus62")
     for d in sorted((src / "train").iterdir())[:8]:

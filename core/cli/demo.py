@@ -5,7 +5,7 @@ from typing import Callable
 
 from core.data import store
 from core.config import settings
-from core.data.ingest import IngestReport, ingest
+from core.services.ingest import IngestReport, ingest
 from core.data.synthetic import generate
 
 DEMO_DATASET = "demo"

@@ -9,7 +9,7 @@ from core.cli.bars import Bar
 
 
 def cmd_ingest(a) -> int:
-    from core.data.ingest import Detection, IngestError, ingest
+    from core.services.ingest import Detection, IngestError, ingest
 
     bar = Bar(f"ingest {a.kind}")
     try:
@@ -219,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dataset", default="demo")
     s.set_defaults(fn=cmd_demo)
 
+    from core.cli import export as cli_export
     from core.cli import labeling as cli_labeling
-    from core.services import export
     from core.data import store
 
     cli_labeling.add_commands(sub)  # query
-    export.add_commands(sub)  # export-dataset, export-model
+    cli_export.add_commands(sub)  # export-dataset, export-model
 
     s = sub.add_parser("embed", help="embed every sample, lay out the map and score the samples")
     s.add_argument("--dataset", required=True)
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a = p.parse_args(argv)
     from core.services.export import ExportError
-    from core.data.ingest import IngestError
+    from core.services.ingest import IngestError
     from core.data.jobs import JobError
     from core.services.registry import RegistryError
     from core.model.train import TrainingError

@@ -14,7 +14,6 @@ by :func:`list_jobs` and at worker start — and marked failed with the tail of 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from datetime import datetime, timezone
@@ -29,15 +28,8 @@ log = logging.getLogger(__name__)
 OPERATOR = "@vigil/jobs/run_job"
 COLLECTION = "vigil_jobs"
 
-# kind -> "module:function" with signature fn(dataset: str, args: dict, reporter: Reporter) -> dict
-TASKS: dict[str, str] = {
-    "embed": "core.jobs.tasks:embed_task",
-    "layout": "core.jobs.tasks:layout_task",
-    "train": "core.jobs.tasks:train_task",
-    "ingest": "core.jobs.tasks:ingest_task",
-    "export_dataset": "core.jobs.tasks:export_dataset_task",
-    "export_model": "core.jobs.tasks:export_model_task",
-}
+# The job kinds; each runs core.jobs.tasks.TASKS[kind](dataset, args, reporter) -> dict in a worker.
+KINDS = ("embed", "layout", "train", "ingest", "export_dataset", "export_model")
 
 
 class JobCancelled(RuntimeError):
@@ -67,8 +59,8 @@ def submit(dataset: str, kind: str, args: dict[str, Any] | None = None, create: 
     operation needs an existing dataset: ``create`` makes an empty one first (an ingest job)."""
     import fiftyone.operators as foo
 
-    if kind not in TASKS:
-        raise JobError(f"unknown job kind {kind!r}: one of {', '.join(TASKS)}")
+    if kind not in KINDS:
+        raise JobError(f"unknown job kind {kind!r}: one of {', '.join(KINDS)}")
     store.get_dataset(dataset, create=create)  # a clear error when the dataset is missing
     res = foo.execute_operator(OPERATOR, {"dataset": dataset, "params": {"kind": kind, "args": args or {}},
                                           "request_delegation": True})

@@ -1,5 +1,8 @@
 """Every FiftyOne / MongoDB access of Vigil: datasets, fields, views, label writes.
 
+Size: the one door to the database, on purpose: every dataset, field, view and raw-collection call
+of Vigil is here, so a FiftyOne or MongoDB upgrade is checked in one file.
+
 A Vigil dataset ``NAME`` is a persistent FiftyOne image dataset holding the unit that is
 embedded and labelled (person crops, images). Whole sequences live beside it as video samples in
 ``NAME__videos`` (FiftyOne datasets hold one media type). Both share the data root's MongoDB.
@@ -81,6 +84,18 @@ def _ensure_schema(ds: fo.Dataset) -> fo.Dataset:
     if "ingest_key" not in ds.list_indexes():
         ds.create_index("ingest_key")
     return ds
+
+
+def declare_fields(ds: fo.Dataset, fields: dict[str, str]) -> None:
+    """Declare sample fields ``{name: FiftyOne field class name, e.g. "StringField"}`` that ``ds``
+    does not have yet; a field another process declared meanwhile is taken as it is."""
+    schema = ds.get_field_schema()
+    for f, ftype in fields.items():
+        if f not in schema:
+            try:
+                ds.add_sample_field(f, getattr(fo, ftype))
+            except ValueError:  # another process added it meanwhile
+                ds.reload()
 
 
 def dataset_names() -> list[str]:
@@ -311,22 +326,86 @@ def check_db(timeout_ms: int = 2000) -> None:
     """Raise ``ConnectionError`` within ``timeout_ms`` when MongoDB does not answer.
 
     FiftyOne's client waits 30 s for a server before it fails; a page calls this first, so an
-    outage shows at once. The probe shares FiftyOne's connection settings and, like any pymongo
-    client, reconnects by itself when the server is back."""
-    import fiftyone.core.odm.database as fod
+    outage shows at once. The probe is a second pymongo client to the same server (FiftyOne's
+    ``database_uri``, else the address of its own client, read without waiting for a server) and,
+    like any pymongo client, reconnects by itself when the server is back."""
+    import fiftyone.core.odm as foo
     import pymongo
 
     global _probe
-    if fod._client is None:  # not connected yet: connecting reports its own errors
-        fod.get_db_conn()
     if _probe is None:
-        _probe = pymongo.MongoClient(**fod._connection_kwargs, serverSelectionTimeoutMS=timeout_ms,
+        uri = fo.config.database_uri
+        if not uri:  # FiftyOne's own mongod: connecting starts it and reports its own errors
+            seeds = foo.get_db_client().topology_description.server_descriptions()
+            host, port = next(iter(seeds))
+            uri = f"mongodb://{host}:{port}"
+        _probe = pymongo.MongoClient(uri, serverSelectionTimeoutMS=timeout_ms,
                                      connectTimeoutMS=timeout_ms, appname="vigil-probe")
     try:
         _probe.admin.command("ping")
     except pymongo.errors.PyMongoError as exc:
-        where = fod._connection_kwargs.get("host") or f"127.0.0.1:{fod._connection_kwargs.get('port')}"
+        where = ",".join(f"{h}:{p}" for h, p in _probe.topology_description.server_descriptions())
         raise ConnectionError(f"MongoDB at {where} does not answer ({type(exc).__name__})") from exc
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for errors that mean MongoDB does not answer (not for a bug or a bad request)."""
+    import pymongo.errors as pe
+
+    return isinstance(exc, (ConnectionError, pe.ConnectionFailure, pe.ServerSelectionTimeoutError))
+
+
+def sample_collection(name: str):
+    """The raw pymongo collection of dataset ``name``'s samples and the dataset document's id, for
+    compare-and-set writes FiftyOne's API has no call for. Both come from FiftyOne's own
+    ``datasets`` collection (its stored, migration-kept layout), not from private attributes of
+    ``fo.Dataset``; :class:`StoreError` when there is no such dataset."""
+    doc = db()["datasets"].find_one({"name": name}, {"sample_collection_name": 1})
+    if doc is None:
+        raise StoreError(f"no dataset named {name!r}")
+    return db()[doc["sample_collection_name"]], str(doc["_id"])
+
+
+def upsert_if(coll, filter: dict[str, Any], update: dict[str, Any]) -> bool:
+    """Compare-and-set on a document with a known ``_id``: apply ``update`` where ``filter`` matches,
+    insert it when no document has that ``_id``; False (nothing written) when the document exists
+    but does not match, i.e. another session holds it (the upsert's duplicate key). The primitive
+    behind per-sample leases, the identity graph's lock and pair questions."""
+    from pymongo.errors import DuplicateKeyError
+
+    try:
+        coll.update_one(filter, update, upsert=True)
+    except DuplicateKeyError:
+        return False
+    return True
+
+
+def insert_missing(coll, docs: dict[str, dict[str, Any]]) -> None:
+    """``docs`` ({_id: fields}) inserted in one unordered batch where no document has that ``_id``
+    yet; existing ones are left as they are."""
+    from pymongo import UpdateOne
+
+    if docs:
+        coll.bulk_write([UpdateOne({"_id": k}, {"$setOnInsert": v}, upsert=True) for k, v in docs.items()],
+                        ordered=False)
+
+
+def object_id(value: str):
+    """``value`` (a sample or job id as text) as the database's id type; ``ValueError`` when it
+    is not one."""
+    from bson import ObjectId
+    from bson.errors import InvalidId
+
+    try:
+        return ObjectId(value)
+    except (InvalidId, TypeError) as exc:
+        raise ValueError(f"{value!r} is not a database id") from exc
+
+
+def is_object_id(value: Any) -> bool:
+    from bson import ObjectId
+
+    return ObjectId.is_valid(value)
 
 
 def add_records(name: str, records: list[dict[str, Any]]) -> int:
@@ -399,6 +478,95 @@ def sample_rows(view, fields: list[str], limit: int | None = None) -> list[dict[
     cols = ["id", "filepath", *fields]
     vals = v.values(cols)
     return [dict(zip(cols, row)) for row in zip(*vals)]
+
+
+def top_rows(name: str, field: str, fields: list[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows (:func:`sample_rows`) of the samples whose ``field`` is above 0, highest first; [] when
+    the dataset has no such field."""
+    from fiftyone import ViewField as F
+
+    ds = get_dataset(name)
+    if field not in ds.get_field_schema():
+        return []
+    return sample_rows(ds.match(F(field) > 0).sort_by(field, reverse=True), [field, *fields], limit=limit)
+
+
+def tracklet_values(name: str, tracklet: str, fields: list[str]) -> list[list]:
+    """``fields`` of the crops of ``tracklet`` that have all of them, one list per field."""
+    from fiftyone import ViewField as F
+
+    view = get_dataset(name).match(F("tracklet") == tracklet)
+    for f in fields:
+        view = view.exists(f)
+    return view.values(fields) if view.count() else [[] for _ in fields]
+
+
+def embedded_columns(name: str, version: str, fields: list[str],
+                     any_of: list[str] | None = None) -> dict[str, list] | None:
+    """Columns ``id``, ``vector`` and ``fields`` of the samples holding an embedding of ``version``
+    (with ``any_of``: and at least one of those fields set), read in one pass; None when the
+    dataset has no embeddings of ``version``. Fields the dataset lacks are left out."""
+    from fiftyone import ViewField as F
+
+    ds = get_dataset(name)
+    ef = embedding_field(version)
+    schema = ds.get_field_schema()
+    if ef not in schema:
+        return None
+    view = ds.exists(ef)
+    if any_of:
+        expr = F(any_of[0]) != None  # noqa: E711
+        for f in any_of[1:]:
+            expr = expr | (F(f) != None)  # noqa: E711
+        view = view.match(expr)
+    fields = [f for f in fields if f in schema or f == "tags"]
+    cols = ["id", ef, *fields]
+    out = dict(zip(["id", "vector", *fields], view.values(cols)))
+    return out
+
+
+def split_columns(name: str, split: str, fields: list[str]) -> list[list]:
+    """``fields`` of the samples of ``split`` ("query", "gallery": the ``split`` field or a tag of
+    that name) that have an identity, ordered by file path, one list per field."""
+    from fiftyone import ViewField as F
+
+    v = get_dataset(name).match(((F("split") == split) | F("tags").contains(split))
+                                & (F("identity") != None)).sort_by("filepath")  # noqa: E711
+    return list(v.values(fields))
+
+
+def crop_paths(name: str, limit: int) -> list[str]:
+    """File paths of the first ``limit`` crops (samples not of kind "image"), ordered by path."""
+    from fiftyone import ViewField as F
+
+    return list(get_dataset(name).match(F("kind") != "image").sort_by("filepath").limit(limit).values("filepath"))
+
+
+def declare_point_field(ds: fo.Dataset, field: str) -> None:
+    """Declare ``field`` as a list of floats (a map position) when ``ds`` lacks it."""
+    if field not in ds.get_field_schema():
+        ds.add_sample_field(field, fo.ListField, subfield=fo.FloatField)
+
+
+def register_visualization(ds: fo.Dataset, key: str, ids: list[str], points, stale=frozenset()) -> None:
+    """(Re)create FiftyOne brain visualization run ``key`` whose points field ``key`` holds
+    ``points`` [N, 2] for samples ``ids`` and nothing for the others (``stale``: ids whose old
+    position is cleared when the run did not exist yet)."""
+    import fiftyone.brain as fob
+    import numpy as np
+
+    if key in ds.list_brain_runs():
+        ds.delete_brain_run(key)  # its cleanup drops the points field (stale values with it)
+    elif stale and key in ds.get_field_schema():
+        set_values(ds.name, key, {i: None for i in stale})
+    fob.compute_visualization(
+        ds.select(ids),
+        points={i: np.asarray(p, np.float64) for i, p in zip(ids, points)},
+        brain_key=key,
+        points_field=key,
+        create_index=False,
+        progress=False,
+    )
 
 
 def open_in_app(name: str, ids: list[str] | None = None, port: int = 5151) -> str:

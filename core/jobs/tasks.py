@@ -1,4 +1,4 @@
-"""The work behind each background job kind (see :data:`core.data.jobs.TASKS`), and the functions
+"""The work behind each background job kind (:data:`TASKS`, one per kind of :data:`core.data.jobs.KINDS`), and the functions
 that validate and queue the ingest and export jobs.
 
 Each task: ``fn(dataset, args, reporter) -> dict`` (JSON-safe summary). They run inside the
@@ -48,10 +48,10 @@ def embedding_pending(dataset: str) -> bool:
 def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """Embed every sample with model ``args['version']`` (default: the active one), then lay out
     its map and score the samples, so the Map page is ready when the job ends."""
-    from core.model import embed
+    from core.services import embedding
     from core.data import store
 
-    report = embed.embed_dataset(dataset, version=args.get("version"), progress=_embed_cb(reporter, 0.0, 0.6))
+    report = embedding.embed_dataset(dataset, version=args.get("version"), progress=_embed_cb(reporter, 0.0, 0.6))
     version = args.get("version") or store.active_model(dataset)
     report.update(analysis.refresh_map(dataset, version, reporter, 0.6, 1.0))
     return report
@@ -102,9 +102,9 @@ def submit_ingest(path: str | Path, kind: str, dataset: str, every_n: int = 5,
                   pattern: str = "campus62", detector: str | None = None, person_class: str | int = "person",
                   det_conf: float = 0.25, tracker: str = "bytetrack", det_layout: str = "auto") -> str:
     """Queue an ingest of ``path`` into ``dataset`` (created when missing); returns the job id.
-    A missing, unreadable or wrongly laid out folder raises :class:`core.data.ingest.IngestError` and a
+    A missing, unreadable or wrongly laid out folder raises :class:`core.services.ingest.IngestError` and a
     bad dataset name :class:`core.data.store.StoreError` here, before anything is queued."""
-    from core.data.ingest import Detection, check_source
+    from core.services.ingest import Detection, check_source
 
     src = check_source(path, kind, int(every_n)).absolute()  # the worker may run elsewhere
     detection = Detection(str(Path(detector).expanduser().absolute()) if detector else None,
@@ -118,7 +118,7 @@ def ingest_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[
     """Ingest ``args['path']`` as ``args['kind']``; the result is the ingest report with the
     first :data:`PROBLEMS_KEPT` skipped files. A cancelled ingest keeps what it added (ingesting
     the same folder again adds only what is missing)."""
-    from core.data.ingest import Detection, ingest
+    from core.services.ingest import Detection, ingest
 
     rep = ingest(args["path"], args["kind"], dataset, every_n=int(args.get("every_n", 5)),
                  pattern=args.get("pattern", "campus62"), progress=_cancellable(reporter, "ingesting"),
@@ -175,3 +175,8 @@ def export_model_task(dataset: str, args: dict[str, Any], reporter: Reporter) ->
                               int8=bool(args.get("int8")), overwrite=bool(args.get("overwrite")),
                               progress=_cancellable(reporter, "exporting model"))
     return _json_safe(rep)
+
+
+# kind -> the task a worker runs: fn(dataset, args, reporter) -> result dict
+TASKS = {"embed": embed_task, "layout": layout_task, "train": train_task, "ingest": ingest_task,
+         "export_dataset": export_dataset_task, "export_model": export_model_task}

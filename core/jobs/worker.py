@@ -4,22 +4,22 @@ operation (``plugins/vigil``). A job's record, progress and cancel flag live in
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
 import time
 from typing import Any, Callable
 
-from core.data.jobs import (TASKS, JobCancelled, Reporter, _now, _process_started, execute_queued, log_path,
+from core.data.jobs import (JobCancelled, Reporter, _now, _process_started, execute_queued, log_path,
                             reconcile, record_job)
 
 log = logging.getLogger(__name__)
 
 
 def _resolve(kind: str) -> Callable:
-    mod, fn = TASKS[kind].split(":")
-    return getattr(importlib.import_module(mod), fn)
+    from core.jobs import tasks  # on first job: the services behind the tasks are heavy to import
+
+    return tasks.TASKS[kind]
 
 
 def run(ctx) -> dict[str, Any]:

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+# The condition tags an operator puts on samples (Map, Annotate), that export keeps and that the
+# misclustered scores and the queue's condition boost read: one vocabulary for all of them.
+CONDITION_TAGS = ("night", "shadow", "occluded", "blur")
+
 # Mean luma below this (0..255) counts as low light. Chosen on the real data: the low-light
 # photographs of ../shared/data/lowlight sit mostly below 60, PETS09/TUD frames above 80.
 LOW_LIGHT_BRIGHTNESS = 60.0

@@ -2,7 +2,7 @@
 boxes dropped, jittered, with false boxes added, seeded) and the MOT metrics (:func:`mot_scores`:
 IDF1, ID switches, MOTA with motmetrics) that ``benchmarks/tracker_compare.py`` and
 ``tests/test_tracking.py`` share. Kept apart from :mod:`core.math.tracking` (what ingest runs) because
-it reads MOT folders through :mod:`core.data.ingest`, which imports the tracker."""
+it reads MOT folders through :mod:`core.services.ingest`, which imports the tracker."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -95,20 +95,6 @@ def degrade(gt: dict[int, list[tuple[int, tuple]]], image_size: tuple[int, int],
     counts = {"gt_boxes": total, "kept": n_true, "missed": total - n_true,
               "missed_in_occlusion_runs": in_runs, "false": n_false, "low_score_true": n_low}
     return out, counts
-
-
-def load_mot_gt(seq) -> tuple[dict[int, list[tuple[int, tuple]]], dict]:
-    """A MOT sequence folder's ground truth as ``{frame: [(identity, box_xywh), ...]}`` (rows with
-    conf 0 left out) and its seqinfo (``width``, ``height``, ``fps``, ``length``)."""
-    from pathlib import Path
-
-    from core.data.ingest import IngestReport, parse_gt, parse_seqinfo
-
-    seq = Path(seq)
-    gt: dict[int, list] = defaultdict(list)
-    for b in parse_gt(seq / "gt" / "gt.txt", IngestReport(str(seq), "mot", "")):
-        gt[b.frame].append((b.track, tuple(b.box)))
-    return dict(gt), parse_seqinfo(seq)
 
 
 def mot_scores(gt: dict[int, list[tuple[int, tuple]]], tracks: dict[int, list[tuple]],

@@ -1,5 +1,8 @@
 """Labelling-queue strategies and condition-cluster scores: pure functions on arrays.
 
+Size: every query strategy has the same signature and shares the candidate / distance helpers and
+the registry the queue reads; splitting them would scatter one table.
+
 Query strategies follow modAL's style: plain functions with one shared signature ::
 
     strategy(embeddings [N, D], labelled bool [N], labels [N], k, rng, **options) -> Selection

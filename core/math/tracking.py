@@ -6,11 +6,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from core.data.media import VideoReader
 
 
 @dataclass
@@ -307,63 +305,3 @@ def track_boxes(dets_by_frame: dict[int, list[Det]], tracker: str | Tracker = "b
     return {i: v for i, v in enumerate(kept, 1)}
 
 
-def detect_and_track(reader: VideoReader, every_n: int = 5, min_length: int = 2,
-                     progress: Callable[[int, int], None] | None = None,
-                     detector: Callable[[np.ndarray], list[Det]] | None = None,
-                     tracker: str | Tracker = "bytetrack", config: ByteTrackConfig | None = None,
-                     detections: dict[int, list[Det]] | None = None) -> list[Tracklet]:
-    """Detect people on every Nth frame (``detector``: frame BGR -> ``[(box_xywh, score)]``,
-    default :class:`core.model.detect.HogDetector`, the weak last resort; or ``detections``, precomputed per frame number, e.g. a site's
-    det.txt) and track them (``tracker``: ``"bytetrack"`` or ``"iou"``, the old greedy linker).
-    Precomputed detections are tracked on every frame (they cost nothing to get), a detector's on
-    every Nth; either way crops are cut on every Nth frame. Boxes are clipped to the frame and each
-    tracklet carries its crops; tracklets shorter than
-    ``min_length`` detections are dropped as likely false positives, the rest numbered 1..K."""
-    if detector is not None and detections is not None:
-        raise ValueError("pass either a detector or precomputed detections, not both")
-    if detector is None and detections is None:
-        from core.model.detect import HogDetector
-
-        detector = HogDetector()
-    detect = detector
-    fps = getattr(reader, "fps", 25.0) or 25.0
-    trk = None
-    tracks: dict[int, Tracklet] = {}
-    recent: dict[int, list] = {}  # frame -> [(clipped box or None, score, crop)] for late hand-outs
-    keep_back = (config or ByteTrackConfig()).min_consecutive + 1
-    total = reader.frame_count
-    # precomputed boxes cost nothing per frame: the tracker sees every frame (far fewer identity
-    # switches, benchmarks/tracker_compare.py), crops are still cut on every Nth
-    step = 1 if detections is not None else every_n
-    for fn, frame in reader.frames():
-        keep = sampled(fn, every_n)
-        if not (keep or step == 1):
-            continue
-        h, w = frame.shape[:2]
-        if trk is None:
-            trk = make_tracker(tracker, config, frame_rate=fps / step, frame_size=(w, h))
-        dets = detections.get(fn, []) if detections is not None else detect(frame)
-        cut = []
-        for box, score in dets:
-            b = clip_box(box, w, h) if keep else None
-            crop = None if b is None else frame[int(b[1]):int(b[1] + b[3]), int(b[0]):int(b[0] + b[2])].copy()
-            cut.append((b, float(score), crop))
-        recent[fn] = cut
-        for old in [f for f in recent if f <= fn - keep_back * step]:
-            del recent[old]
-        for tid, f, di in trk.update(fn, [(list(b), s) for b, s in dets]):
-            box, score, crop = recent[f][di]
-            if box is None:
-                continue
-            t = tracks.setdefault(tid, Tracklet(track=tid))
-            t.frames.append(f)
-            t.boxes.append(box)
-            t.scores.append(score)
-            t.crops.append(crop)
-        if progress and fn % (every_n * 10) == 1:
-            progress(fn, total)
-    kept = sorted((t for t in tracks.values() if len(t.frames) >= min_length),
-                  key=lambda t: (t.frames[0], t.track))
-    for i, t in enumerate(kept, 1):
-        t.track = i
-    return kept

@@ -1,5 +1,8 @@
 """Where person boxes in raw footage come from, best first:
 
+Size: the three box sources share one box contract and one trust boundary (file caps, no symlinks,
+literal-only metadata); most of the file is the ONNX decoders of four YOLO output layouts.
+
 1. **The site's detection files** (:func:`read_detections`, :func:`find_detection_file`):
    MOTChallenge ``det/det.txt`` rows or a CSV with a header, as a site's own detector wrote them.
 2. **The site's own ONNX detector** (:class:`OnnxDetector`): the common YOLO exports

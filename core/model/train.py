@@ -1,5 +1,8 @@
 """One fine-tuning round of the embedding model: a plain training loop (nanoGPT style).
 
+Size: one plain loop, nanoGPT style, with its config, resume file and per-evaluation checkpoint:
+reading a round top to bottom in one file is the point.
+
     samples (path, identity, camera, weight)
       -> identities split into train / validation (by identity, never by crop)
       -> crops decoded once into memory at the round's input size

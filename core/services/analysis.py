@@ -19,7 +19,6 @@ from core.data import store
 
 log = logging.getLogger(__name__)
 
-CONDITION_TAGS = ("night", "shadow", "occluded", "blur")
 SCORE_FIELD, REASONS_FIELD, UNCERTAINTY_FIELD = "mis_score", "mis_reasons", "uncertainty"
 CLUSTERS_INFO_KEY = "condition_clusters"
 
@@ -94,13 +93,7 @@ def condition_clusters(name: str) -> list[dict[str, Any]]:
 def candidates(name: str, limit: int = 200) -> list[dict[str, Any]]:
     """Samples with a misclustering score, highest first, with their reasons (at most ``limit``;
     :func:`compute_scores` keeps the list short, see the module doc)."""
-    from fiftyone import ViewField as F
-
-    ds = store.get_dataset(name)
-    if SCORE_FIELD not in ds.get_field_schema():
-        return []
-    view = ds.match(F(SCORE_FIELD) > 0).sort_by(SCORE_FIELD, reverse=True)
-    return store.sample_rows(view, [SCORE_FIELD, REASONS_FIELD, "identity", "camera", "low_light"], limit=limit)
+    return store.top_rows(name, SCORE_FIELD, [REASONS_FIELD, "identity", "camera", "low_light"], limit=limit)
 
 
 def refresh_map(dataset: str, version: str, reporter, lo: float = 0.0, hi: float = 1.0) -> dict[str, Any]:

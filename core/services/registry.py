@@ -119,13 +119,11 @@ def get(dataset: str, version: str) -> dict[str, Any]:
 
 def _settle_dead_rounds(dataset: str) -> None:
     """A round whose job died (SIGKILL, out of memory) is recorded failed, never left training."""
-    from bson import ObjectId
-
     from core.data import jobs
 
     for rec in _coll().find({"dataset": dataset, "status": "training"}):
         job_id = rec.get("job_id")
-        if not job_id or not ObjectId.is_valid(job_id):
+        if not job_id or not store.is_object_id(job_id):
             continue
         try:
             j = jobs.get(job_id)

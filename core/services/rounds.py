@@ -343,6 +343,7 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
     its own version record and folder with its own config and parent, from its last evaluation
     (``resume.pt``, see :mod:`core.model.train`), or straight to export when its training had finished."""
     from core.model import embed, train
+    from core.services import embedding
     from core.services import export
     from core.data.jobs import JobCancelled
 
@@ -392,7 +393,7 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
             reporter.check()
             reporter.progress(0.7 + 0.15 * (done / total if total else 1), f"re-embedding {done}/{total}")
 
-        embed.embed_dataset(name, version=version, progress=on_embed)
+        embedding.embed_dataset(name, version=version, progress=on_embed)
         refresh = analysis.refresh_map(name, version, reporter, 0.85, 0.95)
         reporter.progress(0.95, "evaluating before and after", force=True)
         before = evaluate_version(name, parent, split)

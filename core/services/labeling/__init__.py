@@ -53,6 +53,9 @@ from core.services.labeling.suggestions import neighbours_by_value, predict, sim
 from core.services.labeling.decision import (UNDOABLE, BulkResult, Decision, bulk_decide, decide, decisions, flag, identities, merge_identities, new_identity, record_conflict, undo)
 from core.services.labeling.stats import agreement_series, progress
 from core.services.labeling.strips import tracklet_path, tracklet_strip
+# what the Annotate pages offer: the query strategies and the pair orders
+from core.math.strategies import DEFAULT_STRATEGY, DESCRIPTIONS, STRATEGIES  # noqa: F401
+from core.math.pair_select import DEFAULT_PAIR_ORDER, PAIR_ORDERS  # noqa: F401
 # the identity graph (pure: graph, pair_select) and its pair questions
 from core.math import graph, pair_select  # noqa: E402
 from core.services.labeling import identity, pairs

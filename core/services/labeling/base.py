@@ -11,11 +11,11 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+from core.math.conditions import CONDITION_TAGS
 from core.data import store
 
 QUEUES, ITEMS, LEASES, DECISIONS, COUNTERS, PAIRS = (
     "vigil_queues", "vigil_queue", "vigil_leases", "vigil_decisions", "vigil_counters", "vigil_pairs")
-CONDITION_TAGS = ("night", "shadow", "occluded", "blur")
 TO_LABEL = "to-label"  # tag the Map page puts on samples it sends to the queue (served first)
 
 LABEL_FIELDS = ("label", "identity", "behaviour", "attributes", "labelled_by", "labelled_at",
@@ -81,20 +81,12 @@ _ENSURE_LOCK = threading.Lock()
 def _ensure(name: str):
     """The dataset with the labelling loop's sample fields and collection indexes declared (once per
     process and dataset). Returns the FiftyOne dataset."""
-    import fiftyone as fo
-
     ds = store.get_dataset(name)
-    key = (name, str(ds._doc.id))
+    key = (name, store.sample_collection(name)[1])
     if key in _ENSURED:
         return ds
     with _ENSURE_LOCK:
-        schema = ds.get_field_schema()
-        for f, ftype in _EXTRA_FIELDS.items():
-            if f not in schema:
-                try:
-                    ds.add_sample_field(f, getattr(fo, ftype))
-                except ValueError:  # another process added it meanwhile
-                    ds.reload()
+        store.declare_fields(ds, _EXTRA_FIELDS)
         db = store.db()
         db[ITEMS].create_index([("dataset", 1), ("queue", 1), ("status", 1), ("batch", 1), ("rank", 1)])
         db[ITEMS].create_index([("dataset", 1), ("sample_id", 1)])
@@ -109,13 +101,11 @@ def _ensure(name: str):
 def _samples(name: str):
     """The pymongo collection of the dataset's samples (compare-and-set writes need it)."""
     ds = _ensure(name)
-    return store.db()[ds._sample_collection_name], ds
+    return store.sample_collection(name)[0], ds
 
 
 def _oid(sample_id: str):
-    from bson import ObjectId
-
-    return ObjectId(sample_id)
+    return store.object_id(sample_id)
 
 
 def _log(doc: dict[str, Any]) -> str:

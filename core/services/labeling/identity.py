@@ -151,21 +151,16 @@ def load(name: str) -> GraphState:
 # --------------------------------------------------------------------------------------------
 
 def _lock(name: str, owner: str, hold_s: float = 60.0, wait_s: float = 60.0) -> None:
-    from pymongo.errors import DuplicateKeyError
-
     deadline = time.time() + wait_s
     while True:
         now = _now()
-        try:
-            _coll(LOCKS).find_one_and_update({"_id": f"{name}|graph", "until": {"$lt": now}},
-                                             {"$set": {"owner": owner, "until": now + timedelta(seconds=hold_s)}},
-                                             upsert=True)
+        if store.upsert_if(_coll(LOCKS), {"_id": f"{name}|graph", "until": {"$lt": now}},
+                           {"$set": {"owner": owner, "until": now + timedelta(seconds=hold_s)}}):
             return
-        except DuplicateKeyError:
-            if time.time() > deadline:
-                raise LabelingError("the identity graph is being written by another session for over a "
-                                    "minute; try again")
-            time.sleep(0.05)
+        if time.time() > deadline:
+            raise LabelingError("the identity graph is being written by another session for over a "
+                                "minute; try again")
+        time.sleep(0.05)
 
 
 def _unlock(name: str, owner: str) -> None:

@@ -45,22 +45,15 @@ class Item:
 
 def _claim_sample(name: str, sample_id: str, session_id: str, until: datetime) -> bool:
     """Atomically take (or renew) the per-sample lease; False when another session holds it."""
-    from pymongo.errors import DuplicateKeyError
-
     now = _now()
-    try:
-        _coll(LEASES).find_one_and_update(
-            {"_id": f"{name}|{sample_id}", "$or": [{"session": session_id}, {"until": {"$lt": now}}]},
-            {"$set": {"dataset": name, "sample_id": sample_id, "session": session_id, "until": until}},
-            upsert=True)
-        return True
-    except DuplicateKeyError:
-        return False
+    return store.upsert_if(
+        _coll(LEASES),
+        {"_id": f"{name}|{sample_id}", "$or": [{"session": session_id}, {"until": {"$lt": now}}]},
+        {"$set": {"dataset": name, "sample_id": sample_id, "session": session_id, "until": until}})
 
 
 def _make_item(name: str, doc: dict[str, Any], token: str) -> Item | None:
-    ds = store.get_dataset(name)
-    coll = store.db()[ds._sample_collection_name]
+    coll, _ = store.sample_collection(name)
     s = coll.find_one({"_id": _oid(doc["sample_id"])})
     if s is None:
         return None

@@ -22,7 +22,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from pymongo.errors import DuplicateKeyError
 
 from core.services import registry
 from core.data import store
@@ -170,11 +169,9 @@ def _put(coll, name: str, order: str, c: dict[str, Any], batch: int, rank: int, 
     free: dict[str, Any] = {"status": {"$nin": ["pending", "leased"]}}
     if promote:
         free = {"$or": [free, {"status": "pending", "proposed_by": None}]}
-    try:  # a closed item of the same pair is reused; a pending or leased one is left alone
-        coll.update_one({"_id": _doc_id(name, order, c["a"], c["b"]), **free}, {"$set": doc}, upsert=True)
-    except DuplicateKeyError:  # queued meanwhile by another session
-        return False
-    return True
+    # a closed item of the same pair is reused; a pending or leased one (queued meanwhile by
+    # another session) is left alone
+    return store.upsert_if(coll, {"_id": _doc_id(name, order, c["a"], c["b"]), **free}, {"$set": doc})
 
 
 def _queue(name: str, order: str, k: int, rng, state, boost: bool = True) -> int:

@@ -209,19 +209,14 @@ def build_queue(name: str, strategy: str = strategies.DEFAULT_STRATEGY, k: int =
                             "view_ids": spec.view_ids})
     batch = compute_batch(name, run_spec, exclude=_queued_ids(name, spec.key))
     now = _now()
-    from pymongo import UpdateOne
-
-    ops = [UpdateOne({"_id": f"{name}|{spec.key}|{r.sample_id}"},
-                     {"$setOnInsert": {"dataset": name, "queue": spec.key, "sample_id": r.sample_id,
-                                       "batch": batch_no, "rank": r.rank, "score": r.score,
-                                       "reason": r.reason, "strategy": batch.strategy,
-                                       "model": batch.version, "status": "pending", "leased_by": None,
-                                       "lease_until": None, "served_to": [], "created_at": now}},
-                     upsert=True) for r in batch.rows]
-    if ops:
-        _coll(ITEMS).bulk_write(ops, ordered=False)
+    store.insert_missing(_coll(ITEMS), {
+        f"{name}|{spec.key}|{r.sample_id}": {
+            "dataset": name, "queue": spec.key, "sample_id": r.sample_id, "batch": batch_no, "rank": r.rank,
+            "score": r.score, "reason": r.reason, "strategy": batch.strategy, "model": batch.version,
+            "status": "pending", "leased_by": None, "lease_until": None, "served_to": [], "created_at": now}
+        for r in batch.rows})
     log.info("%s: queue %s batch %d: %d items (%s, %d labelled, %d candidates)", name, spec.key,
-             batch_no, len(ops), batch.strategy, batch.n_labelled, batch.n_candidates)
+             batch_no, len(batch.rows), batch.strategy, batch.n_labelled, batch.n_candidates)
     return spec
 
 

@@ -14,10 +14,7 @@ log = logging.getLogger(__name__)
 
 def _tracklet_boxes(name: str, tracklet: str) -> tuple[np.ndarray, np.ndarray]:
     """(frames int [M], boxes float [M, 4] x, y, w, h) of the tracklet's crops, by frame."""
-    from fiftyone import ViewField as F
-
-    view = store.get_dataset(name).match(F("tracklet") == tracklet).exists("bbox").exists("frame")
-    frames, boxes = view.values(["frame", "bbox"]) if view.count() else ([], [])
+    frames, boxes = store.tracklet_values(name, tracklet, ["frame", "bbox"])
     if not frames:
         return np.zeros(0, np.int64), np.zeros((0, 4), np.float64)
     order = np.argsort(frames, kind="stable")
@@ -39,8 +36,7 @@ def tracklet_strip(name: str, sample_id: str, n: int = 8) -> list[tuple[int, np.
 
     from core.data import media
 
-    ds = store.get_dataset(name)
-    doc = store.db()[ds._sample_collection_name].find_one(
+    doc = store.sample_collection(name)[0].find_one(
         {"_id": _oid(sample_id)}, {"tracklet": 1, "video_path": 1, "frame_first": 1, "frame_last": 1, "frame": 1})
     if not doc or not doc.get("tracklet") or not doc.get("video_path"):
         return []

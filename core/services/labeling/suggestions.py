@@ -54,12 +54,13 @@ def suggest_identities(name: str, sample_id: str, k: int = 5, n_neighbors: int =
 
 def similar_crops(name: str, sample_id: str, k: int = 8) -> list[dict[str, Any]]:
     """"More like this" on the Annotate page: the ``k`` crops most like ``sample_id`` under the
-    active model, re-ranked by shared neighbours (core.model.embed.similar with ``rerank``), closest
+    active model, re-ranked by shared neighbours (core.services.embedding.similar with ``rerank``), closest
     first: [{id, filepath, identity, camera, distance}]. Empty when the sample has no embedding."""
     from core.model import embed
+    from core.services import embedding
 
     try:
-        hits = embed.similar(name, sample_id, k=k, rerank=True)
+        hits = embedding.similar(name, sample_id, k=k, rerank=True)
     except embed.EmbedError:
         return []
     cols = store.view_columns(name, ["filepath", "identity", "camera"], [h[0] for h in hits])

@@ -26,25 +26,14 @@ def _load(name: str, fields: Sequence[str], labelled_only: str | None = None) ->
     """ids, X float32 [N, D] (active model) and ``fields`` of every embedded sample.
     ``labelled_only``: "verify" keeps samples with ``labelled_by``; "trust" those with the
     target value or ``labelled_by`` (target passed through ``fields[0]``)."""
-    from fiftyone import ViewField as F
-
     version = store.active_model(name)
     if not version:
         raise LabelingError(f"dataset {name!r} has no embeddings yet: embed it first (Map or Annotate page)")
-    ds = store.get_dataset(name)
-    ef = store.embedding_field(version)
-    if ef not in ds.get_field_schema():
+    any_of = {"verify": ["labelled_by"], "trust": ["labelled_by", fields[0]]}.get(labelled_only or "")
+    out = store.embedded_columns(name, version, list(fields), any_of=any_of)
+    if out is None:
         raise LabelingError(f"dataset {name!r} has no embeddings of model {version!r}: embed it first")
-    view = ds.exists(ef)
-    if labelled_only == "verify":
-        view = view.exists("labelled_by")
-    elif labelled_only == "trust":
-        view = view.match((F("labelled_by") != None) | (F(fields[0]) != None))  # noqa: E711
-    fields = [f for f in fields if f in ds.get_field_schema() or f == "tags"]
-    cols = ["id", ef, *fields]
-    vals = view.values(cols)
-    out = dict(zip(cols, vals))
-    vecs = out.pop(ef)
+    vecs = out.pop("vector")
     out["X"] = np.stack([np.asarray(v, np.float32) for v in vecs]) if vecs else np.zeros((0, 1), np.float32)
     out["version"] = version
     return out

@@ -1,0 +1,203 @@
+"""Embeddings of a dataset: embed every sample with a model version, tracklet means, "more like this".
+
+Composes :mod:`core.model.embed` (the network and batched extraction, pure of the database) with
+:mod:`core.data.store` (where the vectors live): :func:`embed_dataset` writes
+``store.embedding_field(version)`` and ``embed_error``; :func:`tracklet_embeddings`;
+:func:`similar`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from core.data import store
+from core.model.embed import BASE, EmbedError, Progress, embed_paths, onnx_path
+
+log = logging.getLogger(__name__)
+
+
+ERROR_FIELD = "embed_error"
+
+
+
+_WRITE_CHUNK = 4096
+
+
+
+def embed_dataset(name: str, version: str | None = None, progress: Progress | None = None,
+                  batch_size: int = 64, threads: int = 2, backend: str = "auto",
+                  ) -> dict[str, Any]:
+    """Embed every sample of dataset ``name`` with ``version`` (None: the dataset's active model,
+    else "base") into ``store.embedding_field(version)``.
+
+    Crops use the config's crop size, samples of kind "image" its image size. A failed sample
+    gets ``embed_error`` (its reason) and a ``None`` vector; successes clear ``embed_error``.
+    Vectors are written in chunks of 4096 samples; a model with a person-ness head also writes
+    each crop's score to ``store.person_field(version)``. Sets the active model when none is set.
+    Returns {version, field, total, embedded, failed, errors (sample id -> reason, first 100),
+    seconds}."""
+
+    t0 = time.perf_counter()
+    ds = store.get_dataset(name)
+    version = version or store.active_model(name) or BASE
+    field = store.embedding_field(version)
+    if backend == "onnx":
+        onnx_path(version)  # export before the clock of the first batch; raises early
+    ids, paths, kinds = ds.values(["id", "filepath", "kind"]) if len(ds) else ([], [], [])
+    total = len(ids)
+    embedded, failed = 0, 0
+    errors_out: dict[str, str] = {}
+    done_before = 0
+    by_kind: dict[str, list[int]] = {}
+    for i, k in enumerate(kinds):
+        by_kind.setdefault("image" if k == "image" else "crop", []).append(i)
+    for kind, idx in by_kind.items():
+        for c0 in range(0, len(idx), _WRITE_CHUNK):
+            chunk = idx[c0: c0 + _WRITE_CHUNK]
+
+            def prog(d: int, _t: int, base: int = done_before) -> None:
+                if progress is not None:
+                    progress(base + d, total)
+
+            vecs, errs, person = embed_paths([paths[i] for i in chunk], version=version, kind=kind,
+                                             batch_size=batch_size, threads=threads, progress=prog,
+                                             backend=backend, person=True)
+            values: dict[str, Any] = {}
+            err_values: dict[str, str | None] = {}
+            for j, i in enumerate(chunk):
+                sid = ids[i]
+                if j in errs:
+                    values[sid] = None
+                    err_values[sid] = errs[j]
+                    if len(errors_out) < 100:
+                        errors_out[sid] = errs[j]
+                else:
+                    values[sid] = vecs[j]
+                    err_values[sid] = None
+            store.set_values(name, field, values)
+            store.set_values(name, ERROR_FIELD, err_values)
+            if person is not None and kind == "crop":
+                store.set_values(name, store.person_field(version), {
+                    ids[i]: (None if j in errs else float(person[j])) for j, i in enumerate(chunk)})
+            failed += len(errs)
+            embedded += len(chunk) - len(errs)
+            done_before += len(chunk)
+    if total:  # a default for a fresh dataset; never over an operator's activation meanwhile
+        store.set_active_model(name, version, only_if_unset=True)
+    clear_similarity_cache(name)
+    seconds = time.perf_counter() - t0
+    log.info("embedded %s with %s: %d ok, %d failed in %.1fs", name, version, embedded, failed,
+             seconds)
+    return {"version": version, "field": field, "total": total, "embedded": embedded,
+            "failed": failed, "errors": errors_out, "seconds": seconds}
+
+
+
+def _field_vectors(name: str, version: str | None) -> tuple[list[str], np.ndarray, str]:
+
+    version = version or store.active_model(name) or BASE
+    field = store.embedding_field(version)
+    ds = store.get_dataset(name)
+    if field not in ds.get_field_schema():
+        raise EmbedError(f"dataset {name!r} has no embeddings of model {version!r}; embed first")
+    view = ds.exists(field)
+    if len(view) == 0:
+        return [], np.zeros((0, 0), np.float32), version
+    ids, vecs = view.values(["id", field])
+    return ids, np.asarray(np.stack(vecs), dtype=np.float32), version
+
+
+
+def tracklet_embeddings(name: str, version: str | None = None) -> dict[str, np.ndarray]:
+    """Tracklet (clip) embeddings: per value of the ``tracklet`` field, the mean of its crops'
+    vectors, re-normalised to unit length. Returns {tracklet: [D] float32}."""
+
+    version = version or store.active_model(name) or BASE
+    field = store.embedding_field(version)
+    ds = store.get_dataset(name)
+    if field not in ds.get_field_schema():
+        raise EmbedError(f"dataset {name!r} has no embeddings of model {version!r}; embed first")
+    view = ds.exists(field).exists("tracklet")
+    if len(view) == 0:
+        return {}
+    tracklets, vecs = view.values(["tracklet", field])
+    groups: dict[str, list[np.ndarray]] = {}
+    for t, v in zip(tracklets, vecs):
+        groups.setdefault(t, []).append(np.asarray(v, dtype=np.float32))
+    out = {}
+    for t, vs in groups.items():
+        m = np.mean(vs, axis=0)
+        out[t] = (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
+    return out
+
+
+
+_NN_CACHE: "OrderedDict[tuple[str, str, int], tuple[Any, list[str], dict[str, int], np.ndarray]]" \
+    = OrderedDict()
+
+
+
+_NN_LOCK = threading.Lock()
+
+
+
+def clear_similarity_cache(name: str | None = None) -> None:
+    with _NN_LOCK:
+        for key in [k for k in _NN_CACHE if name is None or k[0] == name]:
+            del _NN_CACHE[key]
+
+
+
+RERANK_CANDIDATES = 100  # nearest samples that similar(rerank=True) re-ranks among themselves
+
+
+
+def similar(name: str, sample_id: str, k: int = 12, version: str | None = None, rerank: bool = False,
+            ) -> list[tuple[str, float]]:
+    """"More like this": the ``k`` nearest samples to ``sample_id`` by cosine distance over the
+    embeddings of ``version`` (None: the active model), nearest first, itself excluded.
+
+    ``rerank``: the :data:`RERANK_CANDIDATES` nearest are re-ordered by k-reciprocal re-ranking
+    (core.math.evaluate.k_reciprocal_distances) among themselves and the query, and the distances
+    returned are the re-ranked ones (in [0, 1]): crops of the same person from another camera
+    that resemble the query only through that person's other crops move up.
+
+    The scikit-learn index is cached in-process per (dataset, version, embedded count) and dropped
+    by :func:`embed_dataset` in this process."""
+    from sklearn.neighbors import NearestNeighbors
+
+    version = version or store.active_model(name) or BASE
+    field = store.embedding_field(version)
+    ds = store.get_dataset(name)
+    count = ds.exists(field).count() if field in ds.get_field_schema() else 0
+    key = (name, version, count)
+    with _NN_LOCK:
+        hit = _NN_CACHE.get(key)
+    if hit is None:
+        ids, X, _ = _field_vectors(name, version)
+        if not ids:
+            raise EmbedError(f"dataset {name!r} has no embeddings of model {version!r}")
+        nn_ = NearestNeighbors(metric="cosine", algorithm="brute").fit(X)
+        hit = (nn_, ids, {s: i for i, s in enumerate(ids)}, X)
+        with _NN_LOCK:
+            _NN_CACHE[key] = hit
+            while len(_NN_CACHE) > 8:
+                _NN_CACHE.popitem(last=False)
+    nn_, ids, pos, X = hit
+    if sample_id not in pos:
+        raise EmbedError(f"sample {sample_id} has no embedding of model {version!r}")
+    kk = min(max(k + 1, RERANK_CANDIDATES if rerank else 0), len(ids))
+    dist, ind = nn_.kneighbors(X[pos[sample_id]][None], n_neighbors=kk)
+    out = [(j, float(d)) for d, j in zip(dist[0], ind[0]) if ids[j] != sample_id]
+    if rerank and out:
+        from core.math.evaluate import k_reciprocal_distances
+
+        cand = [j for j, _ in out]
+        d = k_reciprocal_distances(X[[pos[sample_id], *cand]], n_rows=1)[0, 1:]
+        out = [(cand[o], float(d[o])) for o in np.argsort(d, kind="stable")]
+    return [(ids[j], d) for j, d in out[:k]]
