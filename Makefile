@@ -29,7 +29,10 @@ run: $(STAMP)
 	$(PY) -m core demo
 	PORT=$(PORT) scripts/run.sh
 
+# The import contracts (.importlinter: layers, pure math, one door to the database) first: a
+# violation fails the run before the suite starts.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 clean-env:
