@@ -503,9 +503,13 @@ def tracklet_values(name: str, tracklet: str, fields: list[str]) -> list[list]:
 
 def embedded_columns(name: str, version: str, fields: list[str],
                      any_of: list[str] | None = None) -> dict[str, list] | None:
-    """Columns ``id``, ``vector`` and ``fields`` of the samples holding an embedding of ``version``
-    (with ``any_of``: and at least one of those fields set), read in one pass; None when the
-    dataset has no embeddings of ``version``. Fields the dataset lacks are left out."""
+    """Columns ``id`` and ``fields`` of the samples holding an embedding of ``version`` (with
+    ``any_of``: and at least one of those fields set) and their vectors as ``X`` float32 [N, D]
+    ([0, 1] when none), read in one pass; None when the dataset has no embeddings of
+    ``version``. Fields the dataset lacks are left out. The one loader of "ids + vectors" that
+    analysis, labelling and "more like this" share."""
+    import numpy as np
+
     from fiftyone import ViewField as F
 
     ds = get_dataset(name)
@@ -521,7 +525,9 @@ def embedded_columns(name: str, version: str, fields: list[str],
         view = view.match(expr)
     fields = [f for f in fields if f in schema or f == "tags"]
     cols = ["id", ef, *fields]
-    out = dict(zip(["id", "vector", *fields], view.values(cols)))
+    out = dict(zip(["id", "X", *fields], view.values(cols)))
+    vecs = out["X"]
+    out["X"] = np.stack([np.asarray(v, np.float32) for v in vecs]) if vecs else np.zeros((0, 1), np.float32)
     return out
 
 

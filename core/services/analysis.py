@@ -29,15 +29,9 @@ def load_matrix(name: str, version: str | None = None, fields: tuple[str, ...] =
     version = version or store.active_model(name)
     if not version:
         raise store.StoreError(f"{name} has no active model: embed the dataset first")
-    efield = store.embedding_field(version)
-    ds = store.get_dataset(name)
-    if efield not in ds.get_field_schema():
+    out = store.embedded_columns(name, version, list(fields))
+    if out is None:
         raise store.StoreError(f"no embeddings of model {version!r} in {name!r}: embed the dataset first")
-    view = ds.exists(efield)
-    cols = ["id", efield, *fields]
-    vals = view.values(cols)
-    out = dict(zip(cols, vals))
-    out["X"] = np.stack([np.asarray(v, np.float32) for v in out.pop(efield)]) if out["id"] else np.zeros((0, 1), np.float32)
     out["version"] = version
     return out
 

@@ -98,37 +98,27 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
 
 
 
-def _field_vectors(name: str, version: str | None) -> tuple[list[str], np.ndarray, str]:
-
-    version = version or store.active_model(name) or BASE
-    field = store.embedding_field(version)
-    ds = store.get_dataset(name)
-    if field not in ds.get_field_schema():
+def _columns(name: str, version: str, fields: list[str], any_of: list[str] | None = None) -> dict:
+    out = store.embedded_columns(name, version, fields, any_of=any_of)
+    if out is None:
         raise EmbedError(f"dataset {name!r} has no embeddings of model {version!r}; embed first")
-    view = ds.exists(field)
-    if len(view) == 0:
-        return [], np.zeros((0, 0), np.float32), version
-    ids, vecs = view.values(["id", field])
-    return ids, np.asarray(np.stack(vecs), dtype=np.float32), version
+    return out
 
+
+def _field_vectors(name: str, version: str | None) -> tuple[list[str], np.ndarray, str]:
+    version = version or store.active_model(name) or BASE
+    cols = _columns(name, version, [])
+    return cols["id"], cols["X"], version
 
 
 def tracklet_embeddings(name: str, version: str | None = None) -> dict[str, np.ndarray]:
     """Tracklet (clip) embeddings: per value of the ``tracklet`` field, the mean of its crops'
     vectors, re-normalised to unit length. Returns {tracklet: [D] float32}."""
-
     version = version or store.active_model(name) or BASE
-    field = store.embedding_field(version)
-    ds = store.get_dataset(name)
-    if field not in ds.get_field_schema():
-        raise EmbedError(f"dataset {name!r} has no embeddings of model {version!r}; embed first")
-    view = ds.exists(field).exists("tracklet")
-    if len(view) == 0:
-        return {}
-    tracklets, vecs = view.values(["tracklet", field])
+    cols = _columns(name, version, ["tracklet"], any_of=["tracklet"])
     groups: dict[str, list[np.ndarray]] = {}
-    for t, v in zip(tracklets, vecs):
-        groups.setdefault(t, []).append(np.asarray(v, dtype=np.float32))
+    for t, v in zip(cols["tracklet"], cols["X"]):
+        groups.setdefault(t, []).append(v)
     out = {}
     for t, vs in groups.items():
         m = np.mean(vs, axis=0)

@@ -33,8 +33,6 @@ def _load(name: str, fields: Sequence[str], labelled_only: str | None = None) ->
     out = store.embedded_columns(name, version, list(fields), any_of=any_of)
     if out is None:
         raise LabelingError(f"dataset {name!r} has no embeddings of model {version!r}: embed it first")
-    vecs = out.pop("vector")
-    out["X"] = np.stack([np.asarray(v, np.float32) for v in vecs]) if vecs else np.zeros((0, 1), np.float32)
     out["version"] = version
     return out
 
