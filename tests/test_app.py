@@ -129,7 +129,7 @@ def test_map_bulk_action_is_logged_and_undone(small_dataset):
 
 # ---------------------------------------------------------------- failures say what failed
 @pytest.mark.parametrize("page,target,doing", [
-    (None, "core.data.store.dataset_summary", "Reading dataset 'apptest'"),  # the sidebar, on every page
+    (None, "core.services.datasets.summary", "Reading dataset 'apptest'"),  # the sidebar, on every page
     ("pages/map.py", "core.services.registry.list_versions", "Reading the dataset's models"),
     ("pages/annotate.py", "core.services.labeling.embedding_status", "Reading the dataset's embeddings"),
     ("pages/annotate.py", "core.services.labeling.next_item", "Getting the next item to label"),
