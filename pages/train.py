@@ -97,8 +97,9 @@ name = require_dataset()
 try:
     active = store.active_model(name)
     versions = registry.list_versions(name)
-    split = rounds.eval_split(name)
-    samples = rounds.training_samples(name, split.identities)
+    cols = rounds.round_columns(name)
+    split = rounds.eval_split(cols)
+    samples = rounds.training_samples(cols, split.identities)
 except Exception as exc:
     show_error(exc, "reading the model versions and labels", "Reload the page; the app log has the details.")
     st.stop()

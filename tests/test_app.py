@@ -208,8 +208,9 @@ def test_train_page_one_retrain_button_knobs_under_advanced(dsname, tmp_path):
     at = _open(name, "pages/train.py")
     assert [b.label for b in at.form_submit_button] == ["Retrain"]
     # one sentence says what Retrain does
-    split = rounds.eval_split(name)
-    n_train = len({s[1] for s in rounds.training_samples(name, split.identities)})
+    cols = rounds.round_columns(name)
+    split = rounds.eval_split(cols)
+    n_train = len({s[1] for s in rounds.training_samples(cols, split.identities)})
     assert 2 <= n_train < 8 and len(split.identities) >= 3
     says = " ".join(m.value for m in at.markdown)
     assert re.search(rf"starts from model \*\*base\*\*, trains on \*\*{n_train} identities\*\*", says), says

@@ -144,7 +144,7 @@ def test_round_class_labels_come_from_the_operators_classes(dsname, tmp_path):
     ids = cols["id"]
     store.set_values(dsname, "label", {ids[0]: "shadow/noise", ids[1]: "vehicle", ids[2]: None})
     store.set_values(dsname, "embed_error", {ids[3]: "cannot decode"})
-    rows = rounds.class_samples(dsname)
+    rows = rounds.class_samples(rounds.round_columns(dsname))
     got = {p: y for p, y, _g in rows}
     assert all(g.startswith("TUD-Campus/") for _p, _y, g in rows)  # grouped by tracklet
     path = dict(zip(ids, cols["filepath"]))

@@ -32,7 +32,7 @@ def test_hold_out_leaves_the_query_tracklet_out_of_its_gallery(tmp_path, dsname)
             for f in range(0, 100, 10):
                 rows.append((f"p{i}", f"seq/{i}{t}", f, ()))
     store.add_records(dsname, _records(tmp_path, rows))
-    split = rounds.eval_split(dsname)
+    split = rounds.eval_split(rounds.round_columns(dsname))
     cols = store.view_columns(dsname, ["identity", "tracklet", "frame"])
     by_id = dict(zip(cols["id"], zip(cols["identity"], cols["tracklet"], cols["frame"])))
     assert split.problem is None and split.query
@@ -54,7 +54,7 @@ def test_round_refuses_a_split_with_nothing_to_find_before_training(tmp_path, ds
     # lone tracklets of 3 crops: too short to find one half from the other
     rows = [(f"p{i}", f"seq/{i}", f, ()) for i in range(6) for f in range(0, 30, 10)]
     store.add_records(dsname, _records(tmp_path, rows))
-    split = rounds.eval_split(dsname)
+    split = rounds.eval_split(rounds.round_columns(dsname))
     assert not split.query and "tracklet" in split.problem
     rep = worker.LocalReporter("test round")
     try:
@@ -81,7 +81,8 @@ def test_lone_tracklets_make_a_within_tracklet_split_and_train_as_themselves(tmp
     rows = [(None, f"seq/{i}", f, ()) for i in range(8) for f in range(0, 60, 10)]
     rows += [(None, None, None, ())]  # a lone crop nobody named: neither query nor training
     store.add_records(dsname, _records(tmp_path, rows))
-    split = rounds.eval_split(dsname)
+    rc = rounds.round_columns(dsname)
+    split = rounds.eval_split(rc)
     assert split.problem is None and split.query and "within tracklet" in split.protocol
     cols = store.view_columns(dsname, ["tracklet", "frame"])
     frame = dict(zip(cols["id"], cols["frame"]))
@@ -92,7 +93,7 @@ def test_lone_tracklets_make_a_within_tracklet_split_and_train_as_themselves(tmp
         assert others  # the other half is there to find
         half = sorted(frame[g] for g, gk in zip(split.gallery, split.g_keys) if gk == qk) + [frame[q]]
         assert max(half) < min(frame[g] for g in others) or min(half) > max(frame[g] for g in others)
-    train = rounds.training_samples(dsname, split.identities)
+    train = rounds.training_samples(rc, split.identities)
     assert {s[1] for s in train} == {f"~seq/{i}" for i in range(8)} - split.identities
     assert all(s[1] not in split.identities for s in train) and len(train) == 6 * (8 - len(split.identities))
 
@@ -100,7 +101,7 @@ def test_lone_tracklets_make_a_within_tracklet_split_and_train_as_themselves(tmp
 def test_too_few_identities_say_how_many_to_label(tmp_path, dsname):
     rows = [(f"p{i}", f"seq/{i}{t}", 0, ()) for i in range(3) for t in range(2)]
     store.add_records(dsname, _records(tmp_path, rows))
-    split = rounds.eval_split(dsname)
+    split = rounds.eval_split(rounds.round_columns(dsname))
     assert not split.query and "label at least 6 people" in split.problem
 
 
@@ -114,9 +115,10 @@ def test_a_file_tagged_query_and_gallery_never_finds_itself(tmp_path, dsname):
     angle = {ids[0]: 0.0, ids[1]: 0.4, ids[2]: 0.2}  # the other A ranks behind B
     field = store.embedding_field("base")
     store.set_values(dsname, field, {i: [float(np.cos(a)), float(np.sin(a))] for i, a in angle.items()})
-    split = rounds.eval_split(dsname)
+    rc = rounds.round_columns(dsname)
+    split = rounds.eval_split(rc)
     assert split.query == [ids[0]] and ids[0] in split.gallery
-    res = rounds.evaluate_version(dsname, "base", split)
+    res = rounds.evaluate_version(dsname, "base", split, rc)
     assert res["all"]["n_queries"] == 1
     assert res["all"]["rank1"] == 0.0 and res["all"]["mAP"] == pytest.approx(0.5)
     assert res["reranked"]["rank1"] == 0.0

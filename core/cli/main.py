@@ -151,11 +151,12 @@ def cmd_evaluate(a) -> int:
     from core.data import store
 
     version = a.version or store.active_model(a.dataset)
-    split = rounds.eval_split(a.dataset)
+    cols = rounds.round_columns(a.dataset)
+    split = rounds.eval_split(cols)
     if split.problem:
         print(f"error: nothing to evaluate on: {split.problem}", file=sys.stderr)
         return 2
-    res = rounds.evaluate_version(a.dataset, version, split)
+    res = rounds.evaluate_version(a.dataset, version, split, cols)
     print(f"{a.dataset} / {version}: {res['protocol']}")
     for group, m in [("all", res["all"]), *res["by_condition"].items(), *res["by_camera"].items()]:
         print(f"  {group:<12} rank-1 {m['rank1']:.3f}  rank-5 {m['rank5']:.3f}  mAP {m['mAP']:.3f}  "

@@ -304,12 +304,21 @@ def person_field(version: str) -> str:
 
 def set_values(name: str, field: str, values_by_id: dict[str, Any]) -> None:
     """Write ``field`` for the samples whose ids are the keys (one bulk write)."""
-    if not values_by_id:
+    set_columns(name, {field: values_by_id})
+
+
+def set_columns(name: str, columns: dict[str, dict[str, Any]]) -> None:
+    """Write several fields, each ``{sample id: value}``, resolving the dataset once (one bulk
+    write per field). A new field whose values are all None is skipped: nothing to record, and
+    FiftyOne cannot type a field from None alone."""
+    columns = {f: v for f, v in columns.items() if v}
+    if not columns:
         return
     ds = get_dataset(name)
-    if field not in ds.get_field_schema() and all(v is None for v in values_by_id.values()):
-        return  # nothing to record, and FiftyOne cannot type a new field from None alone
-    ds.set_values(field, values_by_id, key_field="id")
+    schema = ds.get_field_schema()
+    for field, values_by_id in columns.items():
+        if field in schema or any(v is not None for v in values_by_id.values()):
+            ds.set_values(field, values_by_id, key_field="id")
 
 
 def db():

@@ -51,10 +51,7 @@ def condition_masks(data: dict[str, Any]) -> dict[str, np.ndarray]:
 def compute_scores(name: str, version: str | None = None, n_neighbors: int = 10) -> dict[str, Any]:
     """Score every embedded sample and store ``mis_score``, ``mis_reasons`` and ``uncertainty``;
     the condition clusters found go to the dataset's state. Returns a summary."""
-    ds = store.get_dataset(name)
-    schema = ds.get_field_schema()
-    fields = ("identity", "low_light", "tags") + (("flagged",) if "flagged" in schema else ())
-    data = load_matrix(name, version, fields)
+    data = load_matrix(name, version, ("identity", "low_light", "tags", "flagged"))  # absent fields left out
     ids, X = data["id"], data["X"]
     if len(ids) < 3:
         return {"scored": 0}
@@ -68,9 +65,9 @@ def compute_scores(name: str, version: str | None = None, n_neighbors: int = 10)
         probs, _classes = strategies.class_probabilities(X, labelled, labels, n_neighbors=k)
         p = -np.sort(-probs, axis=1)
         unc = np.where(labelled, unc, 1.0 - (p[:, 0] - p[:, 1]))
-    store.set_values(name, SCORE_FIELD, dict(zip(ids, map(float, cand.scores))))
-    store.set_values(name, REASONS_FIELD, dict(zip(ids, cand.reasons)))
-    store.set_values(name, UNCERTAINTY_FIELD, dict(zip(ids, map(float, unc))))
+    store.set_columns(name, {SCORE_FIELD: dict(zip(ids, map(float, cand.scores))),
+                             REASONS_FIELD: dict(zip(ids, cand.reasons)),
+                             UNCERTAINTY_FIELD: dict(zip(ids, map(float, unc)))})
     clusters = [{k2: (v if k2 != "members" else [ids[i] for i in v[:500]]) for k2, v in c.items()}
                 for c in cand.clusters]
     store.set_state(name, CLUSTERS_INFO_KEY, {"version": data["version"], "clusters": clusters})

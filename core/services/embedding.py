@@ -79,11 +79,11 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
                 else:
                     values[sid] = vecs[j]
                     err_values[sid] = None
-            store.set_values(name, field, values)
-            store.set_values(name, ERROR_FIELD, err_values)
+            columns = {field: values, ERROR_FIELD: err_values}
             if person is not None and kind == "crop":
-                store.set_values(name, store.person_field(version), {
-                    ids[i]: (None if j in errs else float(person[j])) for j, i in enumerate(chunk)})
+                columns[store.person_field(version)] = {
+                    ids[i]: (None if j in errs else float(person[j])) for j, i in enumerate(chunk)}
+            store.set_columns(name, columns)
             failed += len(errs)
             embedded += len(chunk) - len(errs)
             done_before += len(chunk)

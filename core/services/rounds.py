@@ -68,15 +68,26 @@ def _identities(cols: dict[str, list]) -> list[str | None]:
             for i, tr, lb, kd in zip(cols["identity"], cols["tracklet"], cols["label"], cols["kind"])]
 
 
-def eval_split(name: str) -> EvalSplit:
+ROUND_FIELDS = ["filepath", "identity", "tags", "tracklet", "frame", "label", "kind", "camera", "flagged",
+                "mis_score", "uncertainty", "embed_error", "low_light"]
+
+
+def round_columns(name: str) -> dict[str, list]:
+    """The columns a round reads (:data:`ROUND_FIELDS`, ``id``), in one pass: the split, the
+    training crops, the classed crops and the evaluation's metadata all come from this one read,
+    so they describe the same moment of a dataset operators keep labelling."""
+    return store.view_columns(name, ROUND_FIELDS)
+
+
+def eval_split(cols: dict[str, list]) -> EvalSplit:
     """query/gallery tags when the dataset has them (re-ID folders); otherwise identities held out
     by a stable hash, each tracklet's middle crop a query and the identity's other crops the
     gallery. Held out are identities seen in more than one tracklet (or crop) when at least
     MIN_HELD_OUT + 3 are, else any. When no held-out identity spans two tracklets (lone
     tracklets, before any pair answer), each held-out tracklet of 4+ crops is cut in two halves
     by frame that find each other ("within tracklet": tracklets alone make a round). Either way a query is scored only against crops outside its
-    own tracklet (half), and only when its identity has such a crop (see :class:`EvalSplit`)."""
-    cols = store.view_columns(name, ["identity", "tags", "tracklet", "frame", "label", "kind"])
+    own tracklet (half), and only when its identity has such a crop (see :class:`EvalSplit`).
+    ``cols``: :func:`round_columns`."""
     ids = cols["id"]
     ident = _identities(cols)
     key = [tr or sid for tr, sid in zip(cols["tracklet"], ids)]
@@ -140,13 +151,11 @@ def eval_split(name: str) -> EvalSplit:
                  "gallery crops")
 
 
-def training_samples(name: str, exclude_identities: set[str]) -> list[tuple[str, str, str | None, float]]:
+def training_samples(cols: dict[str, list], exclude_identities: set[str]) -> list[tuple[str, str, str | None, float]]:
     """(path, identity, camera, weight) of person crops outside the evaluation identities, one
     training identity per component of the identity graph with at least two crops (an unnamed
     lone tracklet trains as itself, see :func:`_identities`); flagged samples weigh 3x,
-    misclustered/uncertain ones up to 2x more."""
-    cols = store.view_columns(name, ["filepath", "identity", "tracklet", "camera", "label", "flagged", "mis_score",
-                                     "uncertainty", "embed_error", "kind"])
+    misclustered/uncertain ones up to 2x more. ``cols``: :func:`round_columns`."""
     ident_of = _identities(cols)
     n_of = Counter(i for i in ident_of if i)
     out = []
@@ -164,11 +173,11 @@ def training_samples(name: str, exclude_identities: set[str]) -> list[tuple[str,
 MAX_CLASS_CROPS = 2000  # per side: the head is small, more crops mostly cost feature time
 
 
-def class_samples(name: str, seed: int = 0) -> list[tuple[str, bool, str]]:
+def class_samples(cols: dict[str, list], seed: int = 0) -> list[tuple[str, bool, str]]:
     """(path, is person, tracklet or sample id) of the crops with a class: ``person``, or a false
     positive of the detector (any other class an operator gave: shadow, vehicle, animal, other).
-    At most :data:`MAX_CLASS_CROPS` of each side, drawn at random (seeded) where there are more."""
-    cols = store.view_columns(name, ["filepath", "label", "kind", "embed_error", "tracklet"])
+    At most :data:`MAX_CLASS_CROPS` of each side, drawn at random (seeded) where there are more.
+    ``cols``: :func:`round_columns`."""
     sides: dict[bool, list[tuple[str, str]]] = {True: [], False: []}
     for sid, path, lb, kd, err, tr in zip(cols["id"], cols["filepath"], cols["label"], cols["kind"],
                                           cols["embed_error"], cols["tracklet"]):
@@ -195,25 +204,39 @@ def person_summary(person: dict[str, Any] | None) -> str:
 
 
 def _vectors(name: str, version: str, ids: list[str]) -> np.ndarray:
-    """Vectors of ``version`` for ``ids`` (embedding them when the field is missing)."""
+    """Vectors of ``version`` for ``ids`` (an id may repeat: a crop in query and gallery), in one
+    read; embedded afresh when the field is missing."""
     from core.model import embed
 
-    cols = store.view_columns(name, [store.embedding_field(version), "filepath"], ids)
+    unique = list(dict.fromkeys(ids))
+    cols = store.view_columns(name, [store.embedding_field(version), "filepath"], unique)
     vecs = cols[store.embedding_field(version)]
+    if len(vecs) != len(unique):
+        raise store.StoreError(f"{len(unique) - len(vecs)} evaluation crops of {name!r} were removed during the "
+                               "round: run the round again")
     if any(v is None for v in vecs):
-        fresh, _errors = embed.embed_paths(cols["filepath"], version=version, kind="crop")
-        return np.asarray(fresh, np.float32)
-    return np.stack([np.asarray(v, np.float32) for v in vecs])
+        X, _errors = embed.embed_paths(cols["filepath"], version=version, kind="crop")
+        X = np.asarray(X, np.float32)
+    else:
+        X = np.stack([np.asarray(v, np.float32) for v in vecs])
+    row = {sid: k for k, sid in enumerate(cols["id"])}
+    return X[[row[i] for i in ids]]
 
 
-def evaluate_version(name: str, version: str, split: EvalSplit) -> dict[str, Any]:
+def evaluate_version(name: str, version: str, split: EvalSplit, cols: dict[str, list]) -> dict[str, Any]:
     """Retrieval (rank-1/5, mAP), per query camera, day vs low light vs shadow, and match rates
-    at the operating threshold, for ``version`` on ``split``."""
+    at the operating threshold, for ``version`` on ``split``. ``cols``: the :func:`round_columns`
+    the split was drawn from (the crops' metadata); only the vectors are read here."""
     from core.math import evaluate
 
-    qc = store.view_columns(name, ["identity", "camera", "low_light", "tags"], split.query)
-    gc = store.view_columns(name, ["identity", "camera"], split.gallery)
-    q, g = _vectors(name, version, split.query), _vectors(name, version, split.gallery)
+    row = {sid: k for k, sid in enumerate(cols["id"])}
+
+    def meta(ids: list[str], fields: list[str]) -> dict[str, list]:
+        return {f: [cols[f][row[i]] for i in ids] for f in fields}
+
+    qc, gc = meta(split.query, ["identity", "camera", "low_light", "tags"]), meta(split.gallery, ["identity", "camera"])
+    X = _vectors(name, version, split.query + split.gallery)
+    q, g = X[:len(split.query)], X[len(split.query):]
     cams_known = all(qc["camera"]) and all(gc["camera"])
     # across cameras only where identities are seen by several cameras (re-ID protocol)
     cross = cams_known and len(set(gc["camera"])) > 1 and any(
@@ -359,10 +382,11 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
         version = registry.new_version(name, parent, cfg.to_dict(), job_id=reporter.job_id)
     reporter.progress(0.0, f"round {version}: {'resuming' if resume else 'preparing'}", force=True, version=version)
     try:
-        split = eval_split(name)
+        cols = round_columns(name)
+        split = eval_split(cols)
         if split.problem:  # found before any training: nothing could judge the round
             raise train.TrainingError(f"no evaluation split: {split.problem}")
-        samples = training_samples(name, split.identities)
+        samples = training_samples(cols, split.identities)
         if len({s[1] for s in samples}) < cfg.min_val_ids + 2:
             raise train.TrainingError(f"only {len({s[1] for s in samples})} labelled identities to train on: "
                                       "label more identities first")
@@ -379,7 +403,7 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
         result = train.train_round(samples, cfg, init_version=parent, out_dir=out_dir, progress=on_step,
                                    should_stop=reporter.should_stop, resume=bool(resume), cannot=cannot,
                                    open_identities=[s[1] for s in samples if graph_identity.is_lone(s[1])],
-                                   classes=class_samples(name, cfg.seed))
+                                   classes=class_samples(cols, cfg.seed))
         reporter.check()
         reporter.progress(0.7, "exporting ONNX", force=True)
         embed.onnx_path(version)
@@ -396,8 +420,8 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
         embedding.embed_dataset(name, version=version, progress=on_embed)
         refresh = analysis.refresh_map(name, version, reporter, 0.85, 0.95)
         reporter.progress(0.95, "evaluating before and after", force=True)
-        before = evaluate_version(name, parent, split)
-        after = evaluate_version(name, version, split)
+        before = evaluate_version(name, parent, split, cols)
+        after = evaluate_version(name, version, split, cols)
         train_summary = {k: result.get(k) for k in ("best_step", "steps_run", "stopped_early", "n_train", "n_val",
                                                    "seconds", "init_metrics", "best_metrics", "resumed_from")}
         used = result.get("device") or device.select(cfg.device)  # a round from before devices were kept: where it ran now
