@@ -64,20 +64,6 @@ def knob(field: str, default, where) -> object:
     return where.number_input(label, value=default, help=help_, key=key, **opts)
 
 
-def config_from(values: dict, preset: str = "default", unsupervised: bool | None = None) -> dict:
-    """The job's config: the preset's fields, then each knob's value in the type of its
-    TrainConfig default; ``unsupervised`` only when the operator chose (None: auto)."""
-    d = TrainConfig()
-    out = preset_job_config(preset)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in values:
-            v, dv = values[f.name], getattr(d, f.name)
-            out[f.name] = v if v is None or dv is None else type(dv)(v)
-    if unsupervised is not None:
-        out["unsupervised"] = bool(unsupervised)
-    return out
-
-
 @st.cache_resource(show_spinner=False)
 def this_device() -> tuple[str, str]:
     """Where this machine's rounds run (core.model.device; imports torch once per process)."""
@@ -97,9 +83,9 @@ name = require_dataset()
 try:
     active = store.active_model(name)
     versions = registry.list_versions(name)
-    cols = rounds.round_columns(name)
-    split = rounds.eval_split(cols)
-    samples = rounds.training_samples(cols, split.identities)
+    rc = rounds.round_columns(name)
+    split = rounds.eval_split(rc)
+    samples = rounds.training_samples(rc, split.identities)
 except Exception as exc:
     show_error(exc, "reading the model versions and labels", "Reload the page; the app log has the details.")
     st.stop()
@@ -152,7 +138,8 @@ with st.form("round", enter_to_submit=False):  # Enter in a knob must not queue 
 if go_train:
     try:
         chosen = None if unsup == auto_unsupervised else unsup  # untouched: auto, resolved by the round
-        job = jobs.submit(name, "train", {"config": config_from(values, preset, chosen)})
+        extra = {} if chosen is None else {"unsupervised": bool(chosen)}
+        job = jobs.submit(name, "train", {"config": preset_job_config(preset, **values, **extra)})
     except Exception as exc:
         show_error(exc, "queueing the round", "Try again; the worker started by `make run` runs it.")
     else:

@@ -288,3 +288,15 @@ def test_failed_round_resumes_in_its_own_version_from_the_cli(data_root, dsname,
     assert embed.checkpoint_path(version).exists() and not (folder / T.RESUME).exists()
     assert main(["train", "--dataset", dsname, "--resume", version]) == 2  # ready: nothing to resume
     assert "only a failed or cancelled round can be resumed" in capsys.readouterr().err
+
+
+def test_job_config_takes_each_fields_type_and_refuses_unknown_fields():
+    """A form hands numbers as floats: the job's config holds the field's own type (30 steps,
+    not 30.0), keeps None where the field allows it, and a misspelt field fails at submit."""
+    cfg = T.preset_job_config("default", steps=30.0, lr=1, id_loss=None, flip_average=True)
+    assert cfg["steps"] == 30 and type(cfg["steps"]) is int
+    assert cfg["lr"] == 1.0 and type(cfg["lr"]) is float
+    assert cfg["id_loss"] is None and cfg["flip_average"] is True
+    assert T.TrainConfig.from_dict(cfg).steps == 30
+    with pytest.raises(TypeError, match="stepz"):
+        T.preset_job_config("default", stepz=30)

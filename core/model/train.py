@@ -61,7 +61,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,15 @@ def preset_config(preset: str, **overrides: Any) -> TrainConfig:
 
 def preset_job_config(preset: str, **overrides: Any) -> dict[str, Any]:
     """A round job's config (plain values, as ``TrainConfig.to_dict``): only the fields
-    ``preset`` sets and ``overrides``, checked by :func:`preset_config`; the rest stays default."""
+    ``preset`` sets and ``overrides``, checked by :func:`preset_config`; the rest stays default.
+    An override takes the type of its field's default (a form's 30.0 steps is 30; None stays
+    None), so callers need not know the fields' types; an unknown field raises TypeError."""
+    defaults = TrainConfig()
+    unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"not TrainConfig fields: {sorted(unknown)}")
+    overrides = {k: v if v is None or getattr(defaults, k) is None else type(getattr(defaults, k))(v)
+                 for k, v in overrides.items()}
     cfg = preset_config(preset, **overrides).to_dict()
     return {k: cfg[k] for k in {**PRESETS[preset], **overrides}}
 
