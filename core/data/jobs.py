@@ -266,10 +266,24 @@ class Reporter:
             self.ctx.set_progress(progress=fraction, label=label)
         self.log.info("%.0f%% %s %s", 100 * fraction, label, {k: v for k, v in details.items() if k != "metrics"})
 
-    def callback(self, label: str) -> Callable[[int, int, str], None]:
-        """A ``progress(done, total, msg)`` callback for core functions."""
-        def cb(done: int, total: int, msg: str = "") -> None:
-            self.progress(done / total if total else 0.0, f"{label} {msg}".strip())
+    def span(self, lo: float = 0.0, hi: float = 1.0, label: str = "", counts: bool = True,
+             check_every: float = 0.25) -> Callable[[float, float, str], None]:
+        """The one adapter from core's ``progress(done, total, msg)`` callbacks to this job: the
+        work fills [``lo``, ``hi``] of the job's bar, labelled "label done/total msg" (no count
+        with ``counts`` False), and the callback raises :class:`JobCancelled` once the operator
+        cancelled: at every step of a coarse progress (20 steps or fewer), else at most every
+        ``check_every`` seconds; never at the end (``done == total``: the work is written,
+        nothing is left to stop)."""
+        last = [0.0]
+
+        def cb(done: float, total: float, msg: str = "") -> None:
+            now = time.monotonic()
+            if done < total and (total <= 20 or now - last[0] >= check_every):
+                last[0] = now
+                self.check()
+            count = f"{done}/{total}" if counts and total else ""
+            f = done / total if total else 0.0
+            self.progress(lo + (hi - lo) * f, " ".join(x for x in (label, count, str(msg)) if x))
         return cb
 
     def should_stop(self) -> bool:

@@ -9,24 +9,15 @@ and raise the core error, so the operator sees it before anything is queued.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from core.services import analysis
 from core.data import jobs
 from core.data.jobs import Reporter
 
 PROBLEMS_KEPT = 500  # an ingest job's result lists this many skipped files; its log has them all
-
-
-def _embed_cb(reporter: Reporter, lo: float, hi: float):
-    def cb(done: int, total: int, msg: str = "") -> None:
-        reporter.check()
-        f = done / total if total else 0.0
-        reporter.progress(lo + (hi - lo) * f, f"embedding {done}/{total}")
-    return cb
 
 
 def submit_embedding(dataset: str) -> str | None:
@@ -51,7 +42,7 @@ def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[s
     from core.services import embedding
     from core.data import store
 
-    report = embedding.embed_dataset(dataset, version=args.get("version"), progress=_embed_cb(reporter, 0.0, 0.6))
+    report = embedding.embed_dataset(dataset, version=args.get("version"), progress=reporter.span(0.0, 0.6, "embedding"))
     version = args.get("version") or store.active_model(dataset)
     report.update(analysis.refresh_map(dataset, version, reporter, 0.6, 1.0))
     return report
@@ -72,23 +63,6 @@ def train_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[s
 
 
 # ------------------------------------------------------------------ ingest and export jobs
-
-def _cancellable(reporter: Reporter, label: str, check_every: float = 0.25) -> Callable[[int, int, str], None]:
-    """A core ``progress(done, total, msg)`` callback that reports progress and raises
-    :class:`core.data.jobs.JobCancelled` once the operator cancelled: at every step of a coarse
-    progress (20 steps or fewer), else at most every ``check_every`` seconds; never at the end
-    (``done == total``: the work is written, nothing is left to stop)."""
-    last = [0.0]
-
-    def cb(done: int, total: int, msg: str = "") -> None:
-        now = time.monotonic()
-        if done < total and (total <= 20 or now - last[0] >= check_every):
-            last[0] = now
-            reporter.check()
-        count = f"{done}/{total}" if total else ""
-        reporter.progress(done / total if total else 0.0, " ".join(x for x in (label, count, str(msg)) if x))
-    return cb
-
 
 def _json_safe(obj: Any) -> Any:
     """``obj`` as plain JSON types (numpy scalars to numbers, paths and dates to strings)."""
@@ -121,7 +95,7 @@ def ingest_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[
     from core.services.ingest import Detection, ingest
 
     rep = ingest(args["path"], args["kind"], dataset, every_n=int(args.get("every_n", 5)),
-                 pattern=args.get("pattern", "campus62"), progress=_cancellable(reporter, "ingesting"),
+                 pattern=args.get("pattern", "campus62"), progress=reporter.span(label="ingesting"),
                  detection=Detection(**(args.get("detection") or {})))
     return {"source": rep.source, "kind": rep.kind, "dataset": rep.dataset, "added": rep.added,
             "duplicates": rep.duplicates, "videos": rep.videos, "summary": rep.summary(), "notes": rep.notes,
@@ -149,7 +123,7 @@ def export_dataset_task(dataset: str, args: dict[str, Any], reporter: Reporter) 
 
     args = dict(args)
     rep = export.export_dataset(dataset, args.pop("fmt"), args.pop("out_name", None),
-                                progress=_cancellable(reporter, "exporting"), **args)
+                                progress=reporter.span(label="exporting"), **args)
     if isinstance(rep.get("classes"), dict):
         rep["class_counts"] = sorted(rep.pop("classes").items())
     return _json_safe(rep)
@@ -173,7 +147,7 @@ def export_model_task(dataset: str, args: dict[str, Any], reporter: Reporter) ->
 
     rep = export.export_model(args["version"], args.get("out_name"), dataset=dataset,
                               int8=bool(args.get("int8")), overwrite=bool(args.get("overwrite")),
-                              progress=_cancellable(reporter, "exporting model"))
+                              progress=reporter.span(label="exporting model"))
     return _json_safe(rep)
 
 

@@ -93,11 +93,8 @@ def refresh_map(dataset: str, version: str, reporter, lo: float = 0.0, hi: float
     ``lo`` to ``hi`` and may stop it."""
     from core.services import projection
 
-    def on_layout(stage: str, fraction: float) -> None:
-        reporter.check()
-        reporter.progress(lo + 0.9 * (hi - lo) * fraction, f"map layout: {stage}")
-
-    m = projection.compute_layout(dataset, version, progress=on_layout)
+    cb = reporter.span(lo, lo + 0.9 * (hi - lo), "map layout:", counts=False)
+    m = projection.compute_layout(dataset, version, progress=lambda stage, fraction: cb(fraction, 1.0, stage))
     reporter.progress(lo + 0.9 * (hi - lo), "scoring misclustered samples")
     scores = compute_scores(dataset, version)
     return {"map_points": len(m.ids), "map_recomputed": m.computed, **scores}
