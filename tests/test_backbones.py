@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.model import backbones, embed
+from core.model import backbones, embed, network
 from tests.conftest import need_shared
 
 
@@ -44,7 +44,7 @@ def test_pretrained_features_of_real_crops_differ_from_a_random_network():
 
     def mean_pair_cos(pretrained: bool) -> float:
         torch.manual_seed(0)
-        m = embed.build_model(pretrained=pretrained)
+        m = network.build_model(pretrained=pretrained)
         with torch.inference_mode():
             f = m.backbone(m.prepare(x)).mean(dim=(2, 3)).numpy()
         f /= np.linalg.norm(f, axis=1, keepdims=True)

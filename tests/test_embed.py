@@ -10,6 +10,8 @@ import torch
 
 from core.model import embed
 
+from core.model import network
+
 from core.services import embedding
 from tests.conftest import need_shared
 
@@ -24,8 +26,8 @@ def val() -> tuple[list[Path], list[Path]]:
 def random_version() -> str:
     """A randomly initialised network saved as a model version (checkpoint -> ONNX)."""
     torch.manual_seed(1234)
-    cfg = embed.ModelConfig(seed=7)
-    embed.save_checkpoint("random", embed.build_model(cfg, pretrained=False), cfg)
+    cfg = network.ModelConfig(seed=7)
+    embed.save_checkpoint("random", network.build_model(cfg, pretrained=False), cfg)
     return "random"
 
 
@@ -45,8 +47,8 @@ def test_onnx_matches_pytorch_on_real_crops(val):
 
 
 def test_brightness_invariant_input_is_in_the_exported_graph(val):
-    cfg = embed.ModelConfig(brightness_invariant=True)
-    model = embed.build_model(cfg)
+    cfg = network.ModelConfig(brightness_invariant=True)
+    model = network.build_model(cfg)
     embed.save_checkpoint("bi", model, cfg)
     loaded, cfg2 = embed.load_model("bi")
     assert cfg2 == cfg
@@ -59,7 +61,7 @@ def test_brightness_invariant_input_is_in_the_exported_graph(val):
     dark = (x.astype(np.float32) * 0.35).round().astype(np.uint8)
     with torch.inference_mode():
         d_bi = 1 - (loaded(torch.from_numpy(x)) * loaded(torch.from_numpy(dark))).sum(1)
-        plain = embed.build_model()
+        plain = network.build_model()
         d_plain = 1 - (plain(torch.from_numpy(x)) * plain(torch.from_numpy(dark))).sum(1)
     assert d_bi.mean() < 0.5 * d_plain.mean(), (d_bi.mean(), d_plain.mean())
 
@@ -67,8 +69,8 @@ def test_brightness_invariant_input_is_in_the_exported_graph(val):
 def test_reid_head_options_are_in_the_exported_graph(val):
     """Last stride 1, flip averaging and a batch-norm neck: ONNX matches PyTorch, a crop and its
     mirror embed identically, the final feature map is twice as fine."""
-    cfg = embed.ModelConfig(crop_size=(128, 64), last_stride=1, flip_average=True, neck=True)
-    model = embed.build_model(cfg)
+    cfg = network.ModelConfig(crop_size=(128, 64), last_stride=1, flip_average=True, neck=True)
+    model = network.build_model(cfg)
     with torch.no_grad():  # trained neck statistics travel with the checkpoint
         model.neck.running_mean.uniform_(0.0, 0.5)
         model.neck.running_var.uniform_(0.5, 2.0)
@@ -81,25 +83,25 @@ def test_reid_head_options_are_in_the_exported_graph(val):
     assert np.abs(v_onnx - v_torch).max() <= 1e-4
     x = np.stack([embed.load_image(p, (128, 64)) for p in paths])
     mirrored = np.ascontiguousarray(x[:, :, ::-1])
-    plain = embed.build_model(embed.ModelConfig(crop_size=(128, 64)))
+    plain = network.build_model(network.ModelConfig(crop_size=(128, 64)))
     with torch.inference_mode():
         assert torch.allclose(loaded(torch.from_numpy(x)), loaded(torch.from_numpy(mirrored)), atol=1e-5)
         assert not torch.allclose(plain(torch.from_numpy(x)), plain(torch.from_numpy(mirrored)), atol=1e-3)
         f = loaded.backbone(loaded.prepare(torch.from_numpy(x)))
         assert tuple(f.shape[2:]) == (8, 4)  # 128x64 / 16 instead of / 32
     with pytest.raises(ValueError, match="last_stride must be 1 or 2"):
-        embed.build_model(embed.ModelConfig(last_stride=4), pretrained=False)
+        network.build_model(network.ModelConfig(last_stride=4), pretrained=False)
 
 
 def test_normalize_luma_removes_gain_and_offset():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 16, 8, generator=g) * 0.5 + 0.25
-    y = embed.normalize_luma(x, eps=1e-5)
+    y = network.normalize_luma(x, eps=1e-5)
     assert y.shape == x.shape
-    assert torch.allclose(embed.normalize_luma(x * 0.6 + 0.05, eps=1e-5), y, atol=1e-3)
+    assert torch.allclose(network.normalize_luma(x * 0.6 + 0.05, eps=1e-5), y, atol=1e-3)
     # the default eps (noise floor for flat images) keeps it close
-    assert torch.allclose(embed.normalize_luma(x * 0.6 + 0.05), embed.normalize_luma(x), atol=0.02)
-    luma = (y * torch.tensor(embed.LUMA).view(1, 3, 1, 1)).sum(1)
+    assert torch.allclose(network.normalize_luma(x * 0.6 + 0.05), network.normalize_luma(x), atol=0.02)
+    luma = (y * torch.tensor(network.LUMA).view(1, 3, 1, 1)).sum(1)
     assert torch.allclose(luma.mean(dim=(1, 2)), torch.tensor([0.45, 0.45]), atol=0.02)  # up to clipping
 
 
@@ -116,7 +118,7 @@ def test_rerunning_extraction_gives_identical_vectors(val):
 
 
 def test_base_head_is_reproducible_across_builds():
-    a, b = embed.build_model(), embed.build_model()
+    a, b = network.build_model(), network.build_model()
     assert torch.equal(a.head.weight, b.head.weight)
     w = a.head.weight  # [256, 1280], orthonormal rows
     assert torch.allclose(w @ w.T, torch.eye(256), atol=1e-4)
@@ -154,13 +156,13 @@ def test_checkpoint_roundtrip_and_stale_onnx(random_version):
     model, cfg = embed.load_model(random_version)
     ck = embed.load_checkpoint(random_version)
     assert set(ck) == {"model", "config", "optimizer", "step", "metrics"}
-    assert isinstance(ck["config"], dict) and embed.ModelConfig.from_dict(ck["config"]) == cfg
+    assert isinstance(ck["config"], dict) and network.ModelConfig.from_dict(ck["config"]) == cfg
     p = embed.onnx_path(random_version)
     assert p.exists() and p.parent.name == random_version
     mtime = p.stat().st_mtime_ns
     assert embed.onnx_path(random_version).stat().st_mtime_ns == mtime  # cached, not re-exported
     # frozen blocks: the first blocks do not train
-    frozen = embed.build_model(embed.ModelConfig(frozen_blocks=3), pretrained=False)
+    frozen = network.build_model(network.ModelConfig(frozen_blocks=3), pretrained=False)
     blocks = list(frozen.backbone.children())
     assert not any(p.requires_grad for b in blocks[:3] for p in b.parameters())
     assert all(p.requires_grad for p in blocks[3].parameters())

@@ -258,6 +258,7 @@ def test_onnx_export_verified_with_metadata_and_int8(reid_ds, tmp_path):
     import torch
 
     from core.model import embed
+
     from core.services import export
 
     rep = export.export_model("base", "edge", dataset=reid_ds, int8=True)
@@ -342,10 +343,11 @@ def test_export_page_exports_a_tagged_view(reid_ds, worker):
 
 def test_version_record_from_registry_else_checkpoint(reid_ds):
     from core.model import embed
+    from core.model import network
     from core.services import export, registry
 
-    cfg = embed.ModelConfig(emb_dim=32, brightness_invariant=True)
-    model = embed.build_model(cfg, pretrained=False)
+    cfg = network.ModelConfig(emb_dim=32, brightness_invariant=True)
+    model = network.build_model(cfg, pretrained=False)
     version = registry.new_version(reid_ds, "base", cfg.to_dict())
     embed.save_checkpoint(version, model, cfg, step=120, metrics={"rank1": 0.5})
     assert export._version_record(version, None) == (120, {"rank1": 0.5})  # checkpoint
@@ -368,10 +370,11 @@ def test_tampered_onnx_graph_fails_verification(data_root):
     """A round's model file (core.model.embed.onnx_path, what embedding jobs run) whose graph no longer
     matches its PyTorch model: verify_onnx raises with the figure and the tolerance."""
     from core.model import embed
+    from core.model import network
     from core.services import export
 
-    cfg = embed.ModelConfig()
-    embed.save_checkpoint("t-verify", embed.build_model(cfg, pretrained=True), cfg, step=1)
+    cfg = network.ModelConfig()
+    embed.save_checkpoint("t-verify", network.build_model(cfg, pretrained=True), cfg, step=1)
     paths = _campus_val_crops()
     ok = export.verify_onnx("t-verify", paths)
     assert ok["verified_on"] == export.VERIFY_CROPS and ok["max_abs_diff"] < 1e-4, ok

@@ -12,7 +12,7 @@ returns a new array of the same shape and dtype and never changes its input.
 - :func:`hflip`.
 
 :func:`augment` composes them with the probabilities of a frozen :class:`AugmentConfig`.
-The brightness-invariant input (per-image luma mean/std normalisation, `embed.normalize_luma`) is part of the model (core.model.embed) so training,
+The brightness-invariant input (per-image luma mean/std normalisation, `network.normalize_luma`) is part of the model (core.model.network) so training,
 extraction and ONNX export apply it identically; it is not an augmentation.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ reading a round top to bottom in one file is the point.
       -> every ``eval_every`` steps: validation mAP (leave-one-out over the validation identities,
          cross-camera when cameras are known, core.math.evaluate); keep the best weights; stop early
          after ``patience`` evaluations without improvement
-      -> ``out_dir/checkpoint.pt`` (atomic): model, config (core.model.embed.ModelConfig as a dict),
+      -> ``out_dir/checkpoint.pt`` (atomic): model, config (core.model.network.ModelConfig as a dict),
          optimizer, step, metrics, train_config; readable by :func:`core.model.embed.load_model`.
 
 Resuming: at every evaluation the whole loop state goes to ``out_dir/resume.pt`` (atomic: model,
@@ -136,7 +136,7 @@ class TrainConfig:
     brightness_invariant: bool | None = None  # None: keep the init model's setting
     last_stride: int = 2  # 1: finer final feature map (about 1.8x the compute per step)
     flip_average: bool = True  # the model averages each crop with its mirror at inference
-    neck: bool = False  # batch norm between pooling and the head (core.model.embed.ModelConfig.neck)
+    neck: bool = False  # batch norm between pooling and the head (core.model.network.ModelConfig.neck)
     steps: int = 1000
     ids_per_batch: int = 8  # P
     samples_per_id: int = 8  # K
@@ -431,7 +431,7 @@ def train_round(
     """
     import torch
 
-    from core.model import backbones, embed
+    from core.model import backbones, embed, network
 
     t0 = time.perf_counter()
     if out_dir is None:
@@ -505,7 +505,7 @@ def train_round(
             else config.brightness_invariant,
             last_stride=config.last_stride, flip_average=config.flip_average, neck=config.neck,
             person_head=fit_person)
-        model = embed.build_model(mcfg, pretrained=False)
+        model = network.build_model(mcfg, pretrained=False)
         # every tensor whose shape still fits (a new emb_dim re-initialises the head)
         own = model.state_dict()
         state = {k: v for k, v in init_model.state_dict().items() if k in own and own[k].shape == v.shape}
