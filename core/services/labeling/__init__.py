@@ -59,13 +59,3 @@ from core.math.pair_select import DEFAULT_PAIR_ORDER, PAIR_ORDERS  # noqa: F401
 # the identity graph (pure: graph, pair_select) and its pair questions
 from core.math import graph, pair_select  # noqa: E402
 from core.services.labeling import identity, pairs
-
-# The private helpers of the former single module, for callers that read them. Each module looks
-# names up in its own namespace: to patch one, patch it where it is used (e.g. decision._state).
-from core.services.labeling.base import (_ENSURE_LOCK, _ENSURED, _EXTRA_FIELDS, _aware, _cas_filter, _coll, _ensure, _iso, _now, _oid, _read, _samples, _seq, _state, _token)
-from core.services.labeling.vectors import _labelled_vectors, _load, _vector
-from core.services.labeling.queue import _REFILLS, _decided, _queued_ids, _refill, _refill_in_background
-from core.services.labeling.leases import _claim_sample, _close_item, _make_item
-from core.services.labeling.base import _log
-from core.services.labeling.decision import _BULK_CHUNK, _as_decision, _restore, _undo_bulk, _version_filter
-from core.services.labeling.strips import _tracklet_boxes
