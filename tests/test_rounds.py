@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from core.services import registry, rounds
+from core.services import registry, round_report, rounds
 from core.data import store
 
 
@@ -137,12 +137,12 @@ def test_merge_proposals_become_graph_nodes_and_the_summary_one_line(tmp_path, d
     assert state.graph.same("t:seq/a1", "t:seq/a2")
     props = [["~seq/0", "ann", 0.1], ["~seq/1", "~seq/2", 0.2], ["ann", "ann", 0.25], ["~seq/9", "~seq/0", 0.3],
              ["bob", "~seq/0", 0.4], ["~seq/2", "~seq/1", 0.5], ["~seq/0", "~seq/1", "far"], ["~seq/0"]]
-    assert rounds.proposal_nodes(state, props) == [
+    assert round_report.proposal_nodes(state, props) == [
         {"a": "t:seq/0", "b": "t:seq/a1", "distance": 0.1},  # seq/a1: 3 of ann's 4 crops
         {"a": "t:seq/1", "b": "t:seq/2", "distance": 0.2}]
-    assert rounds.proposal_nodes(state, None) == []
+    assert round_report.proposal_nodes(state, None) == []
     pseudo = {"reclusters": [{"step": 0, "nodes": 9, "clusters": 0, "merged_nodes": 0},
                              {"step": 200, "nodes": 9, "clusters": 2, "merged_nodes": 6}], "proposals": props}
-    assert rounds.pseudo_summary(pseudo) == ("last re-clustering (step 200): 9 tracklets -> 5 pseudo-identities "
+    assert round_report.pseudo_summary(pseudo) == ("last re-clustering (step 200): 9 tracklets -> 5 pseudo-identities "
                                              "(6 tracklets joined into 2)")
-    assert rounds.pseudo_summary(None) is None
+    assert round_report.pseudo_summary(None) is None

@@ -9,7 +9,6 @@ and never changes the active version: activating is the operator's decision.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections import Counter
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from core.services import analysis, registry
+from core.services.round_report import plain, person_summary, proposal_nodes, pseudo_summary, write_report
 from core.model import device
 from core.math import personness
 from core.data import store
@@ -193,16 +193,6 @@ def class_samples(cols: dict[str, list], seed: int = 0) -> list[tuple[str, bool,
     return out
 
 
-def person_summary(person: dict[str, Any] | None) -> str:
-    """One line on a round's person-ness head (``train_round``'s ``person``)."""
-    if not person:
-        return (f"no person-ness head: class at least {personness.MIN_PER_CLASS} crops as person and "
-                f"{personness.MIN_PER_CLASS} as a false positive (shadow, vehicle, animal, other) first")
-    return (f"person-ness head on {person['n_person']} person / {person['n_other']} false-positive crops: "
-            f"cross-validated ROC AUC {person['cv_auc']:.3f}; dropping crops under {person['threshold']:.3f} kept "
-            f"99 % of persons and removed {100 * person['fp_removed']:.0f} % of the false positives (out of fold)")
-
-
 def _vectors(name: str, version: str, ids: list[str]) -> np.ndarray:
     """Vectors of ``version`` for ``ids`` (an id may repeat: a crop in query and gallery), in one
     read; embedded afresh when the field is missing."""
@@ -254,97 +244,6 @@ def evaluate_version(name: str, version: str, split: EvalSplit, cols: dict[str, 
     res["protocol"] = {"split": split.protocol, "queries": len(split.query), "gallery": len(split.gallery),
                        "cross_camera": bool(cross)}
     return res
-
-
-def _plain(x: Any) -> Any:
-    """JSON/BSON-safe copy (numpy scalars and arrays to Python)."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
-
-
-def pseudo_summary(pseudo: dict[str, Any] | None) -> str | None:
-    """One line on a round's pseudo-identities (``train_round``'s ``pseudo``): its last
-    re-clustering, e.g. ``"last re-clustering (step 400): 120 tracklets -> 45 pseudo-identities,
-    80 merged"``; None for a round trained on labels alone."""
-    if not pseudo:
-        return None
-    runs = pseudo.get("reclusters") or []
-    if not runs:
-        return "no re-clustering ran (the round ended before its first)"
-    r = runs[-1]
-    n, merged, clusters = int(r.get("nodes") or 0), int(r.get("merged_nodes") or 0), int(r.get("clusters") or 0)
-    return (f"last re-clustering (step {r.get('step')}): {n} tracklets -> {n - merged + clusters} "
-            f"pseudo-identities ({merged} tracklets joined into {clusters})")
-
-
-def proposal_nodes(state: graph_identity.GraphState, proposals: Any) -> list[dict[str, Any]]:
-    """A round's proposed merges (``[[identity_a, identity_b, distance], ...]`` of training
-    identities, most confident first) as ``{"a": node, "b": node, "distance": d}`` of the identity
-    graph in ``state``: a lone tracklet's ``"~<tracklet>"`` is its node, a named identity the
-    node of its component with most crops. Pairs the graph already joins or keeps apart, and
-    names it no longer has, are left out."""
-    by_name: dict[str, str] = {}
-    for node, nm in sorted(state.names.items()):
-        if nm is not None and (nm not in by_name or state.crops(node) > state.crops(by_name[nm])):
-            by_name[nm] = node
-
-    def node(ident: str) -> str | None:
-        if graph_identity.is_lone(ident):
-            n = graph_identity.node_of(ident[len(graph_identity.LONE):], "")
-            return n if n in state.graph else None
-        return by_name.get(ident)
-
-    out, seen = [], set()
-    for item in proposals or ():
-        try:
-            ia, ib, dist = item
-            dist = float(dist)
-        except (TypeError, ValueError):
-            dist = float("nan")
-        if not np.isfinite(dist):
-            log.warning("ignoring a malformed merge proposal %r", item)
-            continue
-        a, b = node(str(ia)), node(str(ib))
-        if a is None or b is None or state.graph.same(a, b) or state.graph.separated(a, b):
-            continue
-        key = graph_identity.pair_key(a, b)
-        if key not in seen:
-            seen.add(key)
-            out.append({"a": a, "b": b, "distance": dist})
-    return out
-
-
-def write_report(version_dir, report: dict[str, Any]) -> None:
-    from core.math import evaluate
-
-    (version_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    rows = evaluate.compare(report["before"], report["after"])
-    lines = [f"# Round report: {report['version']}", "",
-             f"Trained from **{report['parent']}** on {report['train']['n_train']} crops in "
-             f"{report['train']['seconds']:.0f} s ({report['train']['steps_run']} steps, best step "
-             f"{report['train']['best_step']}). Evaluation: {report['after']['protocol']}.", "",
-             f"Device: {report['train'].get('device') or 'unknown'}. Identities: "
-             + (f"pseudo-identities, {report['train'].get('pseudo_summary')}; "
-                f"{len(report.get('proposals') or [])} proposed merges go to the pair queue."
-                if report["train"].get("unsupervised") else "labels (no pseudo-identities)."), "",
-             f"False positives: {report['train'].get('person_summary') or person_summary(None)}.", "",
-             "| metric | before | after | change |", "|---|---|---|---|"]
-    for r in rows:
-        b, a = r.get("before"), r.get("after")
-        if isinstance(b, float) or isinstance(a, float):
-            d = r.get("delta")
-            lines.append(f"| {r['metric']} | {b if b is None else f'{b:.3f}'} | {a if a is None else f'{a:.3f}'} | "
-                         f"{'' if d is None else f'{d:+.3f}'} |")
-    (version_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def resumable_round(name: str, job_id: str) -> str | None:
@@ -413,11 +312,7 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
             (out_dir / "model.onnx").unlink(missing_ok=True)  # a resumed round exports it afresh
             raise
 
-        def on_embed(done: int, total: int, msg: str = "") -> None:
-            reporter.check()
-            reporter.progress(0.7 + 0.15 * (done / total if total else 1), f"re-embedding {done}/{total}")
-
-        embedding.embed_dataset(name, version=version, progress=on_embed)
+        embedding.embed_dataset(name, version=version, progress=reporter.span(0.7, 0.85, "re-embedding"))
         refresh = analysis.refresh_map(name, version, reporter, 0.85, 0.95)
         reporter.progress(0.95, "evaluating before and after", force=True)
         before = evaluate_version(name, parent, split, cols)
@@ -432,7 +327,7 @@ def run_round(name: str, args: dict[str, Any], reporter) -> dict[str, Any]:
                              person_summary=person_summary(result.get("person")))
         # the graph as it stands now (the operator kept answering while the round trained)
         proposals = proposal_nodes(graph_identity.load(name), (pseudo or {}).get("proposals")) if pseudo else []
-        report = _plain({"version": version, "parent": parent, "dataset": name, "before": before, "after": after,
+        report = plain({"version": version, "parent": parent, "dataset": name, "before": before, "after": after,
                          "train": train_summary, "config": cfg.to_dict(), "map": refresh, "onnx_check": onnx_check,
                          "proposals": proposals, "seconds": time.time() - t0})
         write_report(out_dir, report)
