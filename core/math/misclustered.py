@@ -33,13 +33,14 @@ from typing import Mapping
 import numpy as np
 
 from core.math.strategies import (  # noqa: F401  (condition clusters are re-exported: one import for callers)
-    _KNN_CHUNK,
     ConditionScores,
     _as_inputs,
     condition_cluster_scores,
     condition_clusters,
     normalise,
 )
+
+_RANK_CHUNK = 1024  # rows per block of the rank-of-own-identity pass (the [block, L] matrix stays in cache)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def label_evidence(embeddings: np.ndarray, labelled: np.ndarray, labels, n_neigh
     sizes = np.bincount(codes)
     xl = normalise(x[li])
     nb, rank = np.empty((L, k), np.int64), np.empty(L, np.int64)
-    step = max(1, min(_KNN_CHUNK, 2 ** 24 // L))
+    step = max(1, min(_RANK_CHUNK, 2 ** 24 // L))
     for s in range(0, L, step):
         block = xl[s:s + step] @ xl.T
         rows = np.arange(len(block))

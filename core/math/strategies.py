@@ -38,11 +38,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from core.math import neighbours
+
 log = logging.getLogger(__name__)
 
 _EPS = 1e-12
 _CHUNK = 4096
-_KNN_CHUNK = 1024  # rows per block in top-k search: argpartition dominates, small blocks stay in cache
 _CONTEST_J = 3  # knn_disagreement: nearest samples averaged on each side of the contest (one is noisy)
 
 
@@ -90,40 +91,6 @@ def normalise(embeddings: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32 [N, D]); cosine similarity is then a dot product."""
     x = np.asarray(embeddings, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
-
-
-def _topk_sim(q: np.ndarray, r: np.ndarray, k: int, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k cosine similarities of unit rows q [Q, D] against r [R, D], in chunks.
-
-    Returns (sims float [Q, k], idx int [Q, k]) sorted by decreasing similarity. With
-    ``exclude_self`` q and r are the same array and each row's own index is skipped.
-    """
-    k = int(min(k, len(r) - (1 if exclude_self else 0)))
-    if k <= 0 or len(q) == 0:
-        return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-    sims = np.empty((len(q), k), np.float32)
-    idx = np.empty((len(q), k), np.int64)
-    for s in range(0, len(q), _KNN_CHUNK):
-        block = q[s:s + _KNN_CHUNK] @ r.T
-        if exclude_self:
-            rows = np.arange(len(block))
-            block[rows, rows + s] = -np.inf
-        part = np.argpartition(block, block.shape[1] - k, axis=1)[:, -k:]
-        ps = np.take_along_axis(block, part, axis=1)
-        order = np.argsort(-ps, axis=1, kind="stable")
-        idx[s:s + _KNN_CHUNK] = np.take_along_axis(part, order, axis=1)
-        sims[s:s + _KNN_CHUNK] = np.take_along_axis(ps, order, axis=1)
-    return sims, idx
-
-
-def _min_dist_to(xn: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Cosine distance (float [N]) of each unit row of xn to its nearest row in centres [C, D]."""
-    if len(centres) == 0:
-        return np.full(len(xn), np.inf, np.float32)
-    out = np.empty(len(xn), np.float32)
-    for s in range(0, len(xn), _CHUNK):
-        out[s:s + _CHUNK] = 1.0 - (xn[s:s + _CHUNK] @ centres.T).max(axis=1)
-    return np.maximum(out, 0.0)
 
 
 def _apply_boost(scores: np.ndarray, boost, mode: str) -> np.ndarray:
@@ -194,7 +161,7 @@ def class_probabilities(
         return np.ones((len(x), 1)), classes
     if classifier == "knn":
         nn = int(min(n_neighbors, m.sum()))
-        sims, idx = _topk_sim(xn, xn[m], nn)
+        idx, sims = neighbours.topk(xn, xn[m], nn)
         # sklearn's weights="distance": 1/d, an exact duplicate (d == 0) takes all the weight.
         d = np.maximum(1.0 - sims.astype(np.float64), 0.0)
         w = 1.0 / np.maximum(d, 1e-6)
@@ -251,7 +218,7 @@ def kcenter(embeddings, labelled, labels, k, rng, boost=None, boost_mode="multip
     xn = normalise(x)
     n_unl = int((~m).sum())
     k = int(min(max(k, 0), n_unl))
-    dmin = _min_dist_to(xn, xn[m]).astype(np.float64)
+    dmin = neighbours.nearest_distance(xn, xn[m]).astype(np.float64)
     scores = np.where(np.isfinite(dmin), dmin, 1.0)
     gain = np.ones(len(x)) if boost is None else _apply_boost(np.ones(len(x)), boost, boost_mode)
     chosen: list[int] = []
@@ -359,7 +326,7 @@ def knn_disagreement(embeddings, labelled, labels, k, rng, boost=None, boost_mod
     ylab = np.asarray([str(v) for v in y[m]], dtype=object)
     names, lab_codes = np.unique(ylab, return_inverse=True)
     nn = int(min(n_neighbors, m.sum()))
-    sims, idx = _topk_sim(xn, xn[m], nn)
+    idx, sims = neighbours.topk(xn, xn[m], nn)
     codes = lab_codes[idx]  # [N, nn]
     votes = np.zeros((len(x), len(names)))
     np.add.at(votes, (np.repeat(np.arange(len(x)), nn), codes.ravel()), 1.0)
@@ -409,7 +376,7 @@ def uncertainty_diversity(embeddings, labelled, labels, k, rng, boost=None, boos
     n_unl = int((~m).sum())
     k = int(min(max(k, 0), n_unl))
     pool = _take_top(scores, ~m, n_unl if candidates is None else max(k, int(candidates) * k), rng)
-    dmin = _min_dist_to(xn[pool], xn[m]).astype(np.float64)
+    dmin = neighbours.nearest_distance(xn[pool], xn[m]).astype(np.float64)
     s_pool = np.maximum(scores[pool], 0.0) + 1e-9
     avail = np.ones(len(pool), dtype=bool)
     chosen, reasons = [], []
@@ -589,7 +556,7 @@ def condition_cluster_scores(
     x = np.asarray(embeddings, dtype=np.float32)
     n = len(x)
     xn = normalise(x)
-    _s, nb = _topk_sim(xn, xn, n_neighbors, exclude_self=True)
+    nb, _s = neighbours.topk(xn, xn, n_neighbors, exclude_self=True)
     known = _known(labels, n)
     y = np.asarray([str(v) for v in labels], dtype=object) if labels is not None else np.full(n, "", object)
     if nb.shape[1]:

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import numpy as np
-
 from core.data import store
-from core.math import strategies
+from core.math import neighbours, strategies
 from core.services.labeling.schema import label_schema
 from core.services.labeling.vectors import _labelled_vectors, _vector
 
@@ -25,13 +23,11 @@ def neighbours_by_value(name: str, sample_id: str, target: str = "identity", mod
     keep = [i for i, s in enumerate(ids) if s != sample_id]
     if not keep:
         return []
-    Xn = strategies.normalise(X[keep])
-    sims = Xn @ strategies.normalise(x[None])[0]
-    order = np.argsort(-sims, kind="stable")[:n_neighbors]
+    order, sims = neighbours.topk(strategies.normalise(x[None]), strategies.normalise(X[keep]), n_neighbors)
     best: dict[Any, dict[str, Any]] = {}
-    for j in order:
+    for j, sim in zip(order[0], sims[0]):
         v = vals[keep[j]]
-        d = float(1.0 - sims[j])
+        d = float(1.0 - sim)
         e = best.setdefault(v, {"value": v, "distance": d, "votes": 0})
         e["votes"] += 1
     return sorted(best.values(), key=lambda e: e["distance"])[:k]
@@ -80,9 +76,8 @@ def predict(name: str, sample_id: str, target: str = "identity", mode: str | Non
     keep = [i for i, s in enumerate(ids) if s != sample_id]
     if not keep:
         return None
-    sims = strategies.normalise(X[keep]) @ strategies.normalise(x[None])[0]
-    order = np.argsort(-sims, kind="stable")[:n_neighbors]
+    order, sims = neighbours.topk(strategies.normalise(x[None]), strategies.normalise(X[keep]), n_neighbors)
     votes: Counter = Counter()
-    for j in order:
-        votes[vals[keep[j]]] += float(max(sims[j], 0.0) + 1e-6)
+    for j, sim in zip(order[0], sims[0]):
+        votes[vals[keep[j]]] += float(max(sim, 0.0) + 1e-6)
     return votes.most_common(1)[0][0]

@@ -1,0 +1,56 @@
+"""Exact nearest neighbours for dense batch math: one routine, faiss's flat indexes.
+
+Every in-memory kNN in Vigil goes through :func:`topk` (the map's landmark placement and layout
+graph, the query strategies' neighbour votes and distances to the labelled set, identity
+suggestions). Lookups against a whole dataset ("more like this") use the persisted similarity
+index instead (:mod:`core.data.similarity`), which answers the same neighbours.
+
+faiss (``IndexFlatIP`` / ``IndexFlatL2``) is exact brute force with a BLAS product and a
+compiled top-k heap: no approximation, no full [Q, R] matrix, results sorted best first.
+Inputs are float32 [N, D]; ``metric="cosine"`` expects unit rows (see
+:func:`core.math.strategies.normalise`) and scores are similarities, ``"l2"`` gives Euclidean
+distances. Ties keep faiss's order (deterministic for the same input).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METRICS = ("cosine", "l2")
+
+
+def topk(query: np.ndarray, ref: np.ndarray, k: int, metric: str = "cosine",
+         exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest ``ref`` rows of each ``query`` row: (indices int64 [Q, k], scores
+    float32 [Q, k]), best first; scores are cosine similarities (``"cosine"``, unit rows) or
+    Euclidean distances (``"l2"``). ``k`` is capped at what ``ref`` holds. With ``exclude_self``
+    ``query`` is ``ref`` and a row never finds itself."""
+    import faiss
+
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {METRICS}")
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    r = np.ascontiguousarray(ref, dtype=np.float32)
+    k = int(min(k, len(r) - (1 if exclude_self else 0)))
+    if k <= 0 or len(q) == 0:
+        return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
+    index = faiss.IndexFlatIP(r.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(r.shape[1])
+    index.add(r)
+    score, idx = index.search(q, k + (1 if exclude_self else 0))
+    if exclude_self:  # drop each row's own hit (or, where ties hid it, the last one)
+        own = idx == np.arange(len(q))[:, None]
+        own[~own.any(axis=1), -1] = True
+        keep = ~own
+        idx = idx[keep].reshape(len(q), k)
+        score = score[keep].reshape(len(q), k)
+    if metric == "l2":
+        score = np.sqrt(np.maximum(score, 0.0))  # faiss gives squared distances
+    return idx.astype(np.int64), score.astype(np.float32)
+
+
+def nearest_distance(query: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine distance (float32 [Q]) of each unit ``query`` row to its nearest unit ``ref`` row;
+    inf for every row when ``ref`` is empty."""
+    if len(ref) == 0:
+        return np.full(len(query), np.inf, np.float32)
+    _idx, sim = topk(query, ref, 1)
+    return np.maximum(1.0 - sim[:, 0], 0.0).astype(np.float32)
