@@ -43,6 +43,20 @@ def settings() -> Settings:
     return Settings(data_root=root, db_name=os.environ.get("VIGIL_DB_NAME", "vigil"))
 
 
+SIMILARITY_SERVER_SCHEMES = ("http://", "https://", "tcp://")
+
+
+def similarity_uri() -> str:
+    """Where the similarity indexes live (:mod:`core.data.similarity`): ``VIGIL_SIMILARITY_URI``
+    (a Milvus server's address, or a folder), else LanceDB tables in ``<data root>/similarity``."""
+    return os.environ.get("VIGIL_SIMILARITY_URI") or str(settings().data_root / "similarity")
+
+
+def similarity_backend() -> str:
+    """FiftyOne Brain's backend for :func:`similarity_uri`: "milvus" for a server, else "lancedb"."""
+    return "milvus" if similarity_uri().startswith(SIMILARITY_SERVER_SCHEMES) else "lancedb"
+
+
 def apply_fiftyone_env() -> Settings:
     """Point FiftyOne at the data root's embedded MongoDB (unless the user gave their own URI)."""
     s = settings()
@@ -54,6 +68,8 @@ def apply_fiftyone_env() -> Settings:
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     os.environ.setdefault("FIFTYONE_PLUGINS_DIR", str(REPO / "plugins"))
     os.environ.setdefault("FIFTYONE_DEFAULT_APP_ADDRESS", "127.0.0.1")
+    # FiftyOne Brain (and the App's similarity search) find the index backend here
+    os.environ[f"FIFTYONE_BRAIN_SIMILARITY_{similarity_backend().upper()}_URI"] = similarity_uri()
     return s
 
 

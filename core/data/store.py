@@ -153,8 +153,17 @@ def get_videos(name: str, create: bool = False) -> fo.Dataset | None:
 
 
 def delete_dataset(name: str) -> None:
+    """Delete ``name``, its companion videos, its brain runs with their external tables (the
+    similarity indexes) and its records."""
     for n in (name, name + VIDEOS_SUFFIX):
         if fo.dataset_exists(n):
+            ds = fo.load_dataset(n)
+            for key in ds.list_brain_runs(type="similarity"):
+                try:  # FiftyOne's run cleanup leaves a LanceDB table behind: the index drops its own
+                    ds.load_brain_results(key, cache=False).cleanup()
+                except Exception as exc:  # noqa: BLE001 - an unreachable index must not keep the dataset
+                    log.warning("could not drop similarity index %s of %s: %s", key, n, exc)
+            ds.delete_brain_runs()
             fo.delete_dataset(n)
     db()[SEQUENCES].delete_many({"dataset": name})
     db()[STATE].delete_one({"_id": name})

@@ -8,14 +8,12 @@ Composes :mod:`core.model.embed` (the network and batched extraction, pure of th
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
-from core.data import store
+from core.data import similarity, store
 from core.model.embed import BASE, EmbedError, Progress, embed_paths, onnx_path
 
 log = logging.getLogger(__name__)
@@ -53,6 +51,7 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
     embedded, failed = 0, 0
     errors_out: dict[str, str] = {}
     done_before = 0
+    indexed: dict[str, Any] = {}
     by_kind: dict[str, list[int]] = {}
     for i, k in enumerate(kinds):
         by_kind.setdefault("image" if k == "image" else "crop", []).append(i)
@@ -84,12 +83,13 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
                 columns[store.person_field(version)] = {
                     ids[i]: (None if j in errs else float(person[j])) for j, i in enumerate(chunk)}
             store.set_columns(name, columns)
+            indexed.update(values)
             failed += len(errs)
             embedded += len(chunk) - len(errs)
             done_before += len(chunk)
     if total:  # a default for a fresh dataset; never over an operator's activation meanwhile
         store.set_active_model(name, version, only_if_unset=True)
-    clear_similarity_cache(name)
+    similarity.update(name, version, indexed)  # an index already built takes the new vectors
     seconds = time.perf_counter() - t0
     log.info("embedded %s with %s: %d ok, %d failed in %.1fs", name, version, embedded, failed,
              seconds)
@@ -127,22 +127,6 @@ def tracklet_embeddings(name: str, version: str | None = None) -> dict[str, np.n
 
 
 
-_NN_CACHE: "OrderedDict[tuple[str, str, int], tuple[Any, list[str], dict[str, int], np.ndarray]]" \
-    = OrderedDict()
-
-
-
-_NN_LOCK = threading.Lock()
-
-
-
-def clear_similarity_cache(name: str | None = None) -> None:
-    with _NN_LOCK:
-        for key in [k for k in _NN_CACHE if name is None or k[0] == name]:
-            del _NN_CACHE[key]
-
-
-
 RERANK_CANDIDATES = 100  # nearest samples that similar(rerank=True) re-ranks among themselves
 
 
@@ -150,44 +134,31 @@ RERANK_CANDIDATES = 100  # nearest samples that similar(rerank=True) re-ranks am
 def similar(name: str, sample_id: str, k: int = 12, version: str | None = None, rerank: bool = False,
             ) -> list[tuple[str, float]]:
     """"More like this": the ``k`` nearest samples to ``sample_id`` by cosine distance over the
-    embeddings of ``version`` (None: the active model), nearest first, itself excluded.
+    embeddings of ``version`` (None: the active model), nearest first, itself excluded. The
+    neighbours come from the version's persisted similarity index (:mod:`core.data.similarity`,
+    built on first use, shared with the worker, the CLI and the FiftyOne App).
 
     ``rerank``: the :data:`RERANK_CANDIDATES` nearest are re-ordered by k-reciprocal re-ranking
     (core.math.evaluate.k_reciprocal_distances) among themselves and the query, and the distances
     returned are the re-ranked ones (in [0, 1]): crops of the same person from another camera
-    that resemble the query only through that person's other crops move up.
-
-    The scikit-learn index is cached in-process per (dataset, version, embedded count) and dropped
-    by :func:`embed_dataset` in this process."""
-    from sklearn.neighbors import NearestNeighbors
-
+    that resemble the query only through that person's other crops move up."""
     version = version or store.active_model(name) or BASE
     field = store.embedding_field(version)
-    ds = store.get_dataset(name)
-    count = ds.exists(field).count() if field in ds.get_field_schema() else 0
-    key = (name, version, count)
-    with _NN_LOCK:
-        hit = _NN_CACHE.get(key)
-    if hit is None:
-        ids, X, _ = _field_vectors(name, version)
-        if not ids:
-            raise EmbedError(f"dataset {name!r} has no embeddings of model {version!r}")
-        nn_ = NearestNeighbors(metric="cosine", algorithm="brute").fit(X)
-        hit = (nn_, ids, {s: i for i, s in enumerate(ids)}, X)
-        with _NN_LOCK:
-            _NN_CACHE[key] = hit
-            while len(_NN_CACHE) > 8:
-                _NN_CACHE.popitem(last=False)
-    nn_, ids, pos, X = hit
-    if sample_id not in pos:
+    (vec,) = store.view_columns(name, [field], [sample_id])[field] or [None]
+    if vec is None:
         raise EmbedError(f"sample {sample_id} has no embedding of model {version!r}")
-    kk = min(max(k + 1, RERANK_CANDIDATES if rerank else 0), len(ids))
-    dist, ind = nn_.kneighbors(X[pos[sample_id]][None], n_neighbors=kk)
-    out = [(j, float(d)) for d, j in zip(dist[0], ind[0]) if ids[j] != sample_id]
+    try:
+        hits = similarity.nearest(name, version, np.asarray(vec, np.float32),
+                                  max(k + 1, RERANK_CANDIDATES if rerank else 0))
+    except store.StoreError as exc:
+        raise EmbedError(str(exc)) from exc
+    out = [(s, d) for s, d in hits if s != sample_id]
     if rerank and out:
         from core.math.evaluate import k_reciprocal_distances
 
-        cand = [j for j, _ in out]
-        d = k_reciprocal_distances(X[[pos[sample_id], *cand]], n_rows=1)[0, 1:]
+        cand = [s for s, _ in out]
+        X = np.stack([np.asarray(v, np.float32) for v in
+                      store.view_columns(name, [field], [sample_id, *cand])[field]])
+        d = k_reciprocal_distances(X, n_rows=1)[0, 1:]
         out = [(cand[o], float(d[o])) for o in np.argsort(d, kind="stable")]
-    return [(ids[j], d) for j, d in out[:k]]
+    return out[:k]

@@ -1,0 +1,98 @@
+"""The persisted similarity index per model version (core.data.similarity, FiftyOne Brain on
+LanceDB): the neighbours of brute force on real crops, an index that outlives its process, and
+re-embedding that updates it instead of rebuilding it."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.config import REPO
+from core.data import similarity, store
+from tests.conftest import need_shared
+
+
+@pytest.fixture
+def crops(dsname, tmp_path):
+    """Real campus62 crops (12 identities, two cameras), embedded with the packaged model."""
+    from core.services.embedding import embed_dataset
+    from core.services.ingest import ingest
+
+    src = need_shared("reid", "campus62")
+    for d in sorted((src / "train").iterdir())[:12]:
+        shutil.copytree(d, tmp_path / "c" / "train" / d.name)
+    ingest(tmp_path / "c", "reid", dsname)
+    embed_dataset(dsname, version="base")
+    return dsname
+
+
+def _vectors(name: str) -> tuple[list[str], np.ndarray]:
+    cols = store.embedded_columns(name, "base", [])
+    X = cols["X"] / np.linalg.norm(cols["X"], axis=1, keepdims=True)
+    return cols["id"], X
+
+
+def _built(name: str) -> tuple[str, int]:
+    """(when the brain run was made, how many vectors its table holds)."""
+    ds = store.get_dataset(name)
+    info = ds.get_brain_info(similarity.brain_key("base"))
+    return str(info.timestamp), similarity.index(name, "base", build=False).total_index_size
+
+
+def test_the_index_answers_the_brute_force_neighbours_on_real_crops(crops):
+    ids, X = _vectors(crops)
+    assert len(ids) > 100 and store.get_dataset(crops).list_brain_runs() == []  # built on first use
+    for q in range(0, len(ids), len(ids) // 10):
+        hits = similarity.nearest(crops, "base", X[q], 10)
+        sims = X @ X[q]
+        want = np.argsort(-sims, kind="stable")[:10]
+        assert [h[0] for h in hits] == [ids[j] for j in want]
+        assert np.allclose([h[1] for h in hits], 1.0 - sims[want], atol=1e-5)
+    assert _built(crops)[1] == len(ids)
+
+
+def test_more_like_this_survives_a_restart_without_rebuilding(crops):
+    """A second process (the worker, the CLI, an app restart) reads the same index: same answer,
+    same brain run, nothing recomputed."""
+    from core.services.embedding import similar
+
+    ids, _ = _vectors(crops)
+    here = similar(crops, ids[3], k=8)
+    before = _built(crops)
+    code = ("import json, sys; from core.services.embedding import similar; "
+            f"print(json.dumps(similar({crops!r}, {ids[3]!r}, k=8)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    there = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [s for s, _ in there] == [s for s, _ in here] and ids[3] not in [s for s, _ in here]
+    assert np.allclose([d for _, d in there], [d for _, d in here], atol=1e-6)
+    assert _built(crops) == before
+
+
+def test_reembedding_updates_the_index_in_place_and_deleting_the_dataset_drops_it(crops, tmp_path):
+    from core.services.embedding import embed_dataset
+    from core.services.ingest import ingest
+
+    ids, X = _vectors(crops)
+    similarity.nearest(crops, "base", X[0], 5)  # build it
+    when, size = _built(crops)
+    src = need_shared("reid", "campus62")
+    for d in sorted((src / "train").iterdir())[12:15]:
+        shutil.copytree(d, tmp_path / "more" / "train" / d.name)
+    ingest(tmp_path / "more", "reid", crops)
+    embed_dataset(crops, version="base")
+    ids2, X2 = _vectors(crops)
+    assert len(ids2) > len(ids)
+    assert _built(crops) == (when, len(ids2))  # the same run, grown: not rebuilt
+    new = [k for k, s in enumerate(ids2) if s not in set(ids)]
+    hit = similarity.nearest(crops, "base", X2[new[0]], 1)
+    assert hit[0][0] == ids2[new[0]] and hit[0][1] < 1e-5
+    tables = Path(similarity.uri())
+    assert any(tables.glob(f"{similarity._table_name(crops, 'base')}*"))
+    store.delete_dataset(crops)
+    assert not any(tables.glob(f"{similarity._table_name(crops, 'base')}*"))
