@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from core.cli.bars import Bar
 
@@ -56,9 +57,39 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _spread_embed(a) -> int:
+    """``embed --shards N``: queue the shards, then follow them until the run is finished."""
+    from core.data import jobs
+    from core.jobs import tasks
+
+    run = tasks.spread_embedding(a.dataset, a.shards, version=a.model)
+    rec = jobs.run_status(run)
+    print(f"{a.dataset}: {rec['n']} shards queued as run {run}; the running workers embed them")
+    bar = Bar(f"embed {a.dataset} (shards)")
+    try:
+        while not rec["finished"]:
+            bar(len(rec["done"]), rec["n"])
+            time.sleep(1.0)
+            jobs.reconcile()  # a dead worker's shard goes back to the queue
+            rec = jobs.run_status(run)
+            lost = [i for i, k in rec["attempts"].items() if k >= jobs.SHARD_ATTEMPTS and int(i) not in rec["done"]]
+            if lost and not any(j["state"] in ("queued", "running")
+                                for j in jobs.list_jobs(a.dataset, kind="embed_shard", limit=4 * rec["n"])):
+                print(f"error: shards {', '.join(lost)} failed {jobs.SHARD_ATTEMPTS} times; their job logs say why",
+                      file=sys.stderr)
+                return 1
+        bar(rec["n"], rec["n"])
+    finally:
+        bar.close()
+    print(f"{a.dataset}: {rec['n']} shards embedded; map, scores and similarity index refreshed by the last one")
+    return 0
+
+
 def cmd_embed(a) -> int:
     from core.jobs import tasks, worker
 
+    if a.shards:
+        return _spread_embed(a)
     rep = worker.LocalReporter(f"embed {a.dataset}")
     try:
         res = tasks.embed_task(a.dataset, {"version": a.model}, rep)
@@ -230,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("embed", help="embed every sample, lay out the map and score the samples")
     s.add_argument("--dataset", required=True)
     s.add_argument("--model", help="model version (default: the active one, else base)")
+    s.add_argument("--shards", type=int, default=0,
+                   help="split the work into this many jobs that every running worker (python -m core "
+                        "worker, here or on another machine on the same MongoDB) takes from, and wait")
     s.set_defaults(fn=cmd_embed)
 
     s = sub.add_parser("train", help="run a fine-tuning round (foreground with progress, or --background)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,9 @@ OPERATOR = "@vigil/jobs/run_job"
 COLLECTION = "vigil_jobs"
 
 # The job kinds; each runs core.jobs.tasks.TASKS[kind](dataset, args, reporter) -> dict in a worker.
-KINDS = ("embed", "layout", "train", "ingest", "export_dataset", "export_model")
+KINDS = ("embed", "embed_shard", "layout", "train", "ingest", "export_dataset", "export_model")
+RUNS = "vigil_embed_runs"  # one record per spread embedding: its shards, which are done, attempts
+SHARD_ATTEMPTS = 3  # a shard whose job died is queued again at most this often in all
 
 
 class JobCancelled(RuntimeError):
@@ -215,6 +218,22 @@ def _alive(pid: int | None, host: str | None, started: float | None = None) -> b
         return False
 
 
+SHARD_SILENCE_S = 180  # a shard on another machine that reported nothing for this long is dead
+
+
+def _silent_shard(rec: dict) -> bool:
+    """A shard job on another machine (its pid cannot be checked from here) whose last progress
+    (``beat``) or start is older than :data:`SHARD_SILENCE_S`: its worker is gone."""
+    if rec.get("kind") != "embed_shard" or rec.get("host") in (None, socket.gethostname()):
+        return False
+    last = rec.get("beat") or rec.get("started_at")
+    if last is None:
+        return False
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=timezone.utc)
+    return (_now() - last).total_seconds() > SHARD_SILENCE_S
+
+
 def reconcile() -> int:
     """Mark running jobs whose process died as failed, with their log tail. Returns how many."""
     from fiftyone.operators.executor import ExecutionResult, ExecutionRunState
@@ -225,13 +244,86 @@ def reconcile() -> int:
         rec = _jobs().find_one({"_id": str(op.id)})
         if rec is None or "pid" not in rec:
             continue
-        if _alive(rec.get("pid"), rec.get("host"), rec.get("pid_started")):
+        if _alive(rec.get("pid"), rec.get("host"), rec.get("pid_started")) and not _silent_shard(rec):
             continue
         msg = (f"the job's process {rec.get('pid')} died while the job was running (killed or out of "
                f"memory; its pid may now belong to another process); its log: {log_path(str(op.id))}")
+        if _silent_shard(rec):
+            msg = (f"the shard's worker on {rec.get('host')} reported nothing for over {SHARD_SILENCE_S} s: "
+                   f"taken as died, the shard goes to another worker; its log there: {log_path(str(op.id))}")
         if svc.set_failed(op.id, result=ExecutionResult(error=msg), required_state=ExecutionRunState.RUNNING):
             log.warning("job %s: %s", op.id, msg.splitlines()[0])
             n += 1
+    retry_failed_shards()
+    return n
+
+
+# ------------------------------------------------------------------ embedding spread over workers
+
+def create_run(dataset: str, version: str, shards: list[list[str]]) -> str:
+    """Queue one ``embed_shard`` job per list of sample ids; any running worker (on this machine
+    or another against the same MongoDB) takes the next one. Returns the run's id."""
+    run_id = uuid.uuid4().hex[:12]
+    store.db()[RUNS].insert_one({"_id": run_id, "dataset": dataset, "version": version, "n": len(shards),
+                                 "done": [], "embedded": False, "finished": False, "created_at": _now(),
+                                 "attempts": {str(i): 1 for i in range(len(shards))}})
+    for i, ids in enumerate(shards):
+        submit(dataset, "embed_shard", {"run": run_id, "shard": i, "of": len(shards), "ids": ids,
+                                        "version": version, "attempt": 1})
+    return run_id
+
+
+def run_status(run_id: str) -> dict[str, Any]:
+    """A spread embedding's record: ``n`` shards, ``done`` (their indices), ``embedded`` (all
+    shards are), ``finished`` (and the last one laid out the map and updated the index)."""
+    rec = store.db()[RUNS].find_one({"_id": run_id})
+    if rec is None:
+        raise JobError(f"no embedding run {run_id}")
+    return rec
+
+
+def shard_done(run_id: str, shard: int) -> bool:
+    """Record shard ``shard`` of ``run_id`` as embedded; True for exactly one caller: the one
+    whose shard completed the embedding (it then does what follows it and calls :func:`finish_run`)."""
+    from pymongo import ReturnDocument
+
+    coll = store.db()[RUNS]
+    rec = coll.find_one_and_update({"_id": run_id}, {"$addToSet": {"done": shard}},
+                                   return_document=ReturnDocument.AFTER)
+    if rec is None or len(rec["done"]) < rec["n"]:
+        return False
+    return coll.update_one({"_id": run_id, "embedded": False},
+                           {"$set": {"embedded": True, "embedded_at": _now()}}).modified_count == 1
+
+
+def finish_run(run_id: str) -> None:
+    """The run's last shard did what follows the embedding: the run is finished."""
+    store.db()[RUNS].update_one({"_id": run_id}, {"$set": {"finished": True, "finished_at": _now()}})
+
+
+def retry_failed_shards() -> int:
+    """Queue again each shard of an unfinished run whose last attempt failed without being
+    cancelled (its worker died, or the job failed), up to :data:`SHARD_ATTEMPTS` in all. The
+    attempt count is claimed by compare-and-set, so two sweeping processes queue it once."""
+    from fiftyone.operators.executor import ExecutionRunState
+
+    svc, n = _service(), 0
+    for run in store.db()[RUNS].find({"finished": False}):
+        for i in set(range(run["n"])) - set(run["done"]):
+            attempt = int(run["attempts"].get(str(i), 1))
+            rec = _jobs().find_one({"kind": "embed_shard", "args.run": run["_id"], "args.shard": i,
+                                    "args.attempt": attempt})
+            op = svc.get(_oid(rec["_id"])) if rec else None
+            if op is None or op.run_state != ExecutionRunState.FAILED or rec.get("cancel"):
+                continue
+            if attempt >= SHARD_ATTEMPTS:
+                continue  # the run stays unfinished; its shard's jobs say why
+            won = store.db()[RUNS].update_one({"_id": run["_id"], f"attempts.{i}": attempt},
+                                              {"$set": {f"attempts.{i}": attempt + 1}}).modified_count
+            if won:
+                submit(run["dataset"], "embed_shard", {**rec["args"], "attempt": attempt + 1})
+                log.warning("embedding run %s: shard %d failed (attempt %d), queued again", run["_id"], i, attempt)
+                n += 1
     return n
 
 
@@ -255,7 +347,8 @@ class Reporter:
         fraction = max(0.0, min(1.0, float(fraction)))
         if fraction > 0:
             details.setdefault("eta_s", round((now - self.started) * (1 - fraction) / fraction, 1))
-        update: dict[str, Any] = {"$set": {"details": details, "progress": fraction, "label": label}}
+        update: dict[str, Any] = {"$set": {"details": details, "progress": fraction, "label": label,
+                                           "beat": _now()}}
         if "step" in details:
             update["$push"] = {"history": {"$each": [details], "$slice": -2000}}
         if not force and now - self._last < self.min_interval and "step" not in details:

@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from core.services import analysis
 from core.data import jobs
 from core.data.jobs import Reporter
@@ -32,8 +34,9 @@ def submit_embedding(dataset: str) -> str | None:
 
 
 def embedding_pending(dataset: str) -> bool:
-    """Whether an ``embed`` job of ``dataset`` is queued or running."""
-    return any(j["state"] in ("queued", "running") for j in jobs.list_jobs(dataset, kind="embed", limit=5))
+    """Whether an ``embed`` job (or a shard of a spread one) of ``dataset`` is queued or running."""
+    return any(j["state"] in ("queued", "running") for kind in ("embed", "embed_shard")
+               for j in jobs.list_jobs(dataset, kind=kind, limit=5))
 
 
 def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
@@ -45,6 +48,42 @@ def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[s
     report = embedding.embed_dataset(dataset, version=args.get("version"), progress=reporter.span(0.0, 0.6, "embedding"))
     version = args.get("version") or store.active_model(dataset)
     report.update(analysis.refresh_map(dataset, version, reporter, 0.6, 1.0))
+    return report
+
+
+def spread_embedding(dataset: str, shards: int, version: str | None = None) -> str:
+    """Embed ``dataset`` with ``version`` (default: the active model, else "base") as ``shards``
+    ``embed_shard`` jobs that any running worker takes, on this machine or another against the
+    same MongoDB; the last shard to finish lays out the map, scores the samples and brings the
+    similarity index up to date, as one ``embed`` job would. Returns the run's id
+    (:func:`core.data.jobs.run_status`)."""
+    from core.data import store
+    from core.model.embed import BASE
+
+    if shards < 1:
+        raise jobs.JobError(f"shards must be at least 1, not {shards}")
+    version = version or store.active_model(dataset) or BASE
+    ids = store.view_columns(dataset, [])["id"]
+    if not ids:
+        raise jobs.JobError(f"dataset {dataset!r} has no samples to embed")
+    cuts = np.linspace(0, len(ids), min(shards, len(ids)) + 1).astype(int)
+    return jobs.create_run(dataset, version, [ids[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
+
+
+def embed_shard_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """One shard of :func:`spread_embedding`: embed its samples; the shard that completes the run
+    then refreshes the similarity index, the map and the scores."""
+    from core.services import embedding
+
+    i, n, version = args["shard"], args["of"], args["version"]
+    report = embedding.embed_dataset(dataset, version=version, ids=args["ids"], update_index=False,
+                                     progress=reporter.span(0.0, 0.8, f"embedding shard {i + 1}/{n}"))
+    report.update(shard=i, of=n, run=args["run"], finished_run=jobs.shard_done(args["run"], i))
+    if report["finished_run"]:
+        reporter.progress(0.8, "last shard: similarity index", force=True)
+        embedding.refresh_index(dataset, version)
+        report.update(analysis.refresh_map(dataset, version, reporter, 0.85, 1.0))
+        jobs.finish_run(args["run"])
     return report
 
 
@@ -152,5 +191,5 @@ def export_model_task(dataset: str, args: dict[str, Any], reporter: Reporter) ->
 
 
 # kind -> the task a worker runs: fn(dataset, args, reporter) -> result dict
-TASKS = {"embed": embed_task, "layout": layout_task, "train": train_task, "ingest": ingest_task,
+TASKS = {"embed": embed_task, "embed_shard": embed_shard_task, "layout": layout_task, "train": train_task, "ingest": ingest_task,
          "export_dataset": export_dataset_task, "export_model": export_model_task}

@@ -36,7 +36,7 @@ def run(ctx) -> dict[str, Any]:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     record_job(job_id, dataset, kind, args, pid=os.getpid(), pid_started=_process_started(os.getpid()),
-               host=socket.gethostname(), started_at=_now(), log=str(lp))
+               host=socket.gethostname(), worker_pid=os.getppid(), started_at=_now(), log=str(lp))
     reporter = Reporter(job_id, ctx)
     log.info("job %s: %s on %s with %s", job_id, kind, dataset, args)
     try:

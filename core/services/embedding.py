@@ -29,7 +29,7 @@ _WRITE_CHUNK = 4096
 
 def embed_dataset(name: str, version: str | None = None, progress: Progress | None = None,
                   batch_size: int = 64, threads: int = 2, backend: str = "auto",
-                  ) -> dict[str, Any]:
+                  ids: list[str] | None = None, update_index: bool = True) -> dict[str, Any]:
     """Embed every sample of dataset ``name`` with ``version`` (None: the dataset's active model,
     else "base") into ``store.embedding_field(version)``.
 
@@ -37,6 +37,9 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
     gets ``embed_error`` (its reason) and a ``None`` vector; successes clear ``embed_error``.
     Vectors are written in chunks of 4096 samples; a model with a person-ness head also writes
     each crop's score to ``store.person_field(version)``. Sets the active model when none is set.
+    ``ids``: only these samples (a shard of a spread embedding, see :mod:`core.jobs.tasks`);
+    ``update_index``: bring the version's similarity index up to date (a shard leaves that to
+    the run's last shard: two writers of one index would race).
     Returns {version, field, total, embedded, failed, errors (sample id -> reason, first 100),
     seconds}."""
 
@@ -46,7 +49,8 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
     field = store.embedding_field(version)
     if backend == "onnx":
         onnx_path(version)  # export before the clock of the first batch; raises early
-    ids, paths, kinds = ds.values(["id", "filepath", "kind"]) if len(ds) else ([], [], [])
+    view = ds if ids is None else ds.select(ids)
+    ids, paths, kinds = view.values(["id", "filepath", "kind"]) if len(view) else ([], [], [])
     total = len(ids)
     embedded, failed = 0, 0
     errors_out: dict[str, str] = {}
@@ -89,13 +93,21 @@ def embed_dataset(name: str, version: str | None = None, progress: Progress | No
             done_before += len(chunk)
     if total:  # a default for a fresh dataset; never over an operator's activation meanwhile
         store.set_active_model(name, version, only_if_unset=True)
-    similarity.update(name, version, indexed)  # an index already built takes the new vectors
+    if update_index:
+        similarity.update(name, version, indexed)  # an index already built takes the new vectors
     seconds = time.perf_counter() - t0
     log.info("embedded %s with %s: %d ok, %d failed in %.1fs", name, version, embedded, failed,
              seconds)
     return {"version": version, "field": field, "total": total, "embedded": embedded,
             "failed": failed, "errors": errors_out, "seconds": seconds}
 
+
+
+def refresh_index(name: str, version: str) -> bool:
+    """Bring an existing similarity index of ``version`` up to date with every stored vector
+    (after a spread embedding, whose shards leave the index alone); False when none is built."""
+    cols = store.view_columns(name, [store.embedding_field(version)])
+    return similarity.update(name, version, dict(zip(cols["id"], cols[store.embedding_field(version)])))
 
 
 def _columns(name: str, version: str, fields: list[str], any_of: list[str] | None = None) -> dict:
