@@ -81,8 +81,9 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def distinct_crops(n: int, cache: Path) -> list[Path]:
-    """``n`` crop files of distinct content (see the module docstring), cut once into ``cache``."""
+def source_crops(cache: Path) -> list[Path]:
+    """Every real crop of distinct content: campus62's files and each MOT ground-truth box cut
+    from its clip into ``cache`` (``<clip>_<frame>_<track>.png``, once)."""
     import cv2
     import numpy as np
     from tqdm import tqdm
@@ -114,7 +115,16 @@ def distinct_crops(n: int, cache: Path) -> list[Path]:
             cap.release()
             done.touch()
         out += [f for f in files if f.exists()]
-    out = _unique(out)
+    return _unique(out)
+
+
+def distinct_crops(n: int, cache: Path) -> list[Path]:
+    """``n`` crop files of distinct content (see the module docstring): :func:`source_crops`,
+    then their mirror images where more are asked for."""
+    import cv2
+    import numpy as np
+
+    out = source_crops(cache)
     mirrored = []
     for p in out[: max(0, n - len(out))]:
         m = cache / f"mirror_{hashlib.sha1(str(p).encode()).hexdigest()[:12]}.png"

@@ -1,12 +1,22 @@
 """Map layout at scale: Vigil's ``core.math.layout.layout`` against FiftyOne's
 ``fiftyone.brain.compute_visualization(method="umap")`` on the same vectors, in the same run.
 
-Vectors are real-derived: the 992 campus62 training crops embedded with the base model
-(``core.model.embed.embed_paths``, 256-D, unit rows), expanded to N by adding small Gaussian noise
-around them (a tenth of the typical nearest-neighbour distance) and re-normalised.
+Vectors: N **distinct crops**, each embedded by the packaged model (256-D, unit rows). The
+sources are every real crop: campus62's and every ground-truth person box of the three MOT clips
+(``benchmarks/embed_throughput.source_crops``). Each source gives its own crop, its mirror image and
+seeded training augmentations (``core.math.augment.augment``: colour, cast shadow, low light, motion
+blur, occlusion) until N rows are made. The vectors are cached in
+``benchmarks/out/cache/map_vectors_<N>_distinct.npz``; a row equal to an earlier one (an augmentation
+that drew no change, or only the flip, repeats its crop or mirror) is dropped and made up for, and the count of distinct rows is printed.
 
-Quality: "same-id 10-NN" is the share of a point's 10 nearest 2-D neighbours that show the same
-person (campus62 identity); the same figure in the 256-D space is printed as the ceiling.
+Quality, both on the same vectors:
+- trustworthiness (``sklearn.manifold.trustworthiness``, 10 neighbours) of the 2-D map on a
+  seeded sample of 5,000 rows: how many 2-D neighbours are true neighbours in 256-D;
+- "same-id 10-NN": the share of a point's 10 nearest 2-D neighbours from the same person
+  (campus62 identity, MOT track); the same figure in 256-D is printed as the ceiling.
+
+Target: 100k laid out in <= 30 s on 2 cores, ahead of FiftyOne, trustworthiness no worse than
+FiftyOne's by more than 0.02. Writes ``benchmarks/out/map_scale.json``.
 
 Every measurement runs in a fresh subprocess, so peak memory (RSS, sampled every 20 ms while the
 timed call runs, plus the process's ``ru_maxrss``) and numba JIT compile time are per method.
@@ -14,7 +24,7 @@ timed call runs, plus the process's ``ru_maxrss``) and numba JIT compile time ar
 FiftyOne's run is bounded by ``--fo-timeout`` seconds and reported as such when it runs over.
 
     python benchmarks/map_scale.py                 # 10k and 100k
-    python benchmarks/map_scale.py --sizes 10000 --fo-timeout 300
+    python benchmarks/map_scale.py --sizes 10000 --fo-timeout 600
     python benchmarks/map_scale.py --end-to-end    # also compute_layout through FiftyOne (DB)
 """
 from __future__ import annotations
@@ -144,8 +154,20 @@ def worker(method: str, vec_path: str, marker: str) -> dict:
     out["peak_rss_mb"] = stop()
     out["rss_before_mb"] = base
     out["maxrss_mb"] = _maxrss_mb()
-    out["id10"] = identity_agreement(np.asarray(Y, dtype=np.float32), np.load(_labels_path(vec_path)))
+    Y = np.asarray(Y, dtype=np.float32)
+    out["id10"] = identity_agreement(Y, np.load(_labels_path(vec_path)))
+    out["trust"] = trust(X, Y)
     return out
+
+
+TRUST_SAMPLE = 5000  # trustworthiness is quadratic in the rows: a seeded sample, the same for every method
+
+
+def trust(X: np.ndarray, Y: np.ndarray, k: int = 10) -> float:
+    from sklearn.manifold import trustworthiness
+
+    s = np.sort(np.random.default_rng(0).choice(len(X), min(TRUST_SAMPLE, len(X)), replace=False))
+    return float(trustworthiness(X[s], Y[s], n_neighbors=k))
 
 
 def _labels_path(vec_path: str | Path) -> Path:
@@ -167,36 +189,54 @@ def identity_agreement(V: np.ndarray, ident: np.ndarray, k: int = 10, sample: in
 # ----------------------------------------------------------------------------------------------
 
 
-def real_vectors() -> tuple[np.ndarray, np.ndarray]:
-    """float32 [R, 256] campus62 train crops embedded with the base model, and identities [R]."""
+def distinct_vectors(n: int, batch: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [n, 256] embeddings of n distinct crops (see the module docstring) and each row's
+    person key [n] (campus62 identity or MOT clip:track); cached per n."""
+    cache = REPO / "benchmarks" / "out" / "cache" / f"map_vectors_{n}_distinct.npz"
+    if cache.exists():
+        z = np.load(cache)
+        return z["X"], z["key"]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from core.math import augment
     from core.model import embed
-    from core.config import shared_data
 
-    root = shared_data() / "reid" / "campus62" / "train"
-    paths = sorted(str(p) for p in root.glob("*/*.png"))
-    if not paths:
-        sys.exit(f"real data not available: {root} is absent (see ../shared/data/README.md)")
-    t = time.time()
-    vecs, errors = embed.embed_paths(paths, version="base", kind="crop")
-    ok = np.isfinite(vecs).all(1)
-    print(f"embedded {ok.sum()} real campus62 crops ({len(errors)} failed) in {time.time() - t:.1f} s "
-          f"-> {vecs.shape[1]}-D", flush=True)
-    ident = np.array([Path(p).parent.name for p in paths])
-    return vecs[ok], ident[ok]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from embed_throughput import source_crops
 
+    paths = source_crops(REPO / "benchmarks" / "out" / "cache" / "embed_crops")
+    keys = np.array([f"mot:{p.name.split('_')[0]}:{p.stem.split('_')[-1]}" if p.parent.name == "embed_crops"
+                     else f"campus62:{p.parent.name}" for p in paths])
+    n_gen = n + n // 8 + batch  # ~7 % of augmentations draw no change (or only the flip): made and dropped
+    rows = [(i // len(paths), i % len(paths)) for i in range(n_gen)]  # variant v of source j: all sources at each v
+    cfg = embed.model_config("base")
+    size = cfg.input_size("crop")
+    sess = embed.onnx_session("base")
+    imgs: dict[int, np.ndarray] = {}
 
-def expand(real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [n, D]: real rows plus Gaussian noise (norm ~ 0.1 x median NN distance), unit
-    rows; and the index [n] of the real row each one derives from."""
-    from core.math.layout import knn
+    def make(vj: tuple[int, int]) -> np.ndarray:
+        v, j = vj
+        if j not in imgs:
+            imgs[j] = embed.load_image(paths[j], size)
+        img = imgs[j]
+        if v == 1:
+            return augment.hflip(img)
+        return img if v == 0 else augment.augment(img, np.random.default_rng([seed, v, j]))
 
-    _, d = knn(real, real, 1, exclude_self=True)
-    sigma = 0.1 * float(np.median(d)) / np.sqrt(real.shape[1])
-    rng = np.random.default_rng(seed)
-    src = rng.integers(0, len(real), n)
-    X = real[src] + rng.normal(size=(n, real.shape[1])).astype(np.float32) * sigma
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    return X.astype(np.float32), src
+    X = np.empty((n_gen, cfg.emb_dim), np.float32)
+    with ThreadPoolExecutor(2) as pool:
+        for s0 in tqdm(range(0, n_gen, batch), desc=f"embedding {n} distinct crops", unit="batch"):
+            x = np.stack(list(pool.map(make, rows[s0: s0 + batch])))
+            X[s0: s0 + len(x)] = sess.run(None, {"image": x})[0]
+    first = np.sort(np.unique(X, axis=0, return_index=True)[1])[:n]  # each distinct row once, in order
+    if len(first) < n:
+        sys.exit(f"only {len(first)} distinct vectors could be made, {n} asked")
+    X, key = X[first], keys[[rows[i][1] for i in first]]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, X=X, key=key)
+    return X, key
 
 
 def run_worker(method: str, vec_path: Path, run_timeout: float) -> dict:
@@ -235,13 +275,13 @@ def fmt(r: dict) -> str:
         extra = f"  cached call {r['cached_s']:.2f} s (hit={r['cache_hit']})"
     return (f"  {name:27s} run {r['run_s']:7.1f} s   JIT/warm-up {r.get('jit_s', 0):5.1f} s   "
             f"peak RSS {r['peak_rss_mb']:6.0f} MB (before {r['rss_before_mb']:5.0f} MB)   "
-            f"same-id 10-NN {r['id10']:.3f}{extra}")
+            f"same-id 10-NN {r['id10']:.3f}   trustworthiness {r['trust']:.3f}{extra}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    ap.add_argument("--fo-timeout", type=float, default=300.0, help="seconds FiftyOne may run per size")
+    ap.add_argument("--fo-timeout", type=float, default=600.0, help="seconds FiftyOne may run per size")
     ap.add_argument("--end-to-end", action="store_true", help="also time compute_layout via the DB")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -268,14 +308,17 @@ def _run_sizes(args: argparse.Namespace) -> None:
     # The driver stays a database client for the whole run: FiftyOne stops its MongoDB service
     # when the last client exits, and a worker starting meanwhile then finds no server.
     store.dataset_names()
-    real, ident = real_vectors()
+    X_all, key_all = distinct_vectors(max(args.sizes))
+    report: dict = {}
     for n in args.sizes:
-        X, src = expand(real, n)
+        X, key = X_all[:n], key_all[:n]
+        distinct = len(np.unique(X, axis=0))
         path = SCRATCH / f"vectors_{n}.npy"
         np.save(path, X)
-        np.save(_labels_path(path), ident[src])
-        print(f"\nN = {n:,} x {X.shape[1]}-D (real-derived), load average {os.getloadavg()[0]:.1f}; "
-              f"same-id 10-NN in {X.shape[1]}-D (ceiling): {identity_agreement(X, ident[src]):.3f}", flush=True)
+        np.save(_labels_path(path), key)
+        print(f"\nN = {n:,} x {X.shape[1]}-D, {distinct:,} distinct rows ({len(set(key)):,} people), load average "
+              f"{os.getloadavg()[0]:.1f}; same-id 10-NN in {X.shape[1]}-D (ceiling): {identity_agreement(X, key):.3f}",
+              flush=True)
         results = [run_worker("vigil", path, 900)]
         print(fmt(results[-1]), flush=True)
         results.append(run_worker("fiftyone", path, args.fo_timeout))
@@ -285,9 +328,23 @@ def _run_sizes(args: argparse.Namespace) -> None:
             print(fmt(results[-1]), flush=True)
         v, f = results[0], results[1]
         if "run_s" in v and "run_s" in f:
-            print(f"  -> vigil {f['run_s'] / v['run_s']:.1f}x faster than FiftyOne's UMAP", flush=True)
+            print(f"  -> vigil {f['run_s'] / v['run_s']:.1f}x faster than FiftyOne's UMAP; trustworthiness "
+                  f"{v['trust']:.3f} vs {f['trust']:.3f} ({v['trust'] - f['trust']:+.3f}; target >= -0.02)", flush=True)
         elif "run_s" in v and "timeout" in f:
             print(f"  -> FiftyOne did not finish in {args.fo_timeout:.0f} s; vigil took {v['run_s']:.1f} s", flush=True)
+        report[str(n)] = {
+            "n": n, "distinct": distinct,
+            "seconds": {r["method"]: r.get("run_s") for r in results},
+            "ratios": {"fiftyone_over_vigil": f["run_s"] / v["run_s"]} if "run_s" in v and "run_s" in f else {},
+            "trustworthiness": {r["method"]: r.get("trust") for r in results},
+            "same_id_10nn": {r["method"]: r.get("id10") for r in results},
+            "peak_rss_mb": {r["method"]: r.get("peak_rss_mb") for r in results},
+            "timeouts": {r["method"]: r["timeout"] for r in results if "timeout" in r}}
+    out = REPO / "benchmarks" / "out" / "map_scale.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    big = report[str(max(args.sizes))]
+    out.write_text(json.dumps({**big, "sizes": report}, indent=2))
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":
