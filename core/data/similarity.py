@@ -20,21 +20,13 @@ FiftyOne finds the backend's address in ``FIFTYONE_BRAIN_SIMILARITY_<BACKEND>_UR
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 
-from core.config import similarity_backend, similarity_uri
+from core.config import similarity_backend as backend, similarity_uri as uri  # noqa: F401  (where, and which)
 from core.data import store
-
-def uri() -> str:
-    """Where the indexes live (:func:`core.config.similarity_uri`)."""
-    return similarity_uri()
-
-
-def backend() -> str:
-    """"milvus" for a server URI, else "lancedb" (see the module docstring)."""
-    return similarity_backend()
 
 
 def brain_key(version: str) -> str:
@@ -44,8 +36,6 @@ def brain_key(version: str) -> str:
 
 def _table_name(name: str, version: str) -> str:
     """A table (LanceDB) or collection (Milvus: letters, digits, underscores) per dataset and version."""
-    import re
-
     return "vigil_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{name}__{version}")
 
 
