@@ -47,11 +47,12 @@ def test_the_index_answers_the_brute_force_neighbours_on_real_crops(crops):
     ids, X = _vectors(crops)
     assert len(ids) > 100 and store.get_dataset(crops).list_brain_runs() == []  # built on first use
     for q in range(0, len(ids), len(ids) // 10):
-        hits = similarity.nearest(crops, "base", X[q], 10)
+        got, dists, vecs = similarity.nearest(crops, "base", X[q], 10)
         sims = X @ X[q]
         want = np.argsort(-sims, kind="stable")[:10]
-        assert [h[0] for h in hits] == [ids[j] for j in want]
-        assert np.allclose([h[1] for h in hits], 1.0 - sims[want], atol=1e-5)
+        assert got == [ids[j] for j in want]
+        assert np.allclose(dists, 1.0 - sims[want], atol=1e-5)
+        assert np.allclose(vecs / np.linalg.norm(vecs, axis=1, keepdims=True), X[want], atol=1e-6)
     assert _built(crops)[1] == len(ids)
 
 
@@ -90,8 +91,8 @@ def test_reembedding_updates_the_index_in_place_and_deleting_the_dataset_drops_i
     assert len(ids2) > len(ids)
     assert _built(crops) == (when, len(ids2))  # the same run, grown: not rebuilt
     new = [k for k, s in enumerate(ids2) if s not in set(ids)]
-    hit = similarity.nearest(crops, "base", X2[new[0]], 1)
-    assert hit[0][0] == ids2[new[0]] and hit[0][1] < 1e-5
+    got, dists, _ = similarity.nearest(crops, "base", X2[new[0]], 1)
+    assert got == [ids2[new[0]]] and dists[0] < 1e-5
     tables = Path(similarity.uri())
     assert any(tables.glob(f"{similarity._table_name(crops, 'base')}*"))
     store.delete_dataset(crops)

@@ -80,15 +80,16 @@ def update(name: str, version: str, vectors: dict[str, Any]) -> bool:
     return True
 
 
-def nearest(name: str, version: str, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
-    """The ``k`` samples nearest to ``vector`` in ``version``'s index: [(sample id, cosine
-    distance)], nearest first (distances from the samples' stored vectors)."""
+def nearest(name: str, version: str, vector: np.ndarray, k: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The ``k`` samples nearest to ``vector`` in ``version``'s index, nearest first: their ids,
+    cosine distances float32 [k] and stored vectors float32 [k, D] (the distances come from
+    those vectors, which callers may re-rank with)."""
     idx = index(name, version)
     k = int(min(k, idx.total_index_size))
     if k <= 0:
-        return []
+        return [], np.zeros(0, np.float32), np.zeros((0, len(vector)), np.float32)
     q = np.asarray(vector, np.float32)
     ids, vecs = idx.sort_by_similarity(q, k=k).values(["id", store.embedding_field(version)])
     X = np.stack([np.asarray(v, np.float32) for v in vecs])
     cos = (X @ q) / np.maximum(np.linalg.norm(X, axis=1) * np.linalg.norm(q), 1e-12)
-    return [(str(s), float(max(0.0, 1.0 - c))) for s, c in zip(ids, cos)]
+    return [str(s) for s in ids], np.maximum(0.0, 1.0 - cos).astype(np.float32), X

@@ -117,12 +117,6 @@ def _columns(name: str, version: str, fields: list[str], any_of: list[str] | Non
     return out
 
 
-def _field_vectors(name: str, version: str | None) -> tuple[list[str], np.ndarray, str]:
-    version = version or store.active_model(name) or BASE
-    cols = _columns(name, version, [])
-    return cols["id"], cols["X"], version
-
-
 def tracklet_embeddings(name: str, version: str | None = None) -> dict[str, np.ndarray]:
     """Tracklet (clip) embeddings: per value of the ``tracklet`` field, the mean of its crops'
     vectors, re-normalised to unit length. Returns {tracklet: [D] float32}."""
@@ -160,17 +154,15 @@ def similar(name: str, sample_id: str, k: int = 12, version: str | None = None, 
     if vec is None:
         raise EmbedError(f"sample {sample_id} has no embedding of model {version!r}")
     try:
-        hits = similarity.nearest(name, version, np.asarray(vec, np.float32),
-                                  max(k + 1, RERANK_CANDIDATES if rerank else 0))
+        ids, dists, X = similarity.nearest(name, version, np.asarray(vec, np.float32),
+                                           max(k + 1, RERANK_CANDIDATES if rerank else 0))
     except store.StoreError as exc:
         raise EmbedError(str(exc)) from exc
-    out = [(s, d) for s, d in hits if s != sample_id]
+    keep = [j for j, s in enumerate(ids) if s != sample_id]
+    out = [(ids[j], float(dists[j])) for j in keep]
     if rerank and out:
         from core.math.evaluate import k_reciprocal_distances
 
-        cand = [s for s, _ in out]
-        X = np.stack([np.asarray(v, np.float32) for v in
-                      store.view_columns(name, [field], [sample_id, *cand])[field]])
-        d = k_reciprocal_distances(X, n_rows=1)[0, 1:]
-        out = [(cand[o], float(d[o])) for o in np.argsort(d, kind="stable")]
+        d = k_reciprocal_distances(np.vstack([np.asarray(vec, np.float32), X[keep]]), n_rows=1)[0, 1:]
+        out = [(out[o][0], float(d[o])) for o in np.argsort(d, kind="stable")]
     return out[:k]
