@@ -128,8 +128,8 @@ def job_status(name: str, kinds: tuple[str, ...], show_result: Callable[[dict], 
     from core import jobs
 
     def newest() -> dict | None:
-        recent = [j for k in kinds for j in jobs.list_jobs(name, kind=k, limit=1)]
-        return max(recent, key=lambda j: j["queued_at"], default=None)
+        recent = jobs.list_jobs(name, kind=tuple(kinds), limit=1)
+        return recent[0] if recent else None
 
     full_run = [True]  # False in the fragment's own reruns (every 2 s)
 

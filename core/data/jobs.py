@@ -141,14 +141,15 @@ def get(job_id: str) -> dict[str, Any]:
     return _as_dict(op, _jobs().find_one({"_id": job_id}) or {})
 
 
-def list_jobs(dataset: str | None = None, kind: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
-    """Newest first."""
+def list_jobs(dataset: str | None = None, kind: str | tuple[str, ...] | None = None,
+              limit: int = 20) -> list[dict[str, Any]]:
+    """Newest first; ``kind``: one kind or a tuple of them."""
     reconcile()
     q: dict[str, Any] = {}
     if dataset:
         q["dataset"] = dataset
     if kind:
-        q["kind"] = kind
+        q["kind"] = {"$in": list(kind)} if isinstance(kind, tuple) else kind
     recs = list(_jobs().find(q).sort("submitted_at", -1).limit(limit))
     svc = _service()
     out = []

@@ -35,8 +35,8 @@ def submit_embedding(dataset: str) -> str | None:
 
 def embedding_pending(dataset: str) -> bool:
     """Whether an ``embed`` job (or a shard of a spread one) of ``dataset`` is queued or running."""
-    return any(j["state"] in ("queued", "running") for kind in ("embed", "embed_shard")
-               for j in jobs.list_jobs(dataset, kind=kind, limit=5))
+    return any(j["state"] in ("queued", "running")
+               for j in jobs.list_jobs(dataset, kind=("embed", "embed_shard"), limit=20))
 
 
 def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
