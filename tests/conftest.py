@@ -74,6 +74,23 @@ def dsname(request) -> str:
     store.delete_dataset(name)
 
 
+def ingest_campus62(name: str, dest: Path, identities: slice, val: bool = False) -> str:
+    """Ingest real campus62 crops into dataset ``name``: the training identities ``identities``
+    (folders in sorted order) and, with ``val``, the val split (query/gallery tags, two cameras),
+    copied under ``dest`` first. Returns ``name``."""
+    import shutil
+
+    from core.services.ingest import ingest
+
+    src = need_shared("reid", "campus62")
+    for d in sorted((src / "train").iterdir())[identities]:
+        shutil.copytree(d, dest / "train" / d.name)
+    if val:
+        shutil.copytree(src / "val", dest / "val")
+    ingest(dest, "reid", name)
+    return name
+
+
 def fake_embeddings(name: str, dim: int = 16, noise: float = 0.35, seed: int = 0) -> None:
     """Unit vectors clustered by identity into ``emb_base``; activates model "base"."""
     import numpy as np

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import need_shared
+from tests.conftest import ingest_campus62, need_shared
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 PAGES = ["pages/data.py", "pages/map.py", "pages/annotate.py", "pages/train.py", "pages/export.py"]
@@ -169,21 +169,6 @@ def test_an_outage_is_still_reported_as_one(small_dataset, monkeypatch):
 
 
 # ---------------------------------------------------------------- the Train page
-def _campus_small(name: str, tmp_path: Path, n_train: int) -> str:
-    """campus62: ``n_train`` training identities and the val split (query/gallery tags, 12 other
-    identities, two cameras): a dataset a round can train on and be judged by."""
-    import shutil
-
-    from core.services.ingest import ingest
-
-    src = need_shared("reid", "campus62")
-    for d in sorted((src / "train").iterdir())[:n_train]:
-        shutil.copytree(d, tmp_path / "c" / "train" / d.name)
-    shutil.copytree(src / "val", tmp_path / "c" / "val")
-    ingest(tmp_path / "c", "reid", name)
-    return name
-
-
 def test_train_page_refuses_a_round_nothing_could_judge(small_dataset):
     """TUD-Campus alone: every identity is one tracklet, so the held-out tracklets' halves judge
     the round (within tracklet), but only 4 tracklets are left to train on; the page says both and
@@ -203,7 +188,7 @@ def test_train_page_one_retrain_button_knobs_under_advanced(dsname, tmp_path):
 
     from core.services import embedding
 
-    name = _campus_small(dsname, tmp_path, n_train=7)
+    name = ingest_campus62(dsname, tmp_path / "c", slice(7), val=True)
     embedding.embed_dataset(name, version="base")  # a round starts from the active model
     at = _open(name, "pages/train.py")
     assert [b.label for b in at.form_submit_button] == ["Retrain"]
@@ -260,7 +245,7 @@ def test_train_page_pseudo_identity_switch_goes_into_the_job(dsname, tmp_path):
     from core.model import device, train
     from core.data import store
 
-    name = _campus_small(dsname, tmp_path, n_train=7)
+    name = ingest_campus62(dsname, tmp_path / "c", slice(7), val=True)
     store.set_active_model(name, "base")  # a round starts from the active model (nothing embeds here)
     at = _open(name, "pages/train.py")
     (switch,) = [t for t in at.toggle if t.label == UNSUPERVISED]
@@ -308,7 +293,7 @@ def test_train_page_resumes_a_cancelled_round(worker, dsname, tmp_path):
     from core.data import jobs
     from core.services import registry
 
-    _campus_small(dsname, tmp_path, n_train=8)
+    ingest_campus62(dsname, tmp_path / "c", slice(8), val=True)
     cfg = {"steps": 400, "eval_every": 5, "ids_per_batch": 4, "samples_per_id": 4, "min_val_ids": 3,
            "crop_size": [64, 32], "frozen_blocks": 16}  # small and quick: it is cancelled at step 7
     job = jobs.submit(dsname, "train", {"config": cfg})

@@ -2,26 +2,19 @@
 loopback against one MongoDB take the shards, every sample is embedded by exactly one shard,
 and a worker killed mid-shard leaves its shard to the other."""
 import os
-import shutil
 import signal
 import time
 
 import pytest
 
 from core.data import jobs, store
-from tests.conftest import Worker, need_shared
+from tests.conftest import Worker, ingest_campus62
 
 
 @pytest.fixture
 def crops(dsname, tmp_path):
     """Real campus62 crops: 24 identities, two cameras."""
-    from core.services.ingest import ingest
-
-    src = need_shared("reid", "campus62")
-    for d in sorted((src / "train").iterdir())[:24]:
-        shutil.copytree(d, tmp_path / "c" / "train" / d.name)
-    ingest(tmp_path / "c", "reid", dsname)
-    return dsname
+    return ingest_campus62(dsname, tmp_path / "c", slice(24))
 
 
 def _shard_records(run: str) -> list[dict]:

@@ -3,7 +3,6 @@ LanceDB): the neighbours of brute force on real crops, an index that outlives it
 re-embedding that updates it instead of rebuilding it."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +12,15 @@ import pytest
 
 from core.config import REPO
 from core.data import similarity, store
-from tests.conftest import need_shared
+from tests.conftest import ingest_campus62
 
 
 @pytest.fixture
 def crops(dsname, tmp_path):
     """Real campus62 crops (12 identities, two cameras), embedded with the packaged model."""
     from core.services.embedding import embed_dataset
-    from core.services.ingest import ingest
 
-    src = need_shared("reid", "campus62")
-    for d in sorted((src / "train").iterdir())[:12]:
-        shutil.copytree(d, tmp_path / "c" / "train" / d.name)
-    ingest(tmp_path / "c", "reid", dsname)
+    ingest_campus62(dsname, tmp_path / "c", slice(12))
     embed_dataset(dsname, version="base")
     return dsname
 
@@ -77,15 +72,11 @@ def test_more_like_this_survives_a_restart_without_rebuilding(crops):
 
 def test_reembedding_updates_the_index_in_place_and_deleting_the_dataset_drops_it(crops, tmp_path):
     from core.services.embedding import embed_dataset
-    from core.services.ingest import ingest
 
     ids, X = _vectors(crops)
     similarity.nearest(crops, "base", X[0], 5)  # build it
     when, size = _built(crops)
-    src = need_shared("reid", "campus62")
-    for d in sorted((src / "train").iterdir())[12:15]:
-        shutil.copytree(d, tmp_path / "more" / "train" / d.name)
-    ingest(tmp_path / "more", "reid", crops)
+    ingest_campus62(crops, tmp_path / "more", slice(12, 15))
     embed_dataset(crops, version="base")
     ids2, X2 = _vectors(crops)
     assert len(ids2) > len(ids)

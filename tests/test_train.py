@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from core.model import train as T
-from tests.conftest import need_shared, tamper_onnx
+from tests.conftest import ingest_campus62, need_shared, tamper_onnx
 
 
 def test_sampler_is_identity_balanced_and_weighted():
@@ -216,19 +216,12 @@ def test_failed_round_resumes_in_its_own_version_from_the_cli(data_root, dsname,
     resumed, it continues V (no new version) from that step. Cancelled again after training, a
     resume goes straight to export; its ONNX file, tampered meanwhile, fails the round; `python -m
     core train --resume V` then exports afresh and finishes V; a finished round is not resumed."""
-    import shutil
-
     from core.model import embed
     from core.services import export, registry, rounds
     from core.data import jobs
     from core.cli.main import main
-    from core.services.ingest import ingest
 
-    src = need_shared("reid", "campus62")
-    for d in sorted((src / "train").iterdir())[:8]:
-        shutil.copytree(d, tmp_path / "c" / "train" / d.name)
-    shutil.copytree(src / "val", tmp_path / "c" / "val")
-    ingest(tmp_path / "c", "reid", dsname)
+    ingest_campus62(dsname, tmp_path / "c", slice(8), val=True)
 
     class Operator(jobs.Reporter):
         """The job's view of a round, with an operator who cancels at a step or a phase."""
