@@ -88,3 +88,30 @@ def test_reembedding_updates_the_index_in_place_and_deleting_the_dataset_drops_i
     assert any(tables.glob(f"{similarity._table_name(crops, 'base')}*"))
     store.delete_dataset(crops)
     assert not any(tables.glob(f"{similarity._table_name(crops, 'base')}*"))
+
+
+def test_a_build_killed_midway_is_built_again_and_never_appended_to(crops, monkeypatch):
+    """A build that died after FiftyOne registered its run (a job killed while the vectors went
+    in) leaves a run without results and a partial table: within the grace it reads as another
+    process's build under way; after it, the next lookup builds a fresh table and answers as
+    brute force does, with each vector once."""
+    from fiftyone.brain.internal.core import lancedb as fo_lancedb
+
+    ids, X = _vectors(crops)
+    real_add = fo_lancedb.LanceDBSimilarityIndex.add_to_index
+
+    def dies_midway(self, embeddings, sample_ids, **kw):
+        real_add(self, embeddings[:50], sample_ids[:50], **kw)  # a part went in, then the process died
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(fo_lancedb.LanceDBSimilarityIndex, "add_to_index", dies_midway)
+    with pytest.raises(RuntimeError, match="killed"):
+        similarity.nearest(crops, "base", X[0], 5)
+    monkeypatch.setattr(fo_lancedb.LanceDBSimilarityIndex, "add_to_index", real_add)
+    assert store.get_dataset(crops).list_brain_runs(type="similarity") == [similarity.brain_key("base")]
+    with pytest.raises(store.StoreError, match="being built by another process"):
+        similarity.nearest(crops, "base", X[0], 5)
+    monkeypatch.setattr(similarity, "BUILD_GRACE_S", 0)
+    got, _, _ = similarity.nearest(crops, "base", X[7], 10)
+    assert got == [ids[j] for j in np.argsort(-(X @ X[7]), kind="stable")[:10]]
+    assert _built(crops)[1] == len(ids)

@@ -21,12 +21,17 @@ FiftyOne finds the backend's address in ``FIFTYONE_BRAIN_SIMILARITY_<BACKEND>_UR
 from __future__ import annotations
 
 import re
+import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from core.config import similarity_backend as backend, similarity_uri as uri  # noqa: F401  (where, and which)
+from core.config import settings, similarity_backend as backend, similarity_uri as uri  # noqa: F401  (where, and which)
 from core.data import store
+
+
+BUILD_GRACE_S = 600  # a run without results younger than this is another process's build under way
 
 
 def brain_key(version: str) -> str:
@@ -35,8 +40,10 @@ def brain_key(version: str) -> str:
 
 
 def _table_name(name: str, version: str) -> str:
-    """A table (LanceDB) or collection (Milvus: letters, digits, underscores) per dataset and version."""
-    return "vigil_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{name}__{version}")
+    """The prefix of the tables (LanceDB) or collections (Milvus: letters, digits, underscores)
+    of dataset ``name``'s ``version``: the database's name too, since several databases may share
+    one data root or one Milvus server. Each build adds its own suffix (:func:`index`)."""
+    return "vigil_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{settings().db_name}__{name}__{version}")
 
 
 def index(name: str, version: str, build: bool = True):
@@ -48,20 +55,32 @@ def index(name: str, version: str, build: bool = True):
     ds = store.get_dataset(name)
     key = brain_key(version)
     if key in ds.list_brain_runs():
-        return ds.load_brain_results(key, cache=False)
+        found = ds.load_brain_results(key, cache=False)
+        if found is not None:
+            return found
+        # a run without results is being built by another process, or its build failed or was
+        # killed midway: then it is built again
+        age = (datetime.now(timezone.utc).replace(tzinfo=None) - ds.get_brain_info(key).timestamp).total_seconds()
+        if age < BUILD_GRACE_S:
+            raise store.StoreError(f"the similarity index of {version!r} in {name!r} is being built by "
+                                   "another process: try again in a minute")
+        ds.delete_brain_run(key)
     if not build:
         return None
     field = store.embedding_field(version)
     if field not in ds.get_field_schema() or not ds.exists(field).count():
         raise store.StoreError(f"no embeddings of model {version!r} in {name!r}: embed the dataset first")
-    kw = {"table_name" if backend() == "lancedb" else "collection_name": _table_name(name, version)}
+    # a fresh table per build: a table left by a failed build is never appended to
+    table = f"{_table_name(name, version)}__{uuid.uuid4().hex[:8]}"
+    kw = {"table_name" if backend() == "lancedb" else "collection_name": table}
     try:
         return fob.compute_similarity(ds.exists(field), embeddings=field, backend=backend(), brain_key=key,
                                       metric="cosine", progress=False, **kw)
     except ValueError:
         ds.reload()
-        if key in ds.list_brain_runs():  # another process built it meanwhile
-            return ds.load_brain_results(key, cache=False)
+        found = ds.load_brain_results(key, cache=False) if key in ds.list_brain_runs() else None
+        if found is not None:  # another process built it meanwhile
+            return found
         raise
 
 
