@@ -112,20 +112,30 @@ color = COLOR_FIELDS[color_label]
 
 sel_key = f"sel_{name}"
 selected: list[str] = st.session_state.get(sel_key, [])
+# the chart's widget key changes whenever the selection is set from outside the chart (cleared,
+# a cluster, the top candidates): a fresh widget has no lasso of its own that would win again
+chart = f"map_{name}_{st.session_state.get(f'chart_{name}', 0)}"
+
+
+def set_selection(ids: list[str]) -> None:
+    st.session_state[sel_key] = ids
+    st.session_state[f"chart_{name}"] = st.session_state.get(f"chart_{name}", 0) + 1
+    st.rerun()
+
 if compare:
     other = st.selectbox("Compare with", [v for v in versions if v != version])
     left, right = st.columns(2)
     with left:
         st.caption(f"**{version}**")
         event = st.plotly_chart(figure(df, color, set(selected), 480), on_select="rerun",
-                                selection_mode=("points", "box", "lasso"), key=f"map_{version}_cmp")
+                                selection_mode=("points", "box", "lasso"), key=f"{chart}_{version}_cmp")
     with right:
         st.caption(f"**{other}** (same selection highlighted)")
         st.plotly_chart(figure(load_map(name, other, store.last_modified(name)), color, set(selected), 480),
                         key=f"map_{other}_right")
 else:
     event = st.plotly_chart(figure(df, color, set(selected)), on_select="rerun",
-                            selection_mode=("points", "box", "lasso"), key=f"map_{version}")
+                            selection_mode=("points", "box", "lasso"), key=f"{chart}_{version}")
 st.caption(f"{len(df)} samples · box or lasso to select, click a point to see it · hover for details")
 
 points = (event or {}).get("selection", {}).get("points", []) if event else []
@@ -203,8 +213,7 @@ if selected:
             url = store.open_in_app(name, selected)
             st.markdown(f"[Open the FiftyOne App]({url})")
     if st.button("Clear selection"):
-        st.session_state[sel_key] = []
-        st.rerun()
+        set_selection([])
 if st.button("Undo last bulk action", key="bulk_undo", icon=":material/undo:",
              help="Revert this tab's last class / identity / tag action on a selection"):
     try:
@@ -231,8 +240,7 @@ for c in clusters[:5]:
         st.write(c["reason"])
         thumbnails(store.rows_of(name, c["members"][:16], ["identity"]), ("identity",))
         if st.button("Select these on the map", key=f"selc_{c['condition']}_{c['size']}"):
-            st.session_state[sel_key] = list(c["members"])
-            st.rerun()
+            set_selection(list(c["members"]))
 cands = analysis.candidates(name, limit=60)
 if not cands:
     st.caption("No candidates yet (they are scored after embedding and after each round).")
@@ -241,5 +249,4 @@ else:
                            "why": "; ".join(r["mis_reasons"] or [])} for r in cands])
     st.dataframe(table, hide_index=True, width="stretch", height=260)
     if st.button("Select the top candidates on the map"):
-        st.session_state[sel_key] = [r["id"] for r in cands]
-        st.rerun()
+        set_selection([r["id"] for r in cands])

@@ -187,6 +187,10 @@ def test_operator_loop(page, app):  # page first: Chromium starts while make run
     assert store.tag_counts("demo").get("shadow") == n_sel
     _shot(page, "03-map-selection")
     _mark("tagged")
+    # Clear selection empties it for good: the chart's own box selection must not bring it back
+    page.get_by_role("button", name="Clear selection").click()
+    _settle(page, "clearing the selection")
+    assert page.get_by_text(re.compile(r"Selection: \d+ samples")).count() == 0
 
     # Annotate page: label a few queue items
     _goto(page, app, "annotate")
