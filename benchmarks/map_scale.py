@@ -177,16 +177,56 @@ def _labels_path(vec_path: str | Path) -> Path:
 def identity_agreement(V: np.ndarray, ident: np.ndarray, k: int = 10, sample: int = 2000) -> float:
     """Share of the k nearest neighbours (in V, any dimension) of sampled rows that show the same
     person (campus62 identity of the real crop a row derives from)."""
-    from core.math.layout import knn
+    from core.math.neighbours import topk
 
     q = np.random.default_rng(0).choice(len(V), min(sample, len(V)), replace=False)
-    idx, _ = knn(V[q], V, k + 1)
+    idx, _ = topk(V[q], V, k + 1, metric="l2")
     return float((ident[idx[:, 1:]] == ident[q][:, None]).mean())
 
 
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
+
+
+class CropVariants:
+    """The distinct crops behind the vectors: every real source crop
+    (``embed_throughput.source_crops``) at the model's input size, then at variant 1 its mirror
+    image and at variant v >= 2 a seeded ``core.math.augment.augment`` of it. ``keys``: each
+    source's person (campus62 identity or MOT clip:track); ``cameras``: its camera."""
+
+    def __init__(self, seed: int = 0):
+        from core.model import embed
+
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from embed_throughput import source_crops
+
+        self.seed = seed
+        self.paths = source_crops(REPO / "benchmarks" / "out" / "cache" / "embed_crops")
+        mot = [p.parent.name == "embed_crops" for p in self.paths]
+        self.keys = np.array([f"mot:{p.name.split('_')[0]}:{p.stem.split('_')[-1]}" if m
+                              else f"campus62:{p.parent.name}" for p, m in zip(self.paths, mot)])
+        self.cameras = np.array([f"mot:{p.name.split('_')[0]}" if m else f"campus62:{p.stem.split('_')[0]}"
+                                 for p, m in zip(self.paths, mot)])
+        self.size = embed.model_config("base").input_size("crop")
+        self._imgs: dict[int, np.ndarray] = {}
+
+    def rows(self, n: int) -> list[tuple[int, int]]:
+        """(variant v, source j) of the first n rows: every source at each variant in turn."""
+        return [(i // len(self.paths), i % len(self.paths)) for i in range(n)]
+
+    def make(self, vj: tuple[int, int]) -> np.ndarray:
+        """Row ``(v, j)``'s image, [H, W, 3] BGR uint8."""
+        from core.math import augment
+        from core.model import embed
+
+        v, j = vj
+        if j not in self._imgs:
+            self._imgs[j] = embed.load_image(self.paths[j], self.size)
+        img = self._imgs[j]
+        if v == 1:
+            return augment.hflip(img)
+        return img if v == 0 else augment.augment(img, np.random.default_rng([self.seed, v, j]))
 
 
 def distinct_vectors(n: int, batch: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -200,40 +240,22 @@ def distinct_vectors(n: int, batch: int = 64, seed: int = 0) -> tuple[np.ndarray
 
     from tqdm import tqdm
 
-    from core.math import augment
     from core.model import embed
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from embed_throughput import source_crops
-
-    paths = source_crops(REPO / "benchmarks" / "out" / "cache" / "embed_crops")
-    keys = np.array([f"mot:{p.name.split('_')[0]}:{p.stem.split('_')[-1]}" if p.parent.name == "embed_crops"
-                     else f"campus62:{p.parent.name}" for p in paths])
+    src = CropVariants(seed)
     n_gen = n + n // 8 + batch  # ~7 % of augmentations draw no change (or only the flip): made and dropped
-    rows = [(i // len(paths), i % len(paths)) for i in range(n_gen)]  # variant v of source j: all sources at each v
+    rows = src.rows(n_gen)
     cfg = embed.model_config("base")
-    size = cfg.input_size("crop")
     sess = embed.onnx_session("base")
-    imgs: dict[int, np.ndarray] = {}
-
-    def make(vj: tuple[int, int]) -> np.ndarray:
-        v, j = vj
-        if j not in imgs:
-            imgs[j] = embed.load_image(paths[j], size)
-        img = imgs[j]
-        if v == 1:
-            return augment.hflip(img)
-        return img if v == 0 else augment.augment(img, np.random.default_rng([seed, v, j]))
-
     X = np.empty((n_gen, cfg.emb_dim), np.float32)
     with ThreadPoolExecutor(2) as pool:
         for s0 in tqdm(range(0, n_gen, batch), desc=f"embedding {n} distinct crops", unit="batch"):
-            x = np.stack(list(pool.map(make, rows[s0: s0 + batch])))
+            x = np.stack(list(pool.map(src.make, rows[s0: s0 + batch])))
             X[s0: s0 + len(x)] = sess.run(None, {"image": x})[0]
     first = np.sort(np.unique(X, axis=0, return_index=True)[1])[:n]  # each distinct row once, in order
     if len(first) < n:
         sys.exit(f"only {len(first)} distinct vectors could be made, {n} asked")
-    X, key = X[first], keys[[rows[i][1] for i in first]]
+    X, key = X[first], src.keys[[rows[i][1] for i in first]]
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, X=X, key=key)
     return X, key

@@ -1,5 +1,5 @@
 """Embedding map layout: PCA -> UMAP 2-D layouts, stable across model versions (pure: numpy,
-scikit-learn, umap-learn). :func:`layout`, :func:`place`, :func:`align_to`, :func:`knn`,
+scikit-learn, umap-learn). :func:`layout`, :func:`place`, :func:`align_to`,
 :func:`knn_preservation`; cached per model version in the dataset by
 :mod:`core.services.projection`.
 
@@ -7,18 +7,27 @@ How a layout is made (chosen by measurement, see ``benchmarks/map_scale.py``):
 
 1. PCA to ``pca_dims`` (fitted on at most 20k rows, applied to all).
 2. Landmarks: at most ``n_landmarks`` rows (seeded choice; all rows when N is small). Exact kNN
-   among them (brute force in PCA space: deterministic and fast at this size), then umap-learn
-   with that precomputed kNN. With a previous layout (``init``) UMAP starts from it and runs
-   fewer, gentler epochs, so clusters stay where the operator last saw them. (AlignedUMAP keeps
+   among them (:func:`core.math.neighbours.topk`, faiss brute force in PCA space: deterministic
+   and fast at this size), then umap-learn with that precomputed kNN. With a previous layout
+   (``init``) UMAP starts from it and runs fewer, gentler epochs, so clusters stay where the
+   operator last saw them. (AlignedUMAP keeps
    points a little closer but refits every version: 68 s warm for 2 x 4,000 points against
    3 s here, and it cannot reach 100k.)
 3. The other rows are placed at the distance-weighted mean of their nearest landmarks' 2-D
-   positions (kNN in PCA space): one BLAS product and a compiled top-k per block, where
-   ``umap.transform`` would rebuild a search index and run a further optimisation.
+   positions (the same exact kNN in PCA space), where ``umap.transform`` would rebuild a search
+   index and run a further optimisation.
 4. With ``init``, the result is mapped back onto the previous frame by a least-squares affine
    map fitted on the rows that had a previous position (UMAP rescales its start per axis).
 
 Deterministic for a given seed (UMAP then runs its single-threaded optimiser).
+
+The kNN was a hand-written numba kernel (float32 norms expanded: distances off by up to 1e-3)
+until issue 17; faiss is exact to 5e-8 on the same PCA rows and gave the same maps on real
+crops (map_scale's distinct vectors: trustworthiness 0.985 / 0.984 at 10k, 0.976 / 0.977 at
+100k; same-person 10-NN 0.547 / 0.549 and 0.325 / 0.329; 100k laid out in 8.0 s against
+10.4 s). On the test blobs both keep every 2-D neighbour in its blob over seeds 0-11, and the
+closest points of two blobs stay 14-56x (kernel 19-54x) the median own-blob neighbour distance
+apart.
 """
 from __future__ import annotations
 
@@ -27,6 +36,8 @@ import re
 from typing import Callable
 
 import numpy as np
+
+from core.math.neighbours import topk
 
 log = logging.getLogger(__name__)
 
@@ -60,76 +71,12 @@ def pca_reduce(X: np.ndarray, dims: int = 50, seed: int = 0, fit_rows: int = PCA
     return out
 
 
-def knn(query: np.ndarray, ref: np.ndarray, k: int, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Euclidean kNN: (indices int64 [Q, k], distances float32 [Q, k]) of ``query`` in ``ref``.
-
-    Brute force: a BLAS product per block of queries, then a compiled top-k per row (no full
-    distance matrix, no argpartition). Deterministic; with ``exclude_self`` query row i is ref
-    row i and is skipped.
-
-    Not yet :func:`core.math.neighbours.topk`. On real crops (map_scale's distinct vectors) the
-    two give the same map: trustworthiness 0.985 / 0.984 at 10k and 0.976 / 0.977 at 100k,
-    same-person 10-NN 0.547 / 0.549 and 0.325 / 0.329, faiss 8.0 s against 10.4 s at 100k. But
-    on the blob test's PCA-50 data, where faiss finds more of the float64 neighbours (99.95 %
-    against 99.65 %), the seeded layouts built on them separate the blobs less: silhouette
-    0.39-0.62 (mean 0.50) against 0.51-0.69 (mean 0.61) over seeds 0-7. Until that is
-    understood, the map keeps this kernel (issue 17).
-    """
-    k = min(k, len(ref) - (1 if exclude_self else 0))
-    q = np.ascontiguousarray(query, dtype=np.float32)
-    r = np.ascontiguousarray(ref, dtype=np.float32)
-    rn = (r * r).sum(1)
-    qn = (q * q).sum(1)
-    idx = np.empty((len(q), k), dtype=np.int64)
-    dist = np.empty((len(q), k), dtype=np.float32)
-    topk = _topk_kernel()
-    block = max(1, int(5e7 // max(1, len(r))))  # ~200 MB of float32 products per block
-    for s in range(0, len(q), block):
-        G = q[s : s + block] @ r.T
-        topk(G, rn, k, s if exclude_self else -1, idx[s : s + block], dist[s : s + block])
-    dist += qn[:, None]
-    np.sqrt(np.maximum(dist, 0.0), out=dist)
-    return idx, dist
-
-
-_TOPK = None
-
-
-def _topk_kernel():
-    """Numba kernel: per row i of G [B, R], the k smallest of rn - 2 G[i] (ties: lower index)."""
-    global _TOPK
-    if _TOPK is None:
-        import numba
-
-        @numba.njit(parallel=True, cache=True, fastmath=False)
-        def topk(G, rn, k, self_offset, out_i, out_d):  # pragma: no cover - compiled
-            for i in numba.prange(G.shape[0]):
-                bi = np.empty(k, np.int64)
-                bd = np.full(k, np.inf, np.float32)
-                skip = self_offset + i if self_offset >= 0 else -1
-                for j in range(G.shape[1]):
-                    d = rn[j] - 2.0 * G[i, j]
-                    if d < bd[k - 1] and j != skip:
-                        m = k - 1
-                        while m > 0 and bd[m - 1] > d:
-                            bd[m] = bd[m - 1]
-                            bi[m] = bi[m - 1]
-                            m -= 1
-                        bd[m] = d
-                        bi[m] = j
-                out_i[i] = bi
-                out_d[i] = bd
-
-        _TOPK = topk
-    return _TOPK
-
-
 def place(query: np.ndarray, ref: np.ndarray, ref_xy: np.ndarray, k: int = PLACE_K) -> np.ndarray:
     """2-D positions float32 [Q, 2] for ``query`` [Q, d]: the distance-weighted mean of the
     positions ``ref_xy`` [R, 2] of their k nearest ``ref`` [R, d] rows."""
     if len(query) == 0:
         return np.zeros((0, 2), dtype=np.float32)
-    idx, dist = knn(query, ref, k)
+    idx, dist = topk(query, ref, k, metric="l2")
     # weights: a Gaussian on the distance relative to the nearest one (sharp, scale free)
     scale = np.maximum(dist[:, :1], 1e-6)
     w = np.exp(-((dist / scale) ** 2 - 1.0) / 2.0) if k > 1 else np.ones_like(dist)
@@ -218,7 +165,7 @@ def layout(
 
     _report(progress, "neighbors", 0.0)
     k = min(n_neighbors, len(lm) - 1)
-    nn_i, nn_d = knn(Zl, Zl, k - 1, exclude_self=True)
+    nn_i, nn_d = topk(Zl, Zl, k - 1, metric="l2", exclude_self=True)
     nn_i = np.hstack([np.arange(len(lm))[:, None], nn_i])  # umap expects self first
     nn_d = np.hstack([np.zeros((len(lm), 1), np.float32), nn_d])
     _report(progress, "neighbors", 1.0)
@@ -292,7 +239,7 @@ def knn_preservation(X: np.ndarray, Y: np.ndarray, k: int = 10, sample: int = 20
     its k nearest in Y [N, 2] (1.0 = local structure fully kept)."""
     rng = np.random.default_rng(seed)
     q = rng.choice(len(X), min(sample, len(X)), replace=False)
-    hi, _ = knn(X[q], X, k + 1)
-    lo, _ = knn(Y[q], Y, k + 1)
+    hi, _ = topk(X[q], X, k + 1, metric="l2")
+    lo, _ = topk(Y[q], Y, k + 1, metric="l2")
     hits = [len(set(a[1:]) & set(b[1:])) / k for a, b in zip(hi, lo)]
     return float(np.mean(hits))

@@ -32,6 +32,7 @@ from typing import Mapping
 
 import numpy as np
 
+from core.math.neighbours import topk
 from core.math.strategies import (  # noqa: F401  (condition clusters are re-exported: one import for callers)
     ConditionScores,
     _as_inputs,
@@ -148,7 +149,8 @@ def label_evidence(embeddings: np.ndarray, labelled: np.ndarray, labels, n_neigh
     names, codes = np.unique(np.asarray([str(v) for v in y[li]], dtype=object), return_inverse=True)
     sizes = np.bincount(codes)
     xl = normalise(x[li])
-    nb, rank = np.empty((L, k), np.int64), np.empty(L, np.int64)
+    nb, _ = topk(xl, xl, k, exclude_self=True)  # [L, k] the k nearest labelled crops, nearest first
+    rank = np.empty(L, np.int64)  # a count over every row, not a kNN: one blocked pass of its own
     step = max(1, min(_RANK_CHUNK, 2 ** 24 // L))
     for s in range(0, L, step):
         block = xl[s:s + step] @ xl.T
@@ -158,9 +160,6 @@ def label_evidence(embeddings: np.ndarray, labelled: np.ndarray, labels, n_neigh
         same[rows, rows + s] = False
         best_own = np.where(same, block, -np.inf).max(axis=1)
         rank[s:s + step] = 1 + ((block > best_own[:, None]) & ~same).sum(axis=1)
-        part = np.argpartition(block, L - k, axis=1)[:, -k:]
-        order = np.argsort(-np.take_along_axis(block, part, axis=1), axis=1, kind="stable")
-        nb[s:s + step] = np.take_along_axis(part, order, axis=1)
     cn = codes[nb]  # [L, k] identity codes of the neighbours, nearest first
     own = cn == codes[:, None]
     cnt = (cn[:, :, None] == cn[:, None, :]).sum(axis=2)

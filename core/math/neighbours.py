@@ -1,10 +1,9 @@
 """Exact nearest neighbours for dense batch math: one routine, faiss's flat indexes.
 
-The query strategies' neighbour votes and distances to the labelled set and the identity
-suggestions go through :func:`topk`. Lookups against a whole dataset ("more like this") use the
-persisted similarity index instead (:mod:`core.data.similarity`), which answers the same
-neighbours. Not yet here: the map layout's compiled kernel (:func:`core.math.layout.knn`, see
-there why) and the misclustered scores' rank pass (it needs each row's whole ranking).
+The query strategies' neighbour votes and distances to the labelled set, the identity
+suggestions and the map layout (landmark kNN, placement, kNN preservation) go through
+:func:`topk`. Lookups against a whole dataset ("more like this") use the persisted similarity
+index instead (:mod:`core.data.similarity`), which answers the same neighbours.
 
 faiss (``IndexFlatIP`` / ``IndexFlatL2``) is exact brute force with a BLAS product and a
 compiled top-k heap: no approximation, no full [Q, R] matrix, results sorted best first.
