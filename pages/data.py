@@ -9,7 +9,7 @@ from core.services import datasets as store
 from core.jobs import tasks
 from core.services.ingest import KINDS, REID_PATTERNS, IngestError
 from core.jobs import JobError
-from pages.common import current_dataset, job_status, show_error, sidebar, thumbnails
+from pages.common import current_dataset, field_counts, job_status, show_error, sidebar, summary, thumbnails
 
 # an ingest was queued into another dataset: the sidebar's picker starts again on that one
 if "ingest_switch_to" in st.session_state:
@@ -89,20 +89,21 @@ if not name:
 
 # ---------------------------------------------------------------- overview
 try:
-    summary = store.summary(name)
+    overview = summary(name)
+    counts_of = field_counts(name, store.last_modified(name))
 except Exception as exc:  # noqa: BLE001
     show_error(exc, f"reading dataset {name!r}", "Reload the page, or pick another dataset in the sidebar.")
     st.stop()
 m = st.columns(5)
-m[0].metric("Samples", summary["samples"])
-m[1].metric("Identities", summary["identities"])
-m[2].metric("Cameras", summary["cameras"])
-m[3].metric("Videos", summary["videos"])
-m[4].metric("Active model", summary["active_model"] or "—")
+m[0].metric("Samples", overview["samples"])
+m[1].metric("Identities", overview["identities"])
+m[2].metric("Cameras", overview["cameras"])
+m[3].metric("Videos", overview["videos"])
+m[4].metric("Active model", overview["active_model"] or "—")
 
 
 def bar(field: str, title: str, top: int = 30) -> None:
-    counts = store.counts(name, field)
+    counts = counts_of[field]
     if not counts:
         st.caption(f"No {title.lower()} yet.")
         return
@@ -118,8 +119,8 @@ with c1:
     bar("label", "Samples per class")
 with c2:
     bar("identity", "Samples per identity (top 30)")
-    cond = {**{f"low light: {k}": v for k, v in store.counts(name, "low_light").items()},
-            **{f"tag: {k}": v for k, v in store.tag_counts(name).items()}}
+    cond = {**{f"low light: {k}": v for k, v in counts_of["low_light"].items()},
+            **{f"tag: {k}": v for k, v in counts_of["tags"].items()}}
     if cond:
         fig = px.bar(pd.DataFrame(list(cond.items()), columns=["condition", "samples"]),
                      x="condition", y="samples", title="Conditions and tags", height=280)
@@ -129,11 +130,11 @@ with c2:
 # ---------------------------------------------------------------- browse
 st.subheader("Browse")
 f1, f2, f3, f4 = st.columns(4)
-cams = [c for c in store.counts(name, "camera") if c != "(none)"]
+cams = [c for c in counts_of["camera"] if c != "(none)"]
 camera = f1.selectbox("Camera", ["(any)", *cams])
 identity = f2.text_input("Identity", "")
 light = f3.selectbox("Light", ["(any)", "day", "low light"])
-tags = f4.multiselect("Tags", list(store.tag_counts(name)))
+tags = f4.multiselect("Tags", list(counts_of["tags"]))
 filters = {"camera": None if camera == "(any)" else camera, "identity": identity.strip() or None}
 if light != "(any)":
     filters["low_light"] = light == "low light"

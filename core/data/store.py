@@ -124,13 +124,34 @@ def check_dataset_name(name: str) -> str:
     return name
 
 
+_OPEN: dict[str, tuple[tuple, fo.Dataset]] = {}  # name -> (its document's id and last change, dataset)
+
+
+def _doc_key(name: str) -> tuple | None:
+    doc = db()["datasets"].find_one({"name": name}, {"last_modified_at": 1})
+    return None if doc is None else (doc["_id"], doc.get("last_modified_at"))
+
+
 def get_dataset(name: str, create: bool = False) -> fo.Dataset:
-    """The persistent image dataset ``name``; with ``create`` it is made when missing."""
+    """The persistent image dataset ``name``; with ``create`` it is made when missing.
+
+    FiftyOne keeps one ``fo.Dataset`` per process, and another process (a job, a second app)
+    may change its schema, so the dataset is loaded and reloaded only when its document changed
+    since this process last did (its ``_id`` and ``last_modified_at``, which every field, info
+    or run change moves; samples are always read from the database): one indexed lookup instead
+    of a load that writes ``last_loaded_at``, a reload and an index listing, 45 ms a call that
+    a page run made a dozen times."""
     check_dataset_name(name)
-    if fo.dataset_exists(name):
+    key = _doc_key(name)
+    if key is not None:
+        hit = _OPEN.get(name)
+        if hit is not None and hit[0] == key and not hit[1].deleted:
+            return hit[1]
         ds = fo.load_dataset(name)
         ds.reload()  # FiftyOne caches datasets per process; jobs write from another process
-        return _ensure_schema(ds)
+        ds = _ensure_schema(ds)
+        _OPEN[name] = (_doc_key(name), ds)
+        return ds
     if not create:
         raise StoreError(f"dataset {name!r} does not exist; ingest something into it first")
     ds = fo.Dataset(name)
@@ -165,6 +186,7 @@ def delete_dataset(name: str) -> None:
                     log.warning("could not drop similarity index %s of %s: %s", key, n, exc)
             ds.delete_brain_runs()
             fo.delete_dataset(n)
+        _OPEN.pop(n, None)
     db()[SEQUENCES].delete_many({"dataset": name})
     db()[STATE].delete_one({"_id": name})
 
@@ -535,17 +557,61 @@ def embedded_columns(name: str, version: str, fields: list[str],
     schema = ds.get_field_schema()
     if ef not in schema:
         return None
-    view = ds.exists(ef)
-    if any_of:
-        expr = F(any_of[0]) != None  # noqa: E711
-        for f in any_of[1:]:
-            expr = expr | (F(f) != None)  # noqa: E711
-        view = view.match(expr)
-    fields = [f for f in fields if f in schema or f == "tags"]
-    cols = ["id", ef, *fields]
-    out = dict(zip(["id", "X", *fields], view.values(cols)))
+    fields = [f for f in dict.fromkeys(fields) if f in schema or f == "tags"]
+    if type(schema[ef]) is fo.VectorField and all(f == "tags" or _plain(schema[f]) for f in fields):
+        out = _raw_embedded(name, ef, fields, any_of)
+    else:
+        view = ds.exists(ef)
+        if any_of:
+            expr = F(any_of[0]) != None  # noqa: E711
+            for f in any_of[1:]:
+                expr = expr | (F(f) != None)  # noqa: E711
+            view = view.match(expr)
+        out = dict(zip(["id", "X", *fields], view.values(["id", ef, *fields])))
     vecs = out["X"]
     out["X"] = np.stack([np.asarray(v, np.float32) for v in vecs]) if vecs else np.zeros((0, 1), np.float32)
+    return out
+
+
+def _raw_embedded(name: str, ef: str, fields: list[str], any_of: list[str] | None) -> dict[str, list]:
+    """:func:`embedded_columns` read with one projected ``find``, the vectors decoded here: a
+    VectorField is stored as a zlib-compressed ``.npy`` per sample (fiftyone.core.utils
+    ``serialize_numpy_array``); rows sharing the first row's header are read with
+    ``np.frombuffer``, any other through ``np.load``, as FiftyOne would (10k x 256: 0.2 s
+    against 1.7 s through ``values()``)."""
+    import io
+    import zlib
+
+    import numpy as np
+
+    coll, _ = sample_collection(name)
+    query: dict[str, Any] = {ef: {"$ne": None}}
+    if any_of:
+        query = {"$and": [query, {"$or": [{f: {"$ne": None}} for f in any_of]}]}
+    out: dict[str, list] = {"id": [], "X": [], **{f: [] for f in fields}}
+    head: tuple[bytes, np.dtype] | None = None
+    for d in coll.find(query, {ef: 1, **{f: 1 for f in fields}}, batch_size=10_000):
+        raw = d[ef]
+        if isinstance(raw, (bytes, bytearray)):
+            buf = zlib.decompress(raw)
+            if head is None:
+                with io.BytesIO(buf) as f:
+                    arr = np.load(f)
+                if arr.ndim == 1:
+                    n = arr.nbytes
+                    head = (buf[: len(buf) - n], arr.dtype)
+                vec = arr
+            elif buf.startswith(head[0]):
+                vec = np.frombuffer(buf, head[1], offset=len(head[0]))
+            else:
+                with io.BytesIO(buf) as f:
+                    vec = np.load(f)
+        else:  # a list (written without FiftyOne's VectorField serialization)
+            vec = raw
+        out["id"].append(str(d["_id"]))
+        out["X"].append(vec)
+        for f in fields:
+            out[f].append(d.get(f))
     return out
 
 
@@ -618,22 +684,61 @@ def tag_samples(name: str, ids: list[str], tags: list[str]) -> int:
     return len(ids)
 
 
+_PLAIN = (fo.StringField, fo.IntField, fo.FloatField, fo.BooleanField)
+
+
+def _plain(ftype) -> bool:
+    """A field stored as the value Python reads (no conversion by FiftyOne): a string, number,
+    boolean or a list of them (not vectors, dates, documents or ids, which FiftyOne converts)."""
+    if type(ftype) is fo.ListField:
+        return ftype.field is None or type(ftype.field) in _PLAIN
+    return type(ftype) in _PLAIN
+
+
 def view_columns(name: str, fields: list[str], ids: list[str] | None = None) -> dict[str, list]:
-    """Columns (``id`` plus ``fields`` that exist, others as None) of the dataset or ``ids``."""
+    """Columns (``id`` plus ``fields`` that exist, others as None) of the dataset or ``ids`` (in
+    that order; ids that are not samples are left out).
+
+    Plain fields (see :func:`_plain`) are read with one projected ``find`` on the samples
+    collection: the same values and order as FiftyOne's ``values()``, which converts every
+    value through its document layer (17 columns of 10k samples: 0.05 s against 0.45 s). Any
+    other field goes through ``values()``."""
     ds = get_dataset(name)
-    view = ds.select(ids, ordered=True) if ids is not None else ds
     schema = ds.get_field_schema()
-    have = [f for f in fields if f in schema or f == "tags"]
-    vals = view.values(["id", *have])
-    out = dict(zip(["id", *have], vals))
+    have = [f for f in dict.fromkeys(fields) if (f in schema or f == "tags") and f != "id"]
+    if all(f == "tags" or _plain(schema[f]) for f in have):
+        out = _plain_columns(name, have, ids)
+    else:
+        view = ds.select(ids, ordered=True) if ids is not None else ds
+        out = dict(zip(["id", *have], view.values(["id", *have])))
     n = len(out["id"])
     for f in fields:
         out.setdefault(f, [None] * n)
     return out
 
 
-def last_modified(name: str):
-    """When samples of ``name`` last changed (cache key for pages)."""
-    ds = get_dataset(name)
-    return ds.last_modified_at, len(ds)
+def _plain_columns(name: str, fields: list[str], ids: list[str] | None) -> dict[str, list]:
+    coll, _ = sample_collection(name)
+    query = {} if ids is None else {"_id": {"$in": [object_id(i) for i in ids]}}
+    docs = coll.find(query, {f: 1 for f in fields}, batch_size=10_000)
+    if ids is None:
+        rows = [(str(d.pop("_id")), d) for d in docs]
+    else:
+        found = {str(d.pop("_id")): d for d in docs}
+        rows = [(i, found[i]) for i in dict.fromkeys(ids) if i in found]
+    out = {"id": [i for i, _d in rows]}
+    for f in fields:
+        out[f] = [d.get(f) for _i, d in rows]
+    return out
+
+
+def last_modified(name: str) -> tuple:
+    """A stamp that changes whenever a sample of ``name`` is written, added or deleted (the cache
+    key of the pages' maps and counts and of the identity graph): the newest sample
+    ``last_modified_at`` (FiftyOne indexes it and sets it on its own writes; Vigil's
+    compare-and-set writes set it too) and the sample count. Two indexed lookups, no scan. (The
+    dataset document's ``last_modified_at`` is no such stamp: sample edits leave it as it was.)"""
+    coll, _ = sample_collection(name)
+    newest = coll.find_one({}, {"last_modified_at": 1}, sort=[("last_modified_at", -1)])
+    return (newest or {}).get("last_modified_at"), coll.estimated_document_count()
 

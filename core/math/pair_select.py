@@ -37,6 +37,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from core.math.neighbours import topk
+
 PAIR_ORDERS = ("likely", "uncertainty", "random")
 DEFAULT_PAIR_ORDER = "likely"  # evidence in the module docstring
 PRIOR_SCALE = 0.05  # cosine width of the prior's step (P from 0.27 to 0.73 across +-0.05)
@@ -79,29 +81,28 @@ def component_vectors(x: np.ndarray, comp: np.ndarray, n_comp: int | None = None
 
 
 def candidates(cv: np.ndarray, k: int, blocked: Callable[[int, int], bool],
-               chunk: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               nearest: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each component's ``k`` nearest others by cosine, minus the ``blocked`` pairs; each
-    unordered pair once. Returns (a [M], b [M], cosine [M]) with a < b, most similar first."""
+    unordered pair once. Returns (a [M], b [M], cosine [M]) with a < b, most similar first.
+
+    The neighbours are :func:`core.math.neighbours.topk`'s (``cv`` unit rows): the ``3 k``
+    nearest of each component are looked through (some are blocked). ``nearest``: that search
+    done once for several calls (indices, similarities [C, >= 3 k], best first)."""
     c = len(cv)
     if c < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     want = min(c - 1, k * 3)  # some neighbours are blocked: look a little further
+    idx, sim = nearest if nearest is not None else topk(cv, cv, want, exclude_self=True)
     pairs: dict[tuple[int, int], float] = {}
-    for s in range(0, c, chunk):
-        sim = cv[s:s + chunk] @ cv.T
-        for r in range(sim.shape[0]):
-            sim[r, s + r] = -np.inf
-        top = np.argpartition(-sim, want - 1, axis=1)[:, :want] if want < c - 1 else np.argsort(-sim, axis=1)[:, :want]
-        for r in range(sim.shape[0]):
-            i, got = s + r, 0
-            for j in top[r][np.argsort(-sim[r, top[r]])]:
-                j = int(j)
-                if got >= k:
-                    break
-                key = (i, j) if i < j else (j, i)
-                if key in pairs or not blocked(*key):
-                    pairs[key] = float(sim[r, j])
-                    got += 1
+    for i, (row, srow) in enumerate(zip(idx[:, :want].tolist(), sim[:, :want].tolist())):
+        got = 0
+        for j, sj in zip(row, srow):
+            if got >= k:
+                break
+            key = (i, j) if i < j else (j, i)
+            if key in pairs or not blocked(*key):
+                pairs[key] = sj
+                got += 1
     if not pairs:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     keys = sorted(pairs, key=lambda kk: -pairs[kk])
@@ -296,8 +297,9 @@ def plan_pairs(graph, rows: Mapping[str, Sequence[int]], vectors: Sequence[Any],
 
     # other cameras first: each identity's nearest identities seen elsewhere, then fewer of its
     # own camera(s) (other times)
-    a1, b1, c1 = candidates(cv, NEIGHBOURS, lambda i, j: blocked(i, j) or not apart(i, j))
-    a2, b2, c2 = candidates(cv, NEIGHBOURS // 2, lambda i, j: blocked(i, j) or apart(i, j))
+    nearest = topk(cv, cv, min(len(cv) - 1, NEIGHBOURS * 3), exclude_self=True) if len(cv) > 1 else None
+    a1, b1, c1 = candidates(cv, NEIGHBOURS, lambda i, j: blocked(i, j) or not apart(i, j), nearest)
+    a2, b2, c2 = candidates(cv, NEIGHBOURS // 2, lambda i, j: blocked(i, j) or apart(i, j), nearest)
     a, b, cos = np.concatenate([a1, a2]), np.concatenate([b1, b2]), np.concatenate([c1, c2])
     if not len(a) and not props:
         return []

@@ -135,9 +135,8 @@ def compute_pairs(name: str, state=None, order: str = pair_select.DEFAULT_PAIR_O
     by, props = round_proposals(name) if proposals and order != "random" else (None, [])
     if not version:
         raise LabelingError(f"dataset {name!r} has no embeddings yet: embed it first (Map or Annotate page)")
-    ef = store.embedding_field(version)
-    vc = store.view_columns(name, [ef])
-    by_id = dict(zip(vc["id"], vc[ef]))  # by id: a sample ingested since the graph was read is not in it
+    vc = store.embedded_columns(name, version, []) or {"id": [], "X": []}
+    by_id = dict(zip(vc["id"], vc["X"]))  # by id: a sample ingested since the graph was read is not in it
     vec_col = [by_id.get(sid) for sid in state.cols["id"]]
     if not any(vec_col[k_] is not None for ks in state.rows.values() for k_ in ks):
         raise LabelingError("no person crop has vectors of the active model yet: wait for the embedding job")

@@ -5,29 +5,60 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from core.data import store
+import numpy as np
+
+from core.data import similarity, store
 from core.math import neighbours, strategies
 from core.services.labeling.schema import label_schema
 from core.services.labeling.vectors import _labelled_vectors, _vector
 
 
-def neighbours_by_value(name: str, sample_id: str, target: str = "identity", mode: str | None = None,
-                        k: int = 5, n_neighbors: int = 15) -> list[dict[str, Any]]:
-    """Distinct values of ``target`` among the ``n_neighbors`` nearest labelled samples (cosine,
-    the sample itself excluded), closest first: [{value, distance, votes}] (at most ``k``)."""
-    mode = mode or label_schema(name).mode
-    x = _vector(name, sample_id)
-    if x is None:
-        return []
+INDEX_CANDIDATES = 200  # the nearest samples read from the similarity index to find labelled ones among
+
+
+def nearest_labelled(name: str, sample_id: str, x: np.ndarray, target: str, mode: str,
+                     n: int) -> list[tuple[Any, float]]:
+    """(value of ``target``, cosine distance) of the ``n`` labelled samples nearest to the
+    vector ``x`` of ``sample_id`` (itself excluded), nearest first. Labelled: ``target`` set
+    and, in "verify" mode, set by an operator (``labelled_by``).
+
+    Where the active version's similarity index exists (:mod:`core.data.similarity`), its
+    :data:`INDEX_CANDIDATES` nearest samples are read first: when ``n`` of them are labelled
+    they are exactly the ``n`` nearest labelled ones (any other is farther than all of them).
+    Otherwise (few labels among many samples, or no index yet) every labelled vector is read
+    and searched (:func:`core.math.neighbours.topk`)."""
+    version = store.active_model(name)
+    try:
+        idx = similarity.index(name, version, build=False) if version else None
+    except store.StoreError:  # being built elsewhere
+        idx = None
+    if idx is not None:
+        ids, dist, _X = similarity.nearest(name, version, x, INDEX_CANDIDATES + 1)
+        cols = store.view_columns(name, [target, "labelled_by"], ids)
+        ok = {i: v for i, v, by in zip(cols["id"], cols[target], cols["labelled_by"])
+              if v is not None and (mode != "verify" or by)}
+        hits = [(ok[i], float(d)) for i, d in zip(ids, dist) if i in ok and i != sample_id]
+        if len(hits) >= n or len(ids) <= INDEX_CANDIDATES:  # enough, or every sample was read
+            return hits[:n]
     ids, X, vals = _labelled_vectors(name, target, mode)
     keep = [i for i, s in enumerate(ids) if s != sample_id]
     if not keep:
         return []
-    order, sims = neighbours.topk(strategies.normalise(x[None]), strategies.normalise(X[keep]), n_neighbors)
+    order, sims = neighbours.topk(strategies.normalise(x[None]), strategies.normalise(X[keep]), n)
+    return [(vals[keep[j]], float(1.0 - sim)) for j, sim in zip(order[0], sims[0])]
+
+
+def neighbours_by_value(name: str, sample_id: str, target: str = "identity", mode: str | None = None,
+                        k: int = 5, n_neighbors: int = 15) -> list[dict[str, Any]]:
+    """Distinct values of ``target`` among the ``n_neighbors`` nearest labelled samples (cosine,
+    the sample itself excluded; :func:`nearest_labelled`), closest first: [{value, distance,
+    votes}] (at most ``k``)."""
+    mode = mode or label_schema(name).mode
+    x = _vector(name, sample_id)
+    if x is None:
+        return []
     best: dict[Any, dict[str, Any]] = {}
-    for j, sim in zip(order[0], sims[0]):
-        v = vals[keep[j]]
-        d = float(1.0 - sim)
+    for v, d in nearest_labelled(name, sample_id, x, target, mode, n_neighbors):
         e = best.setdefault(v, {"value": v, "distance": d, "votes": 0})
         e["votes"] += 1
     return sorted(best.values(), key=lambda e: e["distance"])[:k]
@@ -72,12 +103,7 @@ def predict(name: str, sample_id: str, target: str = "identity", mode: str | Non
     x = _vector(name, sample_id)
     if x is None:
         return None
-    ids, X, vals = _labelled_vectors(name, target, mode)
-    keep = [i for i, s in enumerate(ids) if s != sample_id]
-    if not keep:
-        return None
-    order, sims = neighbours.topk(strategies.normalise(x[None]), strategies.normalise(X[keep]), n_neighbors)
     votes: Counter = Counter()
-    for j, sim in zip(order[0], sims[0]):
-        votes[vals[keep[j]]] += float(max(sim, 0.0) + 1e-6)
-    return votes.most_common(1)[0][0]
+    for v, d in nearest_labelled(name, sample_id, x, target, mode, n_neighbors):
+        votes[v] += float(max(1.0 - d, 0.0) + 1e-6)
+    return votes.most_common(1)[0][0] if votes else None
