@@ -24,6 +24,9 @@ def agree(name: str):
     from core.services.labeling import identity
 
     st = identity.load(name)
+    fresh = identity._replay(name)  # the state load() kept (if any) is the replay of this moment
+    assert st.cols == fresh.cols and st.names == fresh.names and st.rows == fresh.rows
+    assert st.graph.components() == fresh.graph.components()
     cols = store.view_columns(name, ["identity", "graph_identity", "identity_base"])
     by_id = {sid: (i, gi, b) for sid, i, gi, b in zip(cols["id"], cols["identity"], cols["graph_identity"],
                                                      cols["identity_base"])}
@@ -232,3 +235,24 @@ def test_lone_tracklets_are_negatives_only_where_they_are_known_to_be_other_peop
     neg_of = dict(zip(a.tolist(), labels[n].tolist()))
     assert neg_of[4] == 1 and neg_of[5] == 1  # ~c1/1's negative: never the close ~c2/1 (label 2)
     assert set(neg_of) == set(range(6))
+
+
+def test_the_kept_replay_is_given_only_while_nothing_it_reads_changed(ds):
+    """load() replays the graph once and gives that state again while the samples, the log and
+    the trust mode are as they were; another process's sample edit, a deleted sample and an
+    answer each make the next load() the replay of the new moment."""
+    from core.data import store
+    from core.services.labeling import identity
+
+    first = identity.load(ds)
+    assert identity.load(ds) is first  # nothing changed: no second replay
+    k = first.rows[T7][0]
+    store.set_values(ds, "identity", {first.cols["id"][k]: "typed-elsewhere"})  # a job, the App, a CLI
+    second = identity.load(ds)
+    assert second is not first and second.cols["identity"][k] == "typed-elsewhere"
+    store.get_dataset(ds).delete_samples([first.cols["id"][first.rows[T6][0]]])
+    third = identity.load(ds)
+    assert len(third.cols["id"]) == len(first.cols["id"]) - 1
+    identity.decide_pair(ds, "s1", T1, T8, "same", "op")  # the log moves and the sync writes samples
+    agree(ds)
+    assert identity.load(ds).graph.same(T1, T8)

@@ -115,3 +115,31 @@ def test_a_build_killed_midway_is_built_again_and_never_appended_to(crops, monke
     got, _, _ = similarity.nearest(crops, "base", X[7], 10)
     assert got == [ids[j] for j in np.argsort(-(X @ X[7]), kind="stable")[:10]]
     assert _built(crops)[1] == len(ids)
+
+
+@pytest.mark.parametrize("candidates", [20, 1000])
+def test_identity_suggestions_from_the_index_are_the_brute_force_ones(crops, candidates, monkeypatch):
+    """The nearest labelled crops from the index's nearest (all crops carry an ingested identity:
+    "trust") and, where the index's first ``candidates`` hold too few labelled ones (three
+    operator labels: "verify"), from the labelled vectors: the same values and distances as a
+    search over every labelled vector."""
+    from core.services import labeling
+    from core.services.labeling import suggestions
+
+    ids, _ = _vectors(crops)
+    similarity.index(crops, "base")
+    monkeypatch.setattr(suggestions, "INDEX_CANDIDATES", candidates)
+    for sid in ids[::40]:
+        labeling.decide(crops, "s", sid, "op", identity=f"op-{sid[-4:]}")
+    real_index = suggestions.similarity.index
+    for mode in ("trust", "verify"):
+        for sid in ids[5::25]:
+            x = suggestions._vector(crops, sid)
+            got = suggestions.nearest_labelled(crops, sid, x, "identity", mode, 15)
+            monkeypatch.setattr(suggestions.similarity, "index", lambda *a, **k: None)
+            want = suggestions.nearest_labelled(crops, sid, x, "identity", mode, 15)
+            monkeypatch.setattr(suggestions.similarity, "index", real_index)
+            assert [v for v, _ in got] == [v for v, _ in want] and len(got) == min(15, len(want))
+            assert np.allclose([d for _, d in got], [d for _, d in want], atol=1e-5)
+            if mode == "verify":
+                assert {v for v, _ in got} <= {f"op-{s[-4:]}" for s in ids[::40]}

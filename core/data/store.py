@@ -420,6 +420,16 @@ def upsert_if(coll, filter: dict[str, Any], update: dict[str, Any]) -> bool:
     return True
 
 
+def update_each_if(coll, updates: list[tuple[dict[str, Any], dict[str, Any]]]) -> int:
+    """Compare-and-set on many documents in one round trip: each ``(filter, update)`` is applied
+    where its filter matches (an unordered bulk write); returns how many matched."""
+    from pymongo import UpdateOne
+
+    if not updates:
+        return 0
+    return coll.bulk_write([UpdateOne(f, u) for f, u in updates], ordered=False).matched_count
+
+
 def insert_missing(coll, docs: dict[str, dict[str, Any]]) -> None:
     """``docs`` ({_id: fields}) inserted in one unordered batch where no document has that ``_id``
     yet; existing ones are left as they are."""

@@ -137,7 +137,8 @@ def _load(name: str) -> tuple[tuple, GraphState]:
         hit = _LOADED.get(name)
     if hit is not None and hit[0] == stamp:
         return hit
-    state = _replay(name)
+    # only the log or the mode moved (an answer): the samples' columns are still those read
+    state = _replay(name, hit[1].cols if hit is not None and hit[0][0] == stamp[0] else None)
     with _LOADED_LOCK:
         _LOADED[name] = (stamp, state)
     return stamp, state
@@ -165,8 +166,8 @@ def _keep_synced(name: str, before: tuple, state: GraphState, written: dict[int,
         _LOADED[name] = (after, replace(state, cols=cols))
 
 
-def _replay(name: str) -> GraphState:
-    cols = store.view_columns(name, _COLUMNS)
+def _replay(name: str, cols: dict[str, list] | None = None) -> GraphState:
+    cols = cols if cols is not None else store.view_columns(name, _COLUMNS)
     rows: dict[str, list[int]] = {}
     ingested: dict[str, Counter] = {}
     typed: dict[str, tuple] = {}  # node -> (labelled_at, name): the latest typed name wins
@@ -234,6 +235,7 @@ def sync(name: str) -> tuple[GraphState, list[str]]:
         cols, changed, wrote = state.cols, [], {}
         t = _now()
         now = t.replace(tzinfo=None, microsecond=t.microsecond // 1000 * 1000)  # as MongoDB keeps it
+        todo: dict[int, tuple[dict, dict]] = {}  # row -> (compare-and-set filter, fields to set)
         for node, ks in state.rows.items():
             want = state.names.get(node)
             for k in ks:
@@ -249,15 +251,21 @@ def sync(name: str) -> tuple[GraphState, list[str]]:
                     continue
                 if target == ident and sets["graph_identity"] == written:
                     continue
-                sid = cols["id"][k]
-                res = coll.update_one({"_id": _oid(sid), "identity": ident, "graph_identity": written},
-                                      {"$set": {**sets, "last_modified_at": now}, "$inc": {"label_version": 1}})
-                if res.matched_count:
-                    wrote[k] = sets
-                    if target != ident:
-                        changed.append(sid)
-                else:  # someone wrote this sample since it was read: their value is the next input
-                    log.info("%s: sample %s changed during a graph sync; left as it is", name, sid)
+                todo[k] = ({"_id": _oid(cols["id"][k]), "identity": ident, "graph_identity": written}, sets)
+        matched = store.update_each_if(coll, [(f, {"$set": {**sets, "last_modified_at": now},
+                                                   "$inc": {"label_version": 1}}) for f, sets in todo.values()])
+        if matched < len(todo):  # someone wrote some of them since they were read: which ones
+            now_at = {d["_id"]: d for d in coll.find({"_id": {"$in": [f["_id"] for f, _s in todo.values()]}},
+                                                     {"identity": 1, "graph_identity": 1})}
+        for k, (f, sets) in todo.items():
+            d = now_at.get(f["_id"], {}) if matched < len(todo) else sets
+            if (d.get("identity"), d.get("graph_identity")) != (sets["identity"], sets["graph_identity"]):
+                # their value is the next input
+                log.info("%s: sample %s changed during a graph sync; left as it is", name, cols["id"][k])
+                continue
+            wrote[k] = sets
+            if sets["identity"] != cols["identity"][k]:
+                changed.append(cols["id"][k])
         if wrote:
             log.info("%s: identity graph wrote %d samples", name, len(wrote))
             _keep_synced(name, stamp, state, wrote, now)
