@@ -341,9 +341,10 @@ def drive(pages: list, browser, app: str, n: int, repeat: int, rng, out: dict[st
         page.get_by_text("Crops: class & identity").click()
         _until(page, _text_js(r"#\d+ of batch"))
     for _ in range(repeat):
-        k = int(re.search(r"#(\d+) of batch", page.inner_text("body")).group(1))
+        at = re.search(r"#\d+ of batch \d+", page.inner_text("body")).group(0)  # the next item: another place
         rec("annotate_crop", timed(page, lambda: page.get_by_role(
-            "button", name=re.compile(r"^person")).first.click(), _text_js(f"#{k + 1} of batch")))
+            "button", name=re.compile(r"^person")).first.click(),
+            _text_js(r"#\d+ of batch \d+") + f" && !document.body.innerText.includes({json.dumps(at)})"))
     for i in range(repeat):
         toggle = page.locator("[data-testid='stCheckbox']").filter(has_text="More like this")
         if i:  # off, then on again: a fresh query
