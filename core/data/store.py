@@ -587,8 +587,8 @@ def _raw_embedded(name: str, ef: str, fields: list[str], any_of: list[str] | Non
     """:func:`embedded_columns` read with one projected ``find``, the vectors decoded here: a
     VectorField is stored as a zlib-compressed ``.npy`` per sample (fiftyone.core.utils
     ``serialize_numpy_array``); rows sharing the first row's header are read with
-    ``np.frombuffer``, any other through ``np.load``, as FiftyOne would (10k x 256: 0.2 s
-    against 1.7 s through ``values()``)."""
+    ``np.frombuffer``, any other through ``np.load``, as FiftyOne would (10k x 256: 0.27 s
+    against 0.86 s through ``values()``)."""
     import io
     import zlib
 

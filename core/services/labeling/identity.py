@@ -232,7 +232,7 @@ def sync(name: str) -> tuple[GraphState, list[str]]:
     try:
         stamp, state = _load(name)
         coll, _ = _samples(name)
-        cols, changed, wrote = state.cols, [], {}
+        cols = state.cols
         t = _now()
         now = t.replace(tzinfo=None, microsecond=t.microsecond // 1000 * 1000)  # as MongoDB keeps it
         todo: dict[int, tuple[dict, dict]] = {}  # row -> (compare-and-set filter, fields to set)
@@ -254,18 +254,16 @@ def sync(name: str) -> tuple[GraphState, list[str]]:
                 todo[k] = ({"_id": _oid(cols["id"][k]), "identity": ident, "graph_identity": written}, sets)
         matched = store.update_each_if(coll, [(f, {"$set": {**sets, "last_modified_at": now},
                                                    "$inc": {"label_version": 1}}) for f, sets in todo.values()])
-        if matched < len(todo):  # someone wrote some of them since they were read: which ones
-            now_at = {d["_id"]: d for d in coll.find({"_id": {"$in": [f["_id"] for f, _s in todo.values()]}},
-                                                     {"identity": 1, "graph_identity": 1})}
-        for k, (f, sets) in todo.items():
-            d = now_at.get(f["_id"], {}) if matched < len(todo) else sets
-            if (d.get("identity"), d.get("graph_identity")) != (sets["identity"], sets["graph_identity"]):
-                # their value is the next input
-                log.info("%s: sample %s changed during a graph sync; left as it is", name, cols["id"][k])
-                continue
-            wrote[k] = sets
-            if sets["identity"] != cols["identity"][k]:
-                changed.append(cols["id"][k])
+        landed = set(todo)
+        if matched < len(todo):  # someone wrote some of them since they were read: their value is the next input
+            now_at = {d["_id"]: (d.get("identity"), d.get("graph_identity"))
+                      for d in coll.find({"_id": {"$in": [f["_id"] for f, _s in todo.values()]}},
+                                         {"identity": 1, "graph_identity": 1})}
+            landed = {k for k, (f, sets) in todo.items()
+                      if now_at.get(f["_id"]) == (sets["identity"], sets["graph_identity"])}
+            log.info("%s: %d samples changed during a graph sync; left as they are", name, len(todo) - len(landed))
+        wrote = {k: todo[k][1] for k in sorted(landed)}
+        changed = [cols["id"][k] for k, sets in wrote.items() if sets["identity"] != cols["identity"][k]]
         if wrote:
             log.info("%s: identity graph wrote %d samples", name, len(wrote))
             _keep_synced(name, stamp, state, wrote, now)
