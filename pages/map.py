@@ -25,8 +25,7 @@ COLOR_FIELDS = {
     "misclustered score": "mis_score", "operator flag": "flagged", "labelling round": "label_round",
     "person-ness (false positives low)": "personness",
 }
-HOVER = ["identity", "label", "camera", "low_light"]  # the hover text
-HOVER_NUM = ["brightness", "blur"]  # hover numbers (typed arrays)
+HOVER = ["identity", "label", "camera", "low_light", "brightness", "blur"]  # read by hover_text
 
 # one decision session per browser tab, shared with the Annotate page (its Undo covers bulk actions too)
 session = st.session_state.setdefault("annotate_session", uuid.uuid4().hex)
@@ -66,7 +65,7 @@ def load_map(dataset: str, version: str, stamp) -> pd.DataFrame:
     costs 0.17 s a run)."""
     m = projection.compute_layout(dataset, version)  # cached: reads positions, never recomputes
     fields = {f for f in COLOR_FIELDS.values() if f != "personness"}
-    cols = store.view_columns(dataset, [*fields, *HOVER, *HOVER_NUM, "filepath", "tags", store.person_field(version)],
+    cols = store.view_columns(dataset, [*fields, *HOVER, "filepath", "tags", store.person_field(version)],
                               m.ids)
     cols["personness"] = cols.pop(store.person_field(version))  # the model's own score (None: no head)
     df = pd.DataFrame(cols)

@@ -99,11 +99,15 @@ def update(name: str, version: str, vectors: dict[str, Any]) -> bool:
     return True
 
 
-def nearest(name: str, version: str, vector: np.ndarray, k: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+def nearest(name: str, version: str, vector: np.ndarray, k: int,
+            build: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The ``k`` samples nearest to ``vector`` in ``version``'s index, nearest first: their ids,
     cosine distances float32 [k] and stored vectors float32 [k, D] (the distances come from
-    those vectors, which callers may re-rank with)."""
-    idx = index(name, version)
+    those vectors, which callers may re-rank with). Without ``build``, an index not built yet
+    raises :class:`core.data.store.StoreError` instead of being built."""
+    idx = index(name, version, build=build)
+    if idx is None:
+        raise store.StoreError(f"no similarity index of {version!r} in {name!r} yet")
     k = int(min(k, idx.total_index_size))
     if k <= 0:
         return [], np.zeros(0, np.float32), np.zeros((0, len(vector)), np.float32)

@@ -28,12 +28,13 @@ def nearest_labelled(name: str, sample_id: str, x: np.ndarray, target: str, mode
     Otherwise (few labels among many samples, or no index yet) every labelled vector is read
     and searched (:func:`core.math.neighbours.topk`)."""
     version = store.active_model(name)
+    ids = None
     try:
-        idx = similarity.index(name, version, build=False) if version else None
-    except store.StoreError:  # being built elsewhere
-        idx = None
-    if idx is not None:
-        ids, dist, _X = similarity.nearest(name, version, x, INDEX_CANDIDATES + 1)
+        if version:
+            ids, dist, _X = similarity.nearest(name, version, x, INDEX_CANDIDATES + 1, build=False)
+    except store.StoreError:  # no index yet, or being built elsewhere
+        pass
+    if ids is not None:
         cols = store.view_columns(name, [target, "labelled_by"], ids)
         ok = {i: v for i, v, by in zip(cols["id"], cols[target], cols["labelled_by"])
               if v is not None and (mode != "verify" or by)}
