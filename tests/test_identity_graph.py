@@ -162,3 +162,34 @@ def test_camera_centring_finds_other_camera_partners_a_camera_bias_hides():
     assert partner_hits(ps.camera_centred(x, cams)) > 0.9
     out = ps.camera_centred(x[:7], ["c1"] * 6 + [None])
     assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)  # no camera of one crop left at zero
+
+
+def test_component_names_are_stable_when_an_answer_changes_one_component():
+    """Five tracklets that all came as "P": P, P~2 ... by size. Joining the two smallest renames
+    the crops of the one that joined, nobody else's; a split keeps the names of the parts that
+    were not cut off; naming the written names again changes nothing (a fixpoint)."""
+    w = {"t1": 9, "t2": 7, "t3": 5, "t4": 4, "t5": 3}
+    names = {n: "P" for n in w}
+    g = IdentityGraph(w)
+    first = component_names(g, names, w, current={})
+    assert [first[n] for n in w] == ["P", "P~2", "P~3", "P~4", "P~5"]
+    assert component_names(g, names, w, current=first) == first  # fixpoint
+    g.link(Link("t4", "t5", True))  # 4 + 3 crops: now heavier than t3 (5)
+    joined = component_names(g, names, w, current=first)
+    assert {n for n in w if joined[n] != first[n]} == {"t5"} and joined["t5"] == "P~4"
+    # without the written names, the old numbering by size renames t3 and t4 too
+    fresh = component_names(g, names, w)
+    assert fresh["t3"] != first["t3"] and fresh["t4"] != first["t4"]
+    # a split: {t1, t2} was one identity "P"; cut apart, t1 (heavier) keeps P, t2 takes a free number
+    g2 = IdentityGraph(w)
+    g2.link(Link("t1", "t2", True))
+    whole = component_names(g2, names, w, current={})
+    assert whole["t1"] == whole["t2"] == "P" and whole["t3"] == "P~2"
+    cut = component_names(IdentityGraph(w), names, w, current=whole)
+    assert [cut[n] for n in ("t1", "t3", "t4", "t5")] == ["P", "P~2", "P~3", "P~4"] and cut["t2"] == "P~5"
+    # a name typed by an operator still wins over the written one; a written name of another
+    # person is never kept
+    typed = component_names(g, names, w, strong={"t3": "Q"}, current=joined)
+    assert typed["t3"] == "Q" and {n: typed[n] for n in w if n != "t3"} == {n: joined[n] for n in w if n != "t3"}
+    stolen = component_names(IdentityGraph(["x", "y"]), {"x": "A", "y": "B"}, current={"x": "B"})
+    assert stolen == {"x": "A", "y": "B"}

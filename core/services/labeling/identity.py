@@ -170,6 +170,7 @@ def _replay(name: str, cols: dict[str, list] | None = None) -> GraphState:
     cols = cols if cols is not None else store.view_columns(name, _COLUMNS)
     rows: dict[str, list[int]] = {}
     ingested: dict[str, Counter] = {}
+    written: dict[str, Counter] = {}  # node -> the names the graph wrote on its crops (kept where still right)
     typed: dict[str, tuple] = {}  # node -> (labelled_at, name): the latest typed name wins
     spans: dict[str, tuple] = {}
     for k, sid in enumerate(cols["id"]):
@@ -178,6 +179,8 @@ def _replay(name: str, cols: dict[str, list] | None = None) -> GraphState:
         tr = cols["tracklet"][k]
         node = node_of(tr, sid)
         rows.setdefault(node, []).append(k)
+        if cols["graph_identity"][k]:
+            written.setdefault(node, Counter())[cols["graph_identity"][k]] += 1
         nm = _input_name(cols, k)
         if nm and cols["labelled_by"][k]:
             mark = (str(cols["labelled_at"][k] or ""), nm)
@@ -198,7 +201,8 @@ def _replay(name: str, cols: dict[str, list] | None = None) -> GraphState:
     trust = label_schema(name).mode == "trust"
     free = overlapping(spans)
     g = build(rows, free=free, operator_names=mine, ingested_names=top, decisions=links, trust_ingested=trust)
-    names = component_names(g, top, {n: len(r) for n, r in rows.items()}, strong=mine)
+    now = {n: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for n, c in written.items()}
+    names = component_names(g, top, {n: len(r) for n, r in rows.items()}, strong=mine, current=now)
     confirmed = g if trust or not top else build(rows, free=free, operator_names=mine, decisions=links)
     return GraphState(g, cols, rows, names, entries, trust, confirmed)
 
