@@ -128,3 +128,18 @@ def test_augment_is_deterministic_and_pure(crop):
     assert out is not crop
     with pytest.raises(Exception):
         cfg.p_flip = 0.1  # frozen
+
+
+def test_a_batch_on_threads_is_the_batch_of_one_thread(crop):
+    """A training batch depends on its generator alone, not on how many threads augment it (so a
+    round and its resumed twin see the same batches on any machine)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    imgs = np.stack([crop, A.hflip(crop), crop[::-1].copy()] * 8)
+    one = A.augment_batch(imgs, np.random.default_rng(7))
+    with ThreadPoolExecutor(4) as pool:
+        many = A.augment_batch(imgs, np.random.default_rng(7), map_fn=pool.map)
+    np.testing.assert_array_equal(one, many)
+    assert one.shape == imgs.shape and one.dtype == np.uint8
+    assert not np.array_equal(one[0], one[3])  # same input, its own draw
+    assert not np.array_equal(one, A.augment_batch(imgs, np.random.default_rng(8)))

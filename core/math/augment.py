@@ -11,13 +11,15 @@ returns a new array of the same shape and dtype and never changes its input.
 - :func:`color_jitter`: brightness, contrast, saturation, hue.
 - :func:`hflip`.
 
-:func:`augment` composes them with the probabilities of a frozen :class:`AugmentConfig`.
+:func:`augment` composes them with the probabilities of a frozen :class:`AugmentConfig`;
+:func:`augment_batch` does a training batch, one seeded generator per image (threads welcome).
 The brightness-invariant input (per-image luma mean/std normalisation, `network.normalize_luma`) is part of the model (core.model.network) so training,
 extraction and ONNX export apply it identically; it is not an augmentation.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -208,3 +210,20 @@ def augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = Augm
     if rng.random() < cfg.p_occlude:
         out = occlude(out, rng, cfg)
     return out if out is not img else img.copy()
+
+
+def augment_batch(
+    imgs: Sequence[np.ndarray], rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig(),
+    map_fn: Callable = map,
+) -> np.ndarray:
+    """:func:`augment` of each image, stacked: ``[B, H, W, 3]``. Each image gets its own generator,
+    seeded from ``rng``, so the batch is one result of ``rng`` whichever order ``map_fn`` (the
+    builtin ``map``, or a thread pool's: OpenCV and numpy release the GIL) runs them in.
+    A training step's batch on threads: 64 crops of 128x64 in 38 ms on 2 threads against 50 ms in
+    one; at 256x128 91 ms against 171 ms (on a GPU the step waits for this, not the model: an
+    H200 ran the default round at 12.7 steps/s, its 16 CPU cores alone at 8.3). A round's
+    held-out mAP with these per-image generators (benchmarks/probe_campus62.py, split seeds 0 / 1):
+    62.3 / 66.4, against 63.9 / 66.4 with one generator for the batch."""
+    seeds = rng.integers(0, 2**63, size=len(imgs))
+    out = list(map_fn(lambda k: augment(imgs[k], np.random.default_rng(int(seeds[k])), cfg), range(len(imgs))))
+    return np.stack(out)

@@ -6,7 +6,8 @@ reading a round top to bottom in one file is the point.
     samples (path, identity, camera, weight)
       -> identities split into train / validation (by identity, never by crop)
       -> crops decoded once into memory at the round's input size
-      -> loop: identity-balanced weighted batch (P identities x K crops), augment (core.math.augment),
+      -> loop: identity-balanced weighted batch (P identities x K crops), augmented on ``threads``
+               threads (core.math.augment.augment_batch),
                triplet loss on hard triplets (pytorch-metric-learning), AdamW, warmup + cosine lr
       -> every ``eval_every`` steps: validation mAP (leave-one-out over the validation identities,
          cross-camera when cameras are known, core.math.evaluate); keep the best weights; stop early
@@ -472,6 +473,7 @@ def train_round(
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, config.threads))
     torch.manual_seed(config.seed)
+    pool = ThreadPoolExecutor(max_workers=max(1, config.threads))  # batch augmentation
     try:
         # -- samples and split
         sample_rows = _sample_rows(samples)  # resume.pt keeps them: a resumed round trains on the same crops
@@ -630,7 +632,7 @@ def train_round(
             if unsup and (step - 1) % config.recluster_every == 0:
                 recluster(step - 1)
             idx = (sampler if pl.labels is None else pl.sampler).batch(rng)
-            imgs = np.stack([aug.augment(x_tr[i], rng, config.augment) for i in idx])
+            imgs = aug.augment_batch(x_tr[idx], rng, config.augment, pool.map)
             labels = torch.from_numpy(y_tr[idx] if pl.labels is None else pl.crop_labels(idx)).to(dev)
             emb = model(torch.from_numpy(imgs).to(dev))
             loss = loss_fn(emb, labels, miner(emb, labels))
@@ -717,4 +719,5 @@ def train_round(
                  best_step, best_map, (init_metrics or {}).get("mAP", float("nan")), ck_path)
         return {**result, "checkpoint": str(ck_path), "resumed_from": start}
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         torch.set_num_threads(prev_threads)
