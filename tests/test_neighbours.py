@@ -62,3 +62,25 @@ def test_nearest_distance_is_one_minus_the_best_similarity():
     d = neighbours.nearest_distance(qn, rn)
     assert np.allclose(d, 1.0 - (qn @ rn.T).max(1), atol=1e-5)
     assert np.isinf(neighbours.nearest_distance(qn, rn[:0])).all()
+
+
+def test_approximate_finds_most_true_neighbours_at_scale_and_is_exact_below_it():
+    """The inverted file serves only from APPROX_MIN_ROWS rows on; there it finds most of the
+    true neighbours (clustered data, as crops are), never a row itself, and flags what it missed."""
+    rng = np.random.default_rng(5)
+    n = neighbours.APPROX_MIN_ROWS
+    centres = rng.normal(size=(400, 32))
+    x = normalise((centres[rng.integers(0, 400, n)] + rng.normal(size=(n, 32))).astype(np.float32))
+    q = x[:500]
+    exact_idx, exact_sim = neighbours.topk(q, x, 10)
+    idx, sim = neighbours.topk(q, x, 10, approximate=True)
+    found = idx >= 0
+    recall = np.mean([len(set(a[f]) & set(b)) / 10 for a, b, f in zip(idx, exact_idx, found)])
+    assert 0.85 <= recall < 1.0  # approximate indeed, and close
+    assert np.isnan(sim[~found]).all() and (np.diff(np.where(found, sim, -9), axis=1) <= 1e-6).all()
+    own, _ = neighbours.topk(x[:300], x, 5, exclude_self=True, approximate=True)
+    assert not (own == np.arange(300)[:, None]).any()
+    small = x[: n - 1]
+    a, sa = neighbours.topk(small[:50], small, 6, approximate=True)
+    b, sb = neighbours.topk(small[:50], small, 6)
+    assert (a == b).all() and np.allclose(sa, sb)
