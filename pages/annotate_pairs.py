@@ -135,7 +135,8 @@ def render(name: str, sid: str, user: str) -> None:
     if st.session_state.get("pair_last"):
         st.success(st.session_state["pair_last"])
 
-    item, ok = _call("getting the next pair", pairs.next_pair, name, sid, order=order, lease_s=LEASE_S)
+    item, ok = _call("getting the next pair", pairs.next_pair, name, sid, order=order, lease_s=LEASE_S,
+                     prefetch=True)
     if not ok:
         return
     st.session_state["pair_item"] = item.key if item is not None else None

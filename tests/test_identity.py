@@ -160,6 +160,41 @@ def test_the_pair_queue_leases_each_pair_to_one_tab_and_never_asks_what_is_known
     agree(ds)
 
 
+def test_the_queue_is_topped_up_in_the_background_before_it_runs_dry(ds):
+    """With ``prefetch`` (the Annotate page), leasing from a queue with fewer than LOW_WATER
+    pending pairs computes the next batch in a background thread: the pairs are there before the
+    queue runs dry, none twice, none the graph already knows; an empty queue waits for that
+    batch instead of computing its own."""
+    from core.services.labeling import base, identity, pairs
+
+    coll = base._coll(base.PAIRS)
+
+    def queued() -> list[str]:
+        return [d["key"] for d in coll.find({"dataset": ds, "status": {"$in": ["pending", "leased"]}})]
+
+    # TUD-Campus leaves three pairs to ask (the rest were seen in one frame): batches of one
+    first = pairs.next_pair(ds, "tab1", k=1, prefetch=True)  # the first batch, leased at once
+    top = pairs._TOPUPS.get((ds, "likely"))
+    assert first is not None and top is not None
+    top.join(60)
+    keys = queued()
+    assert len(keys) == 2 == len(set(keys))  # the next one is there before anyone ran out
+    st = identity.load(ds)
+    for d in coll.find({"dataset": ds, "status": "pending"}):
+        assert not st.graph.same(d["a"], d["b"]) and st.graph.separated(d["a"], d["b"]) is None
+    # without prefetch nothing runs in the background
+    pairs._TOPUPS.clear()
+    second = pairs.next_pair(ds, "tab2", k=1)
+    assert second is not None and second.key != first.key and (ds, "likely") not in pairs._TOPUPS
+    # a queue that runs dry while a top-up runs takes that top-up's batch (or finds it queued)
+    top = pairs._top_up(ds, "likely", 1, True)
+    third = pairs.next_pair(ds, "tab3", k=1)
+    assert top is not None and not top.is_alive()
+    assert third is not None and third.key not in (first.key, second.key)
+    assert len(queued()) == 3 == len(set(queued()))
+    pairs._TOPUPS.clear()
+
+
 def test_cannot_links_become_guaranteed_negatives_in_training_batches(ds):
     """The graph's cannot-links reach the sampler: partners meet in batches far more often."""
     import numpy as np

@@ -13,10 +13,18 @@ Merges a clustering round proposed (``proposals`` of its registry record,
 :func:`round_proposals`) are asked first, closest first, ahead of every pending candidate:
 :func:`next_pair` queues the ones still open in front of the queue when it finds any not yet
 queued (not in the ``random`` order, the control).
+
+Top-up (``next_pair(..., prefetch=True)``, what the Annotate page asks for): when fewer than
+:data:`LOW_WATER` pairs are left pending, the next batch is computed in a background thread of
+this process while the operator answers those, so nobody waits for a batch once the first is
+there (a batch takes about 12 s with 100k unconfirmed crops, :func:`core.math.pair_select.plan_pairs`;
+answering 10 pairs takes longer). One top-up per dataset and order runs at a time in a process;
+two processes topping up at once queue each pair once (the items' ids are the pair's).
 """
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,6 +42,9 @@ from core.services.labeling.leases import _claim_sample
 log = logging.getLogger(__name__)
 
 SHOWN = 6  # crops shown per side
+LOW_WATER = 10  # pending pairs under which the next batch is computed in the background
+_TOPUPS: dict[tuple[str, str], threading.Thread] = {}
+_TOPUPS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -213,10 +224,35 @@ def _queue_proposals(name: str, order: str, k: int, rng, state, boost: bool = Tr
     return sum(_put(coll, name, order, c, batch, start + i, promote=True) for i, c in enumerate(items))
 
 
+def _top_up(name: str, order: str, k: int, boost: bool) -> threading.Thread | None:
+    """Start computing the next batch in the background when fewer than :data:`LOW_WATER` pairs
+    are pending and no top-up of this queue runs in this process; returns the thread (None: not
+    needed, or one runs already)."""
+    if _coll(PAIRS).count_documents({"dataset": name, "order": order, "status": "pending"}) >= LOW_WATER:
+        return None
+
+    def run() -> None:
+        try:
+            added = _queue(name, order, k, None, identity.load(name), boost)
+            log.info("%s: %d pairs queued in the background (%s order)", name, added, order)
+        except Exception as e:  # noqa: BLE001 - the next next_pair computes a batch itself
+            log.warning("%s: background pair batch failed: %s", name, e)
+
+    with _TOPUPS_LOCK:
+        running = _TOPUPS.get((name, order))
+        if running is not None and running.is_alive():
+            return None
+        t = _TOPUPS[(name, order)] = threading.Thread(target=run, name=f"pairs-{name}-{order}", daemon=True)
+    t.start()
+    return t
+
+
 def next_pair(name: str, session_id: str, order: str = pair_select.DEFAULT_PAIR_ORDER, lease_s: float = 120,
-              k: int = 20, rng: np.random.Generator | int | None = None, boost: bool = True) -> PairItem | None:
+              k: int = 20, rng: np.random.Generator | int | None = None, boost: bool = True,
+              prefetch: bool = False) -> PairItem | None:
     """Lease the next pair question to ``session_id`` (its own leased pair first); None when the
-    graph leaves nothing to ask. Recomputes a batch when the queue runs dry."""
+    graph leaves nothing to ask. Recomputes a batch when the queue runs dry; ``prefetch``: also
+    tops the queue up in the background once it runs low (see the module docstring)."""
     if order not in pair_select.PAIR_ORDERS:
         raise LabelingError(f"unknown pair order {order!r}; use one of {pair_select.PAIR_ORDERS}")
     coll = _coll(PAIRS)
@@ -243,10 +279,19 @@ def next_pair(name: str, session_id: str, order: str = pair_select.DEFAULT_PAIR_
             if res.matched_count == 0:
                 _coll(LEASES).delete_one({"_id": f"{name}|pair:{d['key']}", "session": session_id})
                 continue
+            if prefetch:
+                _top_up(name, order, k, boost)
             return PairItem(_side(state, d["a"]), _side(state, d["b"]), d["cosine"], d["p_same"], d["score"],
                             d["reason"], order, d.get("model_version"), until, d["rank"], d.get("proposed_by"))
-        if attempt == 0 and _queue(name, order, k, rng, state, boost) == 0:
-            return None
+        if attempt == 0:
+            with _TOPUPS_LOCK:
+                running = _TOPUPS.get((name, order))
+            if running is not None and running.is_alive():
+                running.join()  # the batch the background is computing: wait for it, not twice the work
+                state = identity.load(name)
+                continue
+            if _queue(name, order, k, rng, state, boost) == 0:
+                return None
     return None
 
 
