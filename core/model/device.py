@@ -42,9 +42,11 @@ def select(preference: str | None = None) -> str:
 
 
 def describe(device: str) -> str:
-    """Words for the Train page and the round report: ``"cpu (2 threads)"`` or the GPU's name."""
-    import torch
-
+    """Words for the Train page and the round report: ``"cpu (2 cores)"`` or the GPU's name
+    (torch is imported only where there is a GPU: on a CPU machine the import was most of the
+    Train page's first render)."""
     if device == "cuda" and cuda_available():
+        import torch
+
         return f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu ({len(os.sched_getaffinity(0))} cores)"
