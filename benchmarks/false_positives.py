@@ -12,9 +12,12 @@ ground-truth boxes of its frame: IoU >= 0.5 a person, IoU < 0.3 a false positive
 good detections (person crops with identities, what a MOT ingest gives).
 
 Each clip is cut by frame: the first ``--train-share`` of its frames trains, the rest
-evaluates. A budget of B operator labels is B of the training part's HOG boxes drawn at random
-(seeded), labelled with their truth; with the training part's ground-truth crops (persons for
-free) they are the round's class labels. Budget 0 has no false-positive label, so no head: its
+evaluates. A budget of B operator labels is B of the training part's HOG boxes, labelled with
+their truth; with the training part's ground-truth crops (persons for free) they are the round's
+class labels. Which B (``--picks``): ``queue`` (default), the ones Vigil's Annotate queue asks
+first with its "Is this a person?" strategy (core.math.strategies.personness: before any head,
+the lowest detector score first), as an operator working through the queue answers them;
+``random``, B drawn at random (seeded), as an operator labelling whatever comes. Budget 0 has no false-positive label, so no head: its
 row is the chance level, and the HOG score of the evaluation boxes is printed beside it as the
 detector's own separation. Every budget's round (core.model.train.train_round, the default preset
 with ``--steps``) trains the embedding on the training part's ground-truth identities; the head
@@ -134,6 +137,8 @@ def main() -> None:
                     help="probe: fit the head on the pooled features (what a round does) or on the embedding")
     ap.add_argument("--hog-min-score", type=float, default=0.0,
                     help="HOG's lowest SVM score kept (0: every window it fires on, the site's worst case)")
+    ap.add_argument("--picks", choices=("queue", "random"), default="queue",
+                    help="which HOG boxes the operator labels: the Annotate queue's order, or at random")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -170,7 +175,15 @@ def main() -> None:
     hog_train = [r for r in train_rows if r["source"] == "hog"]
     free = [(r["path"], True) for r in train_rows if r["source"] == "gt"]
     rng = np.random.default_rng(a.seed)
-    order = rng.permutation(len(hog_train))
+    if a.picks == "random":
+        order = rng.permutation(len(hog_train))
+    else:  # the queue's own order over all of them: its first B are what it asks for B labels
+        from core.math import strategies
+
+        n = len(hog_train)
+        sel = strategies.personness(np.zeros((n, 1), np.float32), np.zeros(n, bool), np.full(n, None), n, rng,
+                                    det_score=np.array([r["score"] for r in hog_train], np.float32))
+        order = np.asarray(sel.indices)
     results: dict[str, dict] = {}
     for b in a.budgets.split(","):
         budget = len(hog_train) if b == "all" else int(b)
@@ -210,12 +223,14 @@ def main() -> None:
     if t200:
         ok = t200["auc"] >= 0.95 and t200["fp_removed_at_99"] >= 0.8
         print(f"target (200 labels: AUC >= 0.95, >= 80 % removed): {'met' if ok else 'NOT met'}")
-    out = {"budgets": results, "data": data, "hog_score": hog_ref, "head_input": a.head_input, "every": a.every,
+    out = {"budgets": results, "data": data, "hog_score": hog_ref, "head_input": a.head_input, "picks": a.picks,
+           "every": a.every,
            "train_share": a.train_share, "steps": a.steps, "seed": a.seed, "seconds": time.perf_counter() - t0,
            "peak_rss_mb": peak_rss_mb()}
     dst = REPO / "benchmarks" / "out"
     dst.mkdir(parents=True, exist_ok=True)
-    name = "false_positives" if a.head_input == "features" else "false_positives_embedding_probe"
+    name = "false_positives" + ("" if a.head_input == "features" else "_embedding_probe") \
+        + ("" if a.picks == "queue" else "_random_picks")
     (dst / f"{name}.json").write_text(json.dumps(out, indent=2))
     plot(results, dst / f"{name}.png")
     print(f"wrote {dst / (name + '.json')} in {time.perf_counter() - t0:.0f} s, peak {peak_rss_mb():.0f} MB")

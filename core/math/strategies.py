@@ -427,6 +427,14 @@ def personness(embeddings, labelled, labels, k, rng, person=None, person_thresho
     batch does. With no score for any sample it falls back to kcenter, like the uncertainty
     strategies without labels. The queue reads these arrays from the store
     (:func:`core.services.labeling.queue.compute_batch`, see :data:`NEEDS_SAMPLE_SCORES`).
+
+    Why the detector's lowest scores first before any head (benchmarks/false_positives.py, the
+    first half of PETS09 and the TUD clips, HOG boxes): of the first 200 crops this order asks,
+    148 are false positives, against 39 / 31 of 200 drawn at random (seeds 0 / 1); a round on
+    those answers removes 82.8 / 82.5 % of the later frames' false positives at 99 % of persons
+    kept (AUC 0.969 / 0.967), against 81.9 / 79.2 % (AUC 0.971 / 0.968) with random picks, and
+    at 50 answers AUC 0.954 / 0.964 against 0.929 / 0.949. A false positive is what the head
+    lacks: the persons come free with the tracks.
     """
     x, m, y = _as_inputs(embeddings, labelled, labels)
     n = len(x)
