@@ -432,9 +432,10 @@ def personness(embeddings, labelled, labels, k, rng, person=None, person_thresho
     first half of PETS09 and the TUD clips, HOG boxes): of the first 200 crops this order asks,
     148 are false positives, against 39 / 31 of 200 drawn at random (seeds 0 / 1); a round on
     those answers removes 82.8 / 82.5 % of the later frames' false positives at 99 % of persons
-    kept (AUC 0.969 / 0.967), against 81.9 / 79.2 % (AUC 0.971 / 0.968) with random picks, and
-    at 50 answers AUC 0.954 / 0.964 against 0.929 / 0.949. A false positive is what the head
-    lacks: the persons come free with the tracks.
+    kept (AUC 0.969 / 0.967), against 81.9 / 79.2 % (AUC 0.971 / 0.968) with random picks; at
+    50 answers AUC 0.954 / 0.964 (random picks 0.929 / 0.949, measured before a round's batch
+    augmentation took one generator per crop). A false positive is what the head lacks: the
+    persons come free with the tracks.
     """
     x, m, y = _as_inputs(embeddings, labelled, labels)
     n = len(x)
