@@ -24,6 +24,7 @@ two processes topping up at once queue each pair once (the items' ids are the pa
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SHOWN = 6  # crops shown per side
 LOW_WATER = 10  # pending pairs under which the next batch is computed in the background
+TOP_UP_NICE = 10  # the background batch's thread (and the threads it starts) yields the CPU
 _TOPUPS: dict[tuple[str, str], threading.Thread] = {}
 _TOPUPS_LOCK = threading.Lock()
 
@@ -232,6 +234,10 @@ def _top_up(name: str, order: str, k: int, boost: bool) -> threading.Thread | No
         return None
 
     def run() -> None:
+        try:  # behind the operator's own page runs on a small machine (Linux nice is per thread)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TOP_UP_NICE)
+        except (AttributeError, OSError):
+            pass
         try:
             added = _queue(name, order, k, None, identity.load(name), boost)
             log.info("%s: %d pairs queued in the background (%s order)", name, added, order)
