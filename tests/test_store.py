@@ -70,3 +70,26 @@ def test_the_dataset_stamp_moves_with_every_write(ds):
     d.delete_samples([ids[3]])
     s4 = store.last_modified(ds)
     assert len({s0, s1, s2, s3, s4}) == 5 and s4[1] == len(ids) - 1
+
+
+def test_no_gc_pauses_the_collector_and_restores_what_was_there():
+    import gc
+
+    from core.data import store
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with store.no_gc():
+            assert not gc.isenabled()
+            with store.no_gc():  # nested: the outer one turns it back on, not the inner
+                pass
+            assert not gc.isenabled()
+            raise RuntimeError("a failed read")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with store.no_gc():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()

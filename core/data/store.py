@@ -34,9 +34,11 @@ who-labelled-what fields.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import re
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from core.config import apply_fiftyone_env
 
@@ -569,7 +571,8 @@ def embedded_columns(name: str, version: str, fields: list[str],
         return None
     fields = [f for f in dict.fromkeys(fields) if f in schema or f == "tags"]
     if type(schema[ef]) is fo.VectorField and all(f == "tags" or _plain(schema[f]) for f in fields):
-        out = _raw_embedded(name, ef, fields, any_of)
+        with no_gc():
+            out = _raw_embedded(name, ef, fields, any_of)
     else:
         view = ds.exists(ef)
         if any_of:
@@ -705,6 +708,23 @@ def _plain(ftype) -> bool:
     return type(ftype) in _PLAIN
 
 
+@contextmanager
+def no_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for a bulk read or rebuild: such code allocates
+    millions of small objects that hold no cycles, and the collector's passes over a heap that
+    already holds 100k samples' columns were most of the time (an identity-graph replay of 100k
+    crops: 2.2-2.5 s with it, 0.7-0.9 s without; reading its 17 columns: 1.3-2.4 s against
+    0.9-1.2 s). Reference counting frees as usual; the collector resumes afterwards (unless it
+    was off already)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def view_columns(name: str, fields: list[str], ids: list[str] | None = None) -> dict[str, list]:
     """Columns (``id`` plus ``fields`` that exist, others as None) of the dataset or ``ids`` (in
     that order; ids that are not samples are left out).
@@ -717,7 +737,8 @@ def view_columns(name: str, fields: list[str], ids: list[str] | None = None) -> 
     schema = ds.get_field_schema()
     have = [f for f in dict.fromkeys(fields) if (f in schema or f == "tags") and f != "id"]
     if all(f == "tags" or _plain(schema[f]) for f in have):
-        out = _plain_columns(name, have, ids)
+        with no_gc():
+            out = _plain_columns(name, have, ids)
     else:
         view = ds.select(ids, ordered=True) if ids is not None else ds
         out = dict(zip(["id", *have], view.values(["id", *have])))

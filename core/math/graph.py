@@ -69,14 +69,13 @@ class IdentityGraph:
     """
 
     def __init__(self, nodes: Iterable[str] = ()) -> None:
-        self._parent: dict[str, str] = {}
-        self._members: dict[str, list[str]] = {}
+        nodes = list(dict.fromkeys(nodes))  # (a replay builds 100k nodes twice: no call per node)
+        self._parent: dict[str, str] = {n: n for n in nodes}
+        self._members: dict[str, list[str]] = {n: [n] for n in nodes}
         self._cannot: dict[str, dict[str, Link]] = {}  # root -> other root -> one cannot-link
         self._must_adj: dict[str, list[Link]] = {}  # node -> applied must-links touching it
         self.conflicts: list[Conflict] = []
         self.applied: list[Link] = []
-        for n in nodes:
-            self.add(n)
 
     # structure ------------------------------------------------------------------------------
     def add(self, node: str) -> None:

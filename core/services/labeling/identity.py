@@ -176,6 +176,11 @@ def _most_common(names: list[str]) -> str:
 
 def _replay(name: str, cols: dict[str, list] | None = None) -> GraphState:
     cols = cols if cols is not None else store.view_columns(name, _COLUMNS)
+    with store.no_gc():  # two graphs of every node: see store.no_gc
+        return _replay_cols(name, cols)
+
+
+def _replay_cols(name: str, cols: dict[str, list]) -> GraphState:
     rows: dict[str, list[int]] = {}
     ingested: dict[str, list[str]] = {}  # node -> the names its crops came with
     written: dict[str, list[str]] = {}  # node -> the names the graph wrote on its crops (kept where still right)
