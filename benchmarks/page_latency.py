@@ -391,7 +391,8 @@ def main() -> None:
                   flush=True)
     out = REPO / "benchmarks" / "out" / "page_latency.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    kept = json.loads(out.read_text()) if out.exists() else {}  # a run of one size keeps the other's
+    out.write_text(json.dumps({**kept, **report}, indent=2))
     print(f"\nwrote {out}")
 
 
