@@ -31,13 +31,11 @@ def _index(r: np.ndarray, metric: str, approximate: bool):
     import faiss
 
     d = r.shape[1]
-    mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-    if not approximate or len(r) < APPROX_MIN_ROWS:
-        index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-    else:
+    index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
+    if approximate and len(r) >= APPROX_MIN_ROWS:  # the flat index becomes the lists' quantizer
         nlist = min(1024, len(r) // 40)
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d),
-                                   d, nlist, mt)
+        mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+        index = faiss.IndexIVFFlat(index, d, nlist, mt)
         sample = np.random.default_rng(0).choice(len(r), min(len(r), 40 * nlist), replace=False)
         index.train(r[np.sort(sample)])  # k-means on a seeded sample (faiss seeds its own, too)
         index.nprobe = APPROX_PROBES

@@ -226,6 +226,13 @@ def _queue_proposals(name: str, order: str, k: int, rng, state, boost: bool = Tr
     return sum(_put(coll, name, order, c, batch, start + i, promote=True) for i, c in enumerate(items))
 
 
+def _running_top_up(name: str, order: str) -> threading.Thread | None:
+    """This process's top-up of the queue of ``order``, while it runs."""
+    with _TOPUPS_LOCK:
+        t = _TOPUPS.get((name, order))
+    return t if t is not None and t.is_alive() else None
+
+
 def _top_up(name: str, order: str, k: int, boost: bool) -> threading.Thread | None:
     """Start computing the next batch in the background when fewer than :data:`LOW_WATER` pairs
     are pending and no top-up of this queue runs in this process; returns the thread (None: not
@@ -244,12 +251,12 @@ def _top_up(name: str, order: str, k: int, boost: bool) -> threading.Thread | No
         except Exception as e:  # noqa: BLE001 - the next next_pair computes a batch itself
             log.warning("%s: background pair batch failed: %s", name, e)
 
-    with _TOPUPS_LOCK:
+    with _TOPUPS_LOCK:  # held from the check to the start: two page runs never start two
         running = _TOPUPS.get((name, order))
         if running is not None and running.is_alive():
             return None
         t = _TOPUPS[(name, order)] = threading.Thread(target=run, name=f"pairs-{name}-{order}", daemon=True)
-    t.start()
+        t.start()
     return t
 
 
@@ -290,9 +297,8 @@ def next_pair(name: str, session_id: str, order: str = pair_select.DEFAULT_PAIR_
             return PairItem(_side(state, d["a"]), _side(state, d["b"]), d["cosine"], d["p_same"], d["score"],
                             d["reason"], order, d.get("model_version"), until, d["rank"], d.get("proposed_by"))
         if attempt == 0:
-            with _TOPUPS_LOCK:
-                running = _TOPUPS.get((name, order))
-            if running is not None and running.is_alive():
+            running = _running_top_up(name, order)
+            if running is not None:
                 running.join()  # the batch the background is computing: wait for it, not twice the work
                 state = identity.load(name)
                 continue
