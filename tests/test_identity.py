@@ -27,6 +27,12 @@ def agree(name: str):
     fresh = identity._replay(name)  # the state load() kept (if any) is the replay of this moment
     assert st.cols == fresh.cols and st.names == fresh.names and st.rows == fresh.rows
     assert st.graph.components() == fresh.graph.components()
+    # an answer is applied to the kept state (identity._advance): it must be what a replay gives
+    assert st.confirmed.components() == fresh.confirmed.components()
+    cannot = lambda g: sorted(tuple(sorted((g.component(a)[0], g.component(b)[0]))) for a, b in g.cannot_pairs())  # noqa: E731
+    assert cannot(st.graph) == cannot(fresh.graph) and cannot(st.confirmed) == cannot(fresh.confirmed)
+    assert sorted(c.link.ref for c in st.confirmed.conflicts) == sorted(c.link.ref for c in fresh.confirmed.conflicts)
+    assert sorted(st.claims.values()) == sorted(fresh.claims.values())
     cols = store.view_columns(name, ["identity", "graph_identity", "identity_base"])
     by_id = {sid: (i, gi, b) for sid, i, gi, b in zip(cols["id"], cols["identity"], cols["graph_identity"],
                                                      cols["identity_base"])}

@@ -232,3 +232,73 @@ def test_component_names_are_stable_when_an_answer_changes_one_component():
     assert typed["t3"] == "Q" and {n: typed[n] for n in w if n != "t3"} == {n: joined[n] for n in w if n != "t3"}
     stolen = component_names(IdentityGraph(["x", "y"]), {"x": "A", "y": "B"}, current={"x": "B"})
     assert stolen == {"x": "A", "y": "B"}
+
+
+def test_claims_of_the_changed_components_name_as_a_full_run_does():
+    """The kept claims of untouched components plus fresh claims of the joined ones assign the same
+    names as naming the whole new graph; the copy the answer was applied to leaves the old graph
+    as it was. Random joins over 60 nodes with clashing names, several seeds."""
+    from core.math.graph import assign_names, name_claims
+
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        nodes = [f"n{i:02d}" for i in range(60)]
+        w = {n: int(rng.integers(1, 9)) for n in nodes}
+        names = {n: f"P{rng.integers(0, 6)}" for n in nodes if rng.random() < 0.7}
+        g = IdentityGraph(nodes)
+        claims = name_claims(g, names, w)
+        current = assign_names(g, claims)
+        claims = name_claims(g, names, w, current=current)
+        for _step in range(25):
+            a, b = rng.choice(nodes, 2, replace=False)
+            before = g.components()
+            new = g.copy()
+            if new.link(Link(str(a), str(b), bool(rng.random() < 0.8))) is not None:
+                continue
+            assert g.components() == before  # the copy is independent
+            stale = {g.find(str(a)), g.find(str(b))}
+            kept = {r: c for r, c in claims.items() if r not in stale}
+            kept.update(name_claims(new, names, w, current=current, roots=[str(a), str(b)]))
+            out = assign_names(new, kept)
+            assert out == component_names(new, names, w, current=current)
+            g, current = new, out
+            claims = name_claims(g, names, w, current=current)  # as written: the next step's input
+
+
+def test_resettling_the_answered_part_is_the_replay_when_ingested_names_are_to_be_verified():
+    """Ingested names to be verified are applied after the operator's answers, so a new answer
+    cannot simply be added to the graph: the components it touches, closed over shared names
+    (:func:`name_closure`), are replayed alone (:meth:`IdentityGraph.resettle`). Over random
+    graphs (clashing names, frame cannot-links, answers that split a named identity or join
+    two) the result is the whole replay's: the same components and cannot-links."""
+    from core.math.graph import name_closure, name_links
+
+    def shape(g):
+        comps = g.components()
+        first = {n: c[0] for c in comps for n in c}
+        return comps, sorted({tuple(sorted((first[a], first[b]))) for a, b in g.cannot_pairs()})
+
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        nodes = [f"n{i:02d}" for i in range(50)]
+        top = {n: f"P{rng.integers(0, 8)}" for n in nodes if rng.random() < 0.8}
+        free = [Link(*sorted(map(str, rng.choice(nodes, 2, replace=False))), False, "frame") for _ in range(6)]
+        answers: list[Link] = []
+        confirmed = build(nodes, free=free, decisions=answers)
+        g = build(nodes, free=free, ingested_names=top, decisions=answers, trust_ingested=False)
+        for step in range(20):
+            a, b = map(str, rng.choice(nodes, 2, replace=False))
+            ln = Link(a, b, bool(rng.random() < 0.5), "operator", f"d{step}")
+            new_conf = confirmed.copy()
+            if new_conf.link(ln) is not None:
+                continue  # refused on the confirmed graph: the service replays (and decide_pair refuses)
+            answers.append(ln)
+            roots = name_closure(g, top, [a, b])
+            part = {n for r in roots for n in g.members(r)}
+            new_g = g.copy()
+            assert new_g.resettle(part, new_conf.applied, name_links({n: top[n] for n in part if n in top}, "ingested"))
+            whole = build(nodes, free=free, ingested_names=top, decisions=answers, trust_ingested=False)
+            assert shape(new_g) == shape(whole), (seed, step)
+            assert shape(g) == shape(build(nodes, free=free, ingested_names=top, decisions=answers[:-1],
+                                            trust_ingested=False))  # the old graph untouched
+            g, confirmed = new_g, new_conf

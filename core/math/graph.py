@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 SOURCES = ("tracklet", "frame", "ingested", "operator")
 
@@ -106,6 +106,58 @@ class IdentityGraph:
 
     def component(self, node: str) -> list[str]:
         return sorted(self._members[self.find(node)])
+
+    def roots(self) -> list[str]:
+        """One root per component (in no particular order)."""
+        return list(self._members)
+
+    def members(self, node: str) -> list[str]:
+        """The members of ``node``'s component, unsorted (the graph's own list: do not change it)."""
+        return self._members[self.find(node)]
+
+    def copy(self) -> "IdentityGraph":
+        """An independent copy (the links applied and the conflicts are shared, being immutable)."""
+        c = IdentityGraph()
+        c._parent = dict(self._parent)
+        c._members = {r: list(m) for r, m in self._members.items()}
+        c._cannot = {r: dict(o) for r, o in self._cannot.items()}
+        c._must_adj = {n: list(ls) for n, ls in self._must_adj.items()}
+        c.conflicts = list(self.conflicts)
+        c.applied = list(self.applied)
+        return c
+
+    def resettle(self, part: set[str], links: Iterable[Link], soft: Iterable[Link] = ()) -> bool:
+        """Replay the components ``part`` (a union of whole components) alone: their nodes are
+        cut loose, then ``links`` that touch them are applied, then ``soft`` links inside them
+        without recording conflicts (as :func:`build` applies ingested names to be verified).
+        The rest of the graph stays as it is; cannot-links from the part to the rest are taken
+        from ``links``. False (the graph half done: drop it) when a link of ``links`` conflicts
+        or a soft link leaves the part: then only a whole replay says what the graph is."""
+        roots = {self.find(n) for n in part}
+        if sum(len(self._members[r]) for r in roots) != len(part):
+            raise ValueError("resettle: part must be whole components")
+        for r in roots:
+            del self._members[r]
+            for other in self._cannot.pop(r, {}):
+                if other not in roots:
+                    back = self._cannot[other]
+                    back.pop(r, None)
+                    if not back:
+                        del self._cannot[other]
+        for n in part:
+            self._parent[n] = n
+            self._members[n] = [n]
+            self._must_adj.pop(n, None)
+        self.applied = [ln for ln in self.applied if ln.a not in part and ln.b not in part]
+        for ln in links:
+            if (ln.a in part or ln.b in part) and self.link(ln, record=False) is not None:
+                return False
+        for ln in soft:
+            if (ln.a in part) != (ln.b in part):
+                return False
+            if ln.a in part:
+                self.link(ln, record=False)
+        return True
 
     def components(self) -> list[list[str]]:
         """Every component's members, sorted; components in order of their first member."""
@@ -196,6 +248,29 @@ def name_links(names: Mapping[str, str], source: str) -> list[Link]:
     return [Link(nodes[0], n, True, source) for _nm, nodes in sorted(by_name.items()) for n in nodes[1:]]
 
 
+def name_closure(g: IdentityGraph, names: Mapping[str, str], roots: Iterable[str]) -> set[str]:
+    """The roots of ``roots``' components and of every component holding a node that carries a
+    name (``names``: node -> ingested name) a node of theirs carries, transitively: a part of the
+    graph whose name links (:func:`name_links`) stay inside it, so it can be replayed alone
+    (:meth:`IdentityGraph.resettle`)."""
+    by_name: dict[str, list[str]] = {}
+    for n, nm in names.items():
+        if nm:
+            by_name.setdefault(str(nm), []).append(n)
+    out = {g.find(r) for r in roots}
+    todo, seen = list(out), set()
+    while todo:
+        for n in g.members(todo.pop()):
+            nm = names.get(n)
+            if nm and str(nm) not in seen:
+                seen.add(str(nm))
+                for m in by_name[str(nm)]:
+                    if (r := g.find(m)) not in out:
+                        out.add(r)
+                        todo.append(r)
+    return out
+
+
 def build(nodes: Iterable[str], free: Sequence[Link] = (), operator_names: Mapping[str, str] | None = None,
           ingested_names: Mapping[str, str] | None = None, decisions: Sequence[Link] = (),
           trust_ingested: bool = True) -> IdentityGraph:
@@ -225,6 +300,88 @@ def build(nodes: Iterable[str], free: Sequence[Link] = (), operator_names: Mappi
     return g
 
 
+class Claim(NamedTuple):
+    """What one component asks of the naming (:func:`name_claims`): its place in the order
+    (heavier wanted names first), the name it wants (None: unnamed), the name it keeps if free
+    (None: none), its first member, and whether it is a lone node nobody named. A tuple, not a
+    dataclass: a replay makes one per component, 100k where nobody named the crops."""
+
+    order: tuple
+    wanted: str | None
+    keep: str | None
+    first: str
+    lone: bool = False
+
+
+def name_claims(g: IdentityGraph, names: Mapping[str, str], weights: Mapping[str, int] | None = None,
+                prefix: str = "g-", strong: Mapping[str, str] | None = None,
+                current: Mapping[str, str] | None = None, roots: Iterable[str] | None = None) -> dict[str, Claim]:
+    """Root -> :class:`Claim` of each component (of ``roots`` only, when given): the first half of
+    :func:`component_names`, per component, so a caller that changed a few components can keep
+    the other components' claims and only :func:`assign_names` again."""
+    weights, strong, current = weights or {}, strong or {}, current or {}
+
+    def tally(members: list[str], tiers: tuple[Mapping[str, str], ...]) -> dict[str, list[int]]:
+        votes: dict[str, list[int]] = {}
+        for n in members:
+            for tier, source in enumerate(tiers):
+                nm = source.get(n)
+                if nm:
+                    votes.setdefault(str(nm), [0] * len(tiers))[tier] += int(weights.get(n, 1))
+        return votes
+
+    out: dict[str, Claim] = {}
+    for root in (g.roots() if roots is None else dict.fromkeys(g.find(r) for r in roots)):
+        members = g.members(root)
+        first = min(members)
+        votes = tally(members, (strong, names))
+        nm = min(votes.items(), key=lambda kv: ([-x for x in kv[1]], kv[0])) if votes else None
+        if nm is None and len(members) == 1:
+            out[root] = Claim((2, first), None, None, first, lone=True)  # a lone node nobody named
+            continue
+        cur = tally(members, (current,))
+        cur_nm = min(cur.items(), key=lambda kv: (-kv[1][0], kv[0]))[0] if cur else None
+        if nm is not None:
+            keep = cur_nm is not None and (cur_nm == nm[0] or (
+                cur_nm.startswith(nm[0] + "~") and cur_nm[len(nm[0]) + 1:].isdigit()))
+            out[root] = Claim((0, -nm[1][0], -nm[1][1], nm[0], first), nm[0], cur_nm if keep else None, first)
+        else:
+            keep = cur_nm is not None and cur_nm.startswith(prefix)
+            out[root] = Claim((1, first), None, cur_nm if keep else None, first)
+    return out
+
+
+def assign_names(g: IdentityGraph, claims: Mapping[str, Claim], prefix: str = "g-") -> dict[str, str | None]:
+    """Node -> name from every component's claim (the second half of :func:`component_names`):
+    the names kept go first, to the heaviest component keeping each; then, in order, each other
+    component takes its wanted name or the first free ``~k`` of it (unnamed: ``prefix`` + a hash)."""
+    comps = sorted(claims.items(), key=lambda rc: rc[1].order)
+    taken: set[str] = set()
+    final_of: dict[str, str] = {}
+    for root, c in comps:  # first, the names kept
+        if c.keep is not None and c.keep not in taken:
+            taken.add(c.keep)
+            final_of[root] = c.keep
+    out: dict[str, str | None] = {}
+    for root, c in comps:
+        if c.lone:
+            out[c.first] = None
+            continue
+        if root not in final_of:
+            if c.wanted is not None:
+                final, k = c.wanted, 2
+                while final in taken:
+                    final, k = f"{c.wanted}~{k}", k + 1
+            else:
+                final = prefix + hashlib.sha1(c.first.encode()).hexdigest()[:8]
+                while final in taken:
+                    final += "~"
+            taken.add(final)
+            final_of[root] = final
+        out.update(dict.fromkeys(g.members(root), final_of[root]))
+    return out
+
+
 def component_names(g: IdentityGraph, names: Mapping[str, str], weights: Mapping[str, int] | None = None,
                     prefix: str = "g-", strong: Mapping[str, str] | None = None,
                     current: Mapping[str, str] | None = None) -> dict[str, str | None]:
@@ -243,56 +400,11 @@ def component_names(g: IdentityGraph, names: Mapping[str, str], weights: Mapping
     component keeps it too. So an answer renames only the crops whose component changed: without
     this, a split renumbered every ``~k`` of its name after it (one "different" on a 10k-crop
     dataset renamed 783 crops of other people), and the result is a fixpoint: naming the written
-    names again gives the same names."""
-    weights, strong, current = weights or {}, strong or {}, current or {}
+    names again gives the same names.
 
-    def tally(members: list[str], tiers: tuple[Mapping[str, str], ...]) -> dict[str, list[int]]:
-        votes: dict[str, list[int]] = {}
-        for n in members:
-            for tier, source in enumerate(tiers):
-                nm = source.get(n)
-                if nm:
-                    votes.setdefault(str(nm), [0] * len(tiers))[tier] += int(weights.get(n, 1))
-        return votes
-
-    out: dict[str, str | None] = {}
-    comps: list[tuple[tuple, str | None, list[str], str | None]] = []  # (order, wanted, members, keep)
-    for members in g.components():
-        votes = tally(members, (strong, names))
-        nm = min(votes.items(), key=lambda kv: ([-x for x in kv[1]], kv[0])) if votes else None
-        cur = tally(members, (current,))
-        cur_nm = min(cur.items(), key=lambda kv: (-kv[1][0], kv[0]))[0] if cur else None
-        if nm is None and len(members) == 1:
-            out[members[0]] = None  # a lone node nobody named
-            continue
-        if nm is not None:
-            keep = cur_nm is not None and (cur_nm == nm[0] or (
-                cur_nm.startswith(nm[0] + "~") and cur_nm[len(nm[0]) + 1:].isdigit()))
-            comps.append(((0, -nm[1][0], -nm[1][1], nm[0], members[0]), nm[0], members, cur_nm if keep else None))
-        else:
-            keep = cur_nm is not None and cur_nm.startswith(prefix)
-            comps.append(((1, members[0]), None, members, cur_nm if keep else None))
-    comps.sort(key=lambda c: c[0])
-    taken: set[str] = set()
-    final_of: dict[int, str] = {}
-    for i, (_o, _nm, _members, keep) in enumerate(comps):  # first, the names kept
-        if keep is not None and keep not in taken:
-            taken.add(keep)
-            final_of[i] = keep
-    for i, (_o, nm, members, _keep) in enumerate(comps):
-        if i not in final_of:
-            if nm is not None:
-                final, k = nm, 2
-                while final in taken:
-                    final, k = f"{nm}~{k}", k + 1
-            else:
-                final = prefix + hashlib.sha1(members[0].encode()).hexdigest()[:8]
-                while final in taken:
-                    final += "~"
-            taken.add(final)
-            final_of[i] = final
-        out.update({n: final_of[i] for n in members})
-    return out
+    :func:`name_claims` then :func:`assign_names`; a caller that changed a few components
+    recomputes only their claims."""
+    return assign_names(g, name_claims(g, names, weights, prefix, strong, current), prefix)
 
 
 def overlapping(spans: Mapping[str, tuple[str, int, int]]) -> list[Link]:
