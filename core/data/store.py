@@ -74,6 +74,14 @@ SAMPLE_SCHEMA: dict[str, Any] = {
 }
 
 
+# Sample fields with a database index: ``ingest_key`` (an ingest's idempotence), and what the
+# pages count or look up on every run: ``identity`` and ``camera`` (their distinct values, an
+# index scan), ``labelled_by`` (the labelled samples: a progress or queue count reads only
+# those), ``tracklet`` (one tracklet's crops). Without them each was a scan of every sample:
+# at 100k crops the Annotate page's progress took 0.5-0.7 s, distinct identities 0.1 s.
+INDEXED = ("ingest_key", "identity", "camera", "labelled_by", "tracklet")
+
+
 class StoreError(RuntimeError):
     """A database operation that cannot be done, with what the operator can do about it."""
 
@@ -83,8 +91,12 @@ def _ensure_schema(ds: fo.Dataset) -> fo.Dataset:
     for name, ftype in SAMPLE_SCHEMA.items():
         if name not in schema:
             ds.add_sample_field(name, ftype)
-    if "ingest_key" not in ds.list_indexes():
-        ds.create_index("ingest_key")
+    have = ds.list_indexes()
+    missing = [f for f in INDEXED if f not in have]
+    if missing:  # on the collection itself: labelling declares some of these fields later
+        coll = sample_collection(ds.name)[0]
+        for f in missing:
+            coll.create_index(f)
     return ds
 
 
@@ -239,11 +251,21 @@ def dataset_summary(name: str) -> dict[str, Any]:
     return {
         "name": name,
         "samples": len(ds),
-        "identities": len([i for i in ds.distinct("identity") if i]),
-        "cameras": len([c for c in ds.distinct("camera") if c]),
+        "identities": len(distinct(name, "identity")),
+        "cameras": len(distinct(name, "camera")),
         "videos": len(vids) if vids is not None else 0,
         "active_model": active_model(name),
     }
+
+
+def distinct(name: str, field: str) -> list:
+    """The distinct values (not None or empty) of the plain, indexed sample field ``field``
+    (:data:`INDEXED`), sorted: read from its index (1 ms at 100k samples, against 0.2 s for
+    FiftyOne's ``distinct()``, an aggregation over every sample)."""
+    if field not in INDEXED:
+        raise ValueError(f"distinct() reads an index; {field!r} has none (indexed: {INDEXED})")
+    coll, _ = sample_collection(name)
+    return sorted((v for v in coll.distinct(field) if v is not None and v != ""), key=str)
 
 
 def counts(name: str, field: str, view: fo.DatasetView | None = None) -> dict[str, int]:

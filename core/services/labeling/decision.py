@@ -366,7 +366,7 @@ def decisions(name: str, session_id: str | None = None, limit: int = 100, items:
 # --------------------------------------------------------------------------------------------
 
 def identities(name: str) -> list[str]:
-    return sorted(str(i) for i in store.get_dataset(name).distinct("identity") if i)
+    return [str(i) for i in store.distinct(name, "identity")]
 
 
 def new_identity(name: str, prefix: str = "id") -> str:
