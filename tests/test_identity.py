@@ -168,7 +168,7 @@ def test_the_pair_queue_leases_each_pair_to_one_tab_and_never_asks_what_is_known
 
 def test_the_queue_is_topped_up_in_the_background_before_it_runs_dry(ds):
     """With ``prefetch`` (the Annotate page), leasing from a queue with fewer than LOW_WATER
-    pending pairs computes the next batch in a background thread: the pairs are there before the
+    pending pairs computes the next batch in a background process: the pairs are there before the
     queue runs dry, none twice, none the graph already knows; an empty queue waits for that
     batch instead of computing its own."""
     from core.services.labeling import base, identity, pairs

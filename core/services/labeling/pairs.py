@@ -15,23 +15,27 @@ Merges a clustering round proposed (``proposals`` of its registry record,
 queued (not in the ``random`` order, the control).
 
 Top-up (``next_pair(..., prefetch=True)``, what the Annotate page asks for): when fewer than
-:data:`LOW_WATER` pairs are left pending, the next batch is computed in a background thread of
-this process while the operator answers those, so nobody waits for a batch once the first is
-there (a batch takes about 12 s with 100k unconfirmed crops, :func:`core.math.pair_select.plan_pairs`;
-answering 10 pairs takes longer). One top-up per dataset and order runs at a time in a process;
+:data:`LOW_WATER` pairs are left pending, the next batch is computed in a child process at a
+lower priority while the operator answers those, so nobody waits for a batch once the first is
+there (a batch takes about 20 s with 100k unconfirmed crops, :func:`core.math.pair_select.plan_pairs`
+and the child's start; answering 20 pairs takes longer). One top-up per dataset and order runs at a time per app process;
 two processes topping up at once queue each pair once (the items' ids are the pair's).
 """
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 
+from core.config import settings
 from core.services import registry
 from core.data import store
 import core.math.pair_select as pair_select
@@ -43,9 +47,14 @@ from core.services.labeling.leases import _claim_sample
 log = logging.getLogger(__name__)
 
 SHOWN = 6  # crops shown per side
-LOW_WATER = 10  # pending pairs under which the next batch is computed in the background
-TOP_UP_NICE = 10  # the background batch's thread (and the threads it starts) yields the CPU
-_TOPUPS: dict[tuple[str, str], threading.Thread] = {}
+# Pending pairs under which the next batch is computed in the background: a batch (20 pairs) in the
+# child process takes about 20 s at 100k crops (imports 2.5 s, graph 4.7 s, batch 11 s, 2 cores),
+# about what an operator takes for 10 answers, so with 10 the queue could run dry first; with one
+# batch's worth it is computed while the last batch is answered from its first pair on.
+LOW_WATER = 20
+TOP_UP_NICE = 10  # the background batch's process yields the CPU to the app
+_TOPUPS: dict[tuple[str, str], "_TopUp"] = {}
+_REPO = Path(__file__).resolve().parents[3]  # the child process imports ``core`` from here
 _TOPUPS_LOCK = threading.Lock()
 
 
@@ -226,38 +235,72 @@ def _queue_proposals(name: str, order: str, k: int, rng, state, boost: bool = Tr
     return sum(_put(coll, name, order, c, batch, start + i, promote=True) for i, c in enumerate(items))
 
 
-def _running_top_up(name: str, order: str) -> threading.Thread | None:
+class _TopUp:
+    """A top-up running in a child process, seen through a thread's interface."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _running_top_up(name: str, order: str) -> _TopUp | None:
     """This process's top-up of the queue of ``order``, while it runs."""
     with _TOPUPS_LOCK:
         t = _TOPUPS.get((name, order))
     return t if t is not None and t.is_alive() else None
 
 
-def _top_up(name: str, order: str, k: int, boost: bool) -> threading.Thread | None:
+def _top_up(name: str, order: str, k: int, boost: bool) -> _TopUp | None:
     """Start computing the next batch in the background when fewer than :data:`LOW_WATER` pairs
-    are pending and no top-up of this queue runs in this process; returns the thread (None: not
-    needed, or one runs already)."""
+    are pending and no top-up of this queue started by this process runs; returns it (None: not
+    needed, or one runs already).
+
+    The batch is computed in a child process (:func:`top_up_main`) at nice :data:`TOP_UP_NICE`,
+    not in a thread of the app: a thread shares the app's interpreter lock, so its seconds of
+    Python (reading 100k vectors, replaying the graph) stalled the operator's page runs (answers
+    at 100k took 1.8-4 s while one ran); a process at a lower priority only takes the CPU the
+    app leaves. Its log: ``<data root>/jobs/pairs-top-up.log``."""
     if _coll(PAIRS).count_documents({"dataset": name, "order": order, "status": "pending"}) >= LOW_WATER:
         return None
-
-    def run() -> None:
-        try:  # behind the operator's own page runs on a small machine (Linux nice is per thread)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TOP_UP_NICE)
-        except (AttributeError, OSError):
-            pass
-        try:
-            added = _queue(name, order, k, None, identity.load(name), boost)
-            log.info("%s: %d pairs queued in the background (%s order)", name, added, order)
-        except Exception as e:  # noqa: BLE001 - the next next_pair computes a batch itself
-            log.warning("%s: background pair batch failed: %s", name, e)
-
     with _TOPUPS_LOCK:  # held from the check to the start: two page runs never start two
         running = _TOPUPS.get((name, order))
         if running is not None and running.is_alive():
             return None
-        t = _TOPUPS[(name, order)] = threading.Thread(target=run, name=f"pairs-{name}-{order}", daemon=True)
-        t.start()
+        logs = settings().data_root / "jobs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / "pairs-top-up.log", "ab") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from core.services.labeling.pairs import top_up_main; "
+                 "sys.exit(top_up_main(sys.argv[1:]))", name, order, str(int(k)), "1" if boost else "0"],
+                cwd=_REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        t = _TOPUPS[(name, order)] = _TopUp(proc)
     return t
+
+
+def top_up_main(argv: list[str]) -> int:
+    """The child process of :func:`_top_up`: ``dataset order k boost(0/1)``; queues one batch."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    name, order, k, boost = argv[0], argv[1], int(argv[2]), argv[3] == "1"
+    try:  # behind the operator's own page runs on a small machine
+        os.nice(TOP_UP_NICE)
+    except OSError:
+        pass
+    log.info("%s: computing the next pair batch in the background (%s order)", name, order)
+    try:
+        added = _queue(name, order, k, None, identity.load(name), boost)
+    except Exception:  # noqa: BLE001 - the next next_pair computes a batch itself
+        log.exception("%s: background pair batch failed", name)
+        return 1
+    log.info("%s: %d pairs queued in the background (%s order)", name, added, order)
+    return 0
 
 
 def next_pair(name: str, session_id: str, order: str = pair_select.DEFAULT_PAIR_ORDER, lease_s: float = 120,
