@@ -96,6 +96,11 @@ def test_lone_tracklets_make_a_within_tracklet_split_and_train_as_themselves(tmp
     train = rounds.training_samples(rc, split.identities)
     assert {s[1] for s in train} == {f"~seq/{i}" for i in range(8)} - split.identities
     assert all(s[1] not in split.identities for s in train) and len(train) == 6 * (8 - len(split.identities))
+    # the Train page's summary is the same split and training set
+    plan = rounds.preview(dsname)
+    assert (plan.identities, plan.crops, plan.lone, plan.held_out) == (
+        8 - len(split.identities), len(train), 8 - len(split.identities), len(split.identities))
+    assert plan.protocol == split.protocol and plan.problem is None
 
 
 def test_too_few_identities_say_how_many_to_label(tmp_path, dsname):

@@ -170,6 +170,33 @@ def training_samples(cols: dict[str, list], exclude_identities: set[str]) -> lis
     return out
 
 
+@dataclass
+class RoundPreview:
+    """What a round would train on and hold out now (the Train page's summary): training
+    identities and crops (``lone``: identities that are lone tracklets nobody joined), the
+    held-out identities, the split's protocol and, when a round could not be judged, why."""
+
+    identities: int
+    crops: int
+    lone: int
+    held_out: int
+    protocol: str
+    problem: str | None
+
+
+def preview(name: str) -> RoundPreview:
+    """:class:`RoundPreview` from :func:`round_columns`, :func:`eval_split` and
+    :func:`training_samples`, as a round would compute them; with Python's cyclic collector
+    paused (:func:`core.data.store.no_gc`: at 100k crops 1.4 s against 2.6 s)."""
+    with store.no_gc():
+        cols = round_columns(name)
+        split = eval_split(cols)
+        samples = training_samples(cols, split.identities)
+        ids = {s[1] for s in samples}
+        return RoundPreview(len(ids), len(samples), sum(1 for i in ids if graph_identity.is_lone(i)),
+                            len(split.identities), split.protocol, split.problem)
+
+
 MAX_CLASS_CROPS = 2000  # per side: the head is small, more crops mostly cost feature time
 
 
