@@ -36,6 +36,13 @@ def test_embed_job_runs_in_the_worker(worker, dsname):
     assert ds.exists("map_base").count() == len(ds)  # the map is ready when the job ends
     assert done["result"]["embedded"] == len(ds)
     assert "embed" in jobs.log_tail(job)
+    # and so is the Annotate page's first pair question: queued by the job, none asked twice
+    from core.services.labeling import base, pairs
+
+    queued = [d["key"] for d in base._coll(base.PAIRS).find({"dataset": dsname, "status": "pending"})]
+    assert done["result"]["pairs_queued"] == len(queued) == len(set(queued)) > 0
+    item = pairs.next_pair(dsname, "tab", k=5)
+    assert item is not None and item.key in queued and pairs.prepare(dsname) == 0  # pending: nothing added
     print(f"embed job: {len(ds)} samples embedded and laid out")
 
 

@@ -9,6 +9,7 @@ and raise the core error, so the operator sees it before anything is queued.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import numpy as np
 from core.services import analysis
 from core.data import jobs
 from core.data.jobs import Reporter
+
+log = logging.getLogger(__name__)
 
 PROBLEMS_KEPT = 500  # an ingest job's result lists this many skipped files; its log has them all
 
@@ -41,14 +44,30 @@ def embedding_pending(dataset: str) -> bool:
 
 def embed_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """Embed every sample with model ``args['version']`` (default: the active one), then lay out
-    its map and score the samples, so the Map page is ready when the job ends."""
+    its map, score the samples and queue the first pair questions, so the Map and Annotate
+    pages are ready when the job ends."""
     from core.services import embedding
     from core.data import store
 
     report = embedding.embed_dataset(dataset, version=args.get("version"), progress=reporter.span(0.0, 0.6, "embedding"))
     version = args.get("version") or store.active_model(dataset)
-    report.update(analysis.refresh_map(dataset, version, reporter, 0.6, 1.0))
+    report.update(analysis.refresh_map(dataset, version, reporter, 0.6, 0.95))
+    report.update(_first_pairs(dataset, reporter))
     return report
+
+
+def _first_pairs(dataset: str, reporter: Reporter) -> dict[str, Any]:
+    """After a dataset's embedding: its first pair questions, so the Annotate page has them at
+    once (:func:`core.services.labeling.pairs.prepare`). A failure here leaves the embedding
+    done: the page computes the batch itself, as before."""
+    from core.services.labeling import pairs
+
+    reporter.progress(0.95, "first pair questions", force=True)
+    try:
+        return {"pairs_queued": pairs.prepare(dataset)}
+    except Exception as exc:  # noqa: BLE001 - the embedding and the map are done and kept
+        log.warning("%s: first pair batch not queued: %s", dataset, exc)
+        return {"pairs_queued": 0, "pairs_error": str(exc)}
 
 
 def spread_embedding(dataset: str, shards: int, version: str | None = None) -> str:
@@ -82,7 +101,8 @@ def embed_shard_task(dataset: str, args: dict[str, Any], reporter: Reporter) -> 
     if report["finished_run"]:
         reporter.progress(0.8, "last shard: similarity index", force=True)
         embedding.refresh_index(dataset, version)
-        report.update(analysis.refresh_map(dataset, version, reporter, 0.85, 1.0))
+        report.update(analysis.refresh_map(dataset, version, reporter, 0.85, 0.95))
+        report.update(_first_pairs(dataset, reporter))
         jobs.finish_run(args["run"])
     return report
 
