@@ -21,13 +21,13 @@ def ds(tud_clone):
 def agree(name: str):
     """The sample fields say what the graph replayed from the log says; returns the state."""
     from core.data import store
-    from core.services.labeling import identity
+    from core.services.labeling import identity, replay
 
     st = identity.load(name)
-    fresh = identity._replay(name)  # the state load() kept (if any) is the replay of this moment
+    fresh = replay.replay(name)  # the state load() kept (if any) is the replay of this moment
     assert st.cols == fresh.cols and st.names == fresh.names and st.rows == fresh.rows
     assert st.graph.components() == fresh.graph.components()
-    # an answer is applied to the kept state (identity._advance): it must be what a replay gives
+    # an answer is applied to the kept state (replay.advance): it must be what a replay gives
     assert st.confirmed.components() == fresh.confirmed.components()
     cannot = lambda g: sorted(tuple(sorted((g.component(a)[0], g.component(b)[0]))) for a, b in g.cannot_pairs())  # noqa: E731
     assert cannot(st.graph) == cannot(fresh.graph) and cannot(st.confirmed) == cannot(fresh.confirmed)
