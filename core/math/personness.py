@@ -120,7 +120,9 @@ def fit(features: np.ndarray, is_person: np.ndarray, seed: int = 0, groups=None)
     if n_splits < 2:
         raise PersonnessError("person-ness needs persons and false positives from at least two tracklets each")
     mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = (x - mu) / sd
+    # the MLP fits in float32: half the time of float64 (21 fits a round: 4 alphas x 5 folds + the
+    # last), the standardisation and the folded weights stay float64
+    z = ((x - mu) / sd).astype(np.float32)
     folds = list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(z, y, groups))
     best = None
     with warnings.catch_warnings():
@@ -136,7 +138,8 @@ def fit(features: np.ndarray, is_person: np.ndarray, seed: int = 0, groups=None)
                 best = (loss, alpha, rejection(oof, y))
         _loss, alpha, r = best
         m = _mlp(alpha, seed).fit(z, y)
-    w1, b1 = m.coefs_[0] / sd[:, None], m.intercepts_[0] - (mu / sd) @ m.coefs_[0]
-    return PersonHead(w1=w1, b1=b1, w2=m.coefs_[1][:, 0], b2=float(m.intercepts_[1][0]), alpha=float(alpha),
+    c1, c2 = np.asarray(m.coefs_[0], np.float64), np.asarray(m.coefs_[1], np.float64)
+    w1, b1 = c1 / sd[:, None], np.asarray(m.intercepts_[0], np.float64) - (mu / sd) @ c1
+    return PersonHead(w1=w1, b1=b1, w2=c2[:, 0], b2=float(m.intercepts_[1][0]), alpha=float(alpha),
                       cv_auc=r["auc"], threshold=float(r["threshold"]), fp_removed=r["fp_removed"],
                       n_person=n_pos, n_other=n_neg)
