@@ -30,10 +30,12 @@ run: $(STAMP)
 	PORT=$(PORT) scripts/run.sh
 
 # The import contracts (.importlinter: layers, pure math, one door to the database) first: a
-# violation fails the run before the suite starts.
+# violation fails the run before the suite starts. The suite runs on two workers (pytest-xdist,
+# one test file per worker at a time; each worker has its own data root and database, see
+# tests/conftest.py): on 2 cores 558 s against 700 s one after the other.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean-env:
 	rm -rf $(VENV)
