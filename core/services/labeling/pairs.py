@@ -18,8 +18,9 @@ Top-up (``next_pair(..., prefetch=True)``, what the Annotate page asks for): whe
 :data:`LOW_WATER` pairs are left pending, the next batch is computed in a child process at a
 lower priority while the operator answers those, so nobody waits for a batch once the first is
 there (a batch takes about 20 s with 100k unconfirmed crops, :func:`core.math.pair_select.plan_pairs`
-and the child's start; answering 20 pairs takes longer). One top-up per dataset and order runs at a time per app process;
-two processes topping up at once queue each pair once (the items' ids are the pair's).
+and the child's start; answering 20 pairs takes longer). One top-up per dataset and order runs at
+a time per app process; two processes topping up at once queue each pair once (the items' ids
+are the pair's).
 """
 from __future__ import annotations
 

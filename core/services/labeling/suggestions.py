@@ -31,7 +31,7 @@ def index_candidates(name: str, x: np.ndarray) -> tuple[list[str], np.ndarray] |
 
 
 def nearest_labelled(name: str, sample_id: str, x: np.ndarray, target: str, mode: str,
-                     n: int, candidates: tuple[list[str], np.ndarray] | None | bool = True) -> list[tuple[Any, float]]:
+                     n: int, candidates: tuple[list[str], np.ndarray] | None = None) -> list[tuple[Any, float]]:
     """(value of ``target``, cosine distance) of the ``n`` labelled samples nearest to the
     vector ``x`` of ``sample_id`` (itself excluded), nearest first. Labelled: ``target`` set
     and, in "verify" mode, set by an operator (``labelled_by``).
@@ -41,9 +41,8 @@ def nearest_labelled(name: str, sample_id: str, x: np.ndarray, target: str, mode
     they are exactly the ``n`` nearest labelled ones (any other is farther than all of them).
     Otherwise (few labels among many samples, or no index yet) every labelled vector is read
     and searched (:func:`core.math.neighbours.topk`). ``candidates``: the result of
-    :func:`index_candidates` for ``x`` when the caller has it (True: query the index here)."""
-    if candidates is True:
-        candidates = index_candidates(name, x)
+    :func:`index_candidates` for ``x`` when the caller has it (None: queried here)."""
+    candidates = candidates or index_candidates(name, x)
     if candidates:
         ids, dist = candidates
         cols = store.view_columns(name, [target, "labelled_by"], ids)
@@ -66,7 +65,7 @@ def neighbours_by_value(name: str, sample_id: str, target: str = "identity", mod
     the sample itself excluded; :func:`nearest_labelled`), closest first: [{value, distance,
     votes}] (at most ``k``). ``near``: (vector, index candidates) the caller already read."""
     mode = mode or label_schema(name).mode
-    x, candidates = near if near is not None else (_vector(name, sample_id), True)
+    x, candidates = near if near is not None else (_vector(name, sample_id), None)
     if x is None:
         return []
     best: dict[Any, dict[str, Any]] = {}
