@@ -96,8 +96,9 @@ def _keep_synced(name: str, before: tuple, state: GraphState, written: dict[int,
     """After :func:`sync` wrote ``written`` (row -> fields set, all stamped ``at``): keep ``state``
     with those values as the replay of the new stamp, when nobody else wrote meanwhile (every
     sample newer than the stamp ``before`` is one of ours, as many samples, no new log entry).
-    The graph itself is what a replay would build: its inputs (:func:`core.services.labeling.replay.replay`) read
-    through the fields a sync writes. Otherwise the next :func:`load` replays."""
+    The graph itself is what a replay would build: its inputs (the crops' own identities,
+    ``core.services.labeling.replay._input_name``) read through the fields a sync writes; the
+    claims of the components written are named again from the new written names. Otherwise the next :func:`load` replays."""
     after = _stamp(name)
     (newest, count), seq, mode = before
     if newest is None or after[0][1] != count or after[1:] != (seq, mode) or after[0][0] != at:

@@ -79,6 +79,13 @@ def pair_entries(name: str) -> list[dict[str, Any]]:
     return list(_coll(DECISIONS).find({"dataset": name, "kind": "pair", "undone": False}, sort=[("seq", 1)]))
 
 
+def _answer_links(entries: list[dict[str, Any]], rows: dict[str, list[int]]) -> list[Link]:
+    """The graph links of pair answers ("same" / "different"; "unsure" links nothing) between
+    nodes of ``rows`` (an answer on a node since deleted or relabelled is left out)."""
+    return [Link(e["a"], e["b"], e["answer"] == "same", "operator", e["_id"]) for e in entries
+            if e.get("answer") in ("same", "different") and e["a"] in rows and e["b"] in rows]
+
+
 def _most_common(names: list[str]) -> str:
     """The name most of ``names`` are (ties: the first in sort order); most nodes have one crop
     or one name, and a Counter for each of 100k nodes cost 0.7 s of a replay."""
@@ -123,8 +130,7 @@ def advance(name: str, state: GraphState) -> GraphState | None:
     old = state.pairs
     if len(entries) < len(old) or any(e["_id"] != o["_id"] for e, o in zip(entries, old)):
         return None  # an answer was undone
-    links = [Link(e["a"], e["b"], e["answer"] == "same", "operator", e["_id"]) for e in entries[len(old):]
-             if e.get("answer") in ("same", "different") and e["a"] in state.rows and e["b"] in state.rows]
+    links = _answer_links(entries[len(old):], state.rows)
     if not links:
         return replace(state, pairs=entries)
     before = state.graph
@@ -184,8 +190,7 @@ def _replay_cols(name: str, cols: dict[str, list]) -> GraphState:
     top = {n: _most_common(v) for n, v in ingested.items()}
     mine = {n: mark[1] for n, mark in typed.items()}
     entries = pair_entries(name)
-    links = [Link(e["a"], e["b"], e["answer"] == "same", "operator", e["_id"]) for e in entries
-             if e.get("answer") in ("same", "different") and e["a"] in rows and e["b"] in rows]
+    links = _answer_links(entries, rows)
     trust = label_schema(name).mode == "trust"
     free = overlapping(spans)
     g = build(rows, free=free, operator_names=mine, ingested_names=top, decisions=links, trust_ingested=trust)
